@@ -1,0 +1,181 @@
+//! Command-line surface: clap derive types holding raw values only. Every flag has an
+//! env fallback; validation and defaults that depend on other flags live in `settings`.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Serve Mixtral-8x7B-Instruct, quantized in situ to 4 bits, on one GPU.
+#[derive(Debug, Parser)]
+#[command(name = "zopilot-gpu", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the HTTP server (the default when no command is given).
+    Serve(ServeArgs),
+    /// Load the model, generate for one prompt and stream the tokens to stdout.
+    Generate(GenerateArgs),
+    /// Write a synthetic Mixtral-architecture model (config, tokenizer, random weights).
+    Synth(SynthArgs),
+}
+
+/// What to load and how: shared by every command that runs the model.
+#[derive(Debug, Clone, Args)]
+pub struct ModelArgs {
+    /// Hugging Face model id, a local model directory, or `synthetic:tiny`
+    /// [default: mistralai/Mixtral-8x7B-Instruct-v0.1; RunPod's MODEL_NAME is honoured too].
+    #[arg(long, env = "ZOPILOT_MODEL")]
+    pub model: Option<String>,
+
+    /// Model id as RunPod templates set it; used when --model is not given.
+    #[arg(long = "model-name", env = "MODEL_NAME", hide = true)]
+    pub model_name: Option<String>,
+
+    /// Hugging Face revision (branch, tag or commit) of the model.
+    #[arg(long, env = "ZOPILOT_REVISION")]
+    pub revision: Option<String>,
+
+    /// In-situ quantization applied while loading: q4k (default), q5k, q6k, q8_0 or none.
+    #[arg(long, env = "ZOPILOT_ISQ", default_value = "q4k")]
+    pub isq: String,
+
+    /// Longest sequence (prompt + generated tokens) accepted; 0 means the model's own limit
+    /// [default: 8192; vLLM's MAX_MODEL_LEN is honoured too].
+    #[arg(long, env = "ZOPILOT_MAX_MODEL_LEN")]
+    pub max_model_len: Option<usize>,
+
+    /// The RunPod/vLLM spelling of --max-model-len; used when that flag is not given.
+    #[arg(long = "max-model-len-compat", env = "MAX_MODEL_LEN", hide = true)]
+    pub max_model_len_compat: Option<usize>,
+
+    /// Sequences generated at once; further requests get 429 instead of queueing.
+    #[arg(long, env = "ZOPILOT_MAX_NUM_SEQS", default_value_t = 16)]
+    pub max_num_seqs: usize,
+
+    /// Tokens of KV cache reserved on the GPU (paged attention); 0 means
+    /// max-model-len × 4, enough for four full-length sequences.
+    #[arg(long, env = "ZOPILOT_KV_CACHE_TOKENS", default_value_t = 0)]
+    pub kv_cache_tokens: usize,
+
+    /// Run on the CPU even when a GPU is present.
+    #[arg(long, env = "ZOPILOT_CPU")]
+    pub cpu: bool,
+
+    /// Hugging Face access token (Mixtral is gated).
+    #[arg(long, env = "HF_TOKEN", hide_env_values = true)]
+    pub hf_token: Option<String>,
+
+    /// Hugging Face cache directory (weights are downloaded here).
+    #[arg(long, env = "HF_HOME")]
+    pub hf_home: Option<PathBuf>,
+
+    /// Name the model is served as on /v1/models and in responses (default: --model).
+    #[arg(long, env = "ZOPILOT_SERVED_MODEL_NAME")]
+    pub served_model_name: Option<String>,
+
+    /// Log as JSON lines (for log collectors) instead of human-readable text.
+    #[arg(long, env = "ZOPILOT_LOG_JSON")]
+    pub log_json: bool,
+}
+
+/// The HTTP server.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+
+    /// Address to listen on.
+    #[arg(long, env = "ZOPILOT_HOST", default_value = "0.0.0.0")]
+    pub host: String,
+
+    /// Port to listen on.
+    #[arg(long, env = "PORT", default_value_t = 8000)]
+    pub port: u16,
+
+    /// Second port that serves only /ping and /health (RunPod load balancer); off when unset
+    /// or equal to --port.
+    #[arg(long, env = "PORT_HEALTH")]
+    pub port_health: Option<u16>,
+
+    /// Bearer token required on every endpoint except /health, /ping and /metrics.
+    #[arg(long, env = "ZOPILOT_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+
+    /// Longest a request may run, in seconds, before it is cancelled.
+    #[arg(long, env = "ZOPILOT_REQUEST_TIMEOUT", default_value_t = 600)]
+    pub request_timeout: u64,
+
+    /// Largest request body accepted, in bytes.
+    #[arg(long, env = "ZOPILOT_BODY_LIMIT", default_value_t = 1 << 20)]
+    pub body_limit: usize,
+
+    /// Seconds in-flight requests get to finish after SIGTERM/SIGINT.
+    #[arg(long, env = "ZOPILOT_SHUTDOWN_GRACE", default_value_t = 30)]
+    pub shutdown_grace: u64,
+}
+
+/// One prompt, streamed to stdout.
+#[derive(Debug, Clone, Args)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+
+    /// The user message (the chat template is applied).
+    #[arg(long, short)]
+    pub prompt: String,
+
+    /// Optional system message.
+    #[arg(long)]
+    pub system: Option<String>,
+
+    /// Tokens to generate at most (default: the room left in the context).
+    #[arg(long)]
+    pub max_tokens: Option<usize>,
+
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Preset {
+    /// Two layers, hidden 256: seconds to load on a CPU, still quantizable to Q4K.
+    Tiny,
+    /// The real Mixtral-8x7B shapes (use --layers for fewer than 32).
+    #[value(name = "mixtral-8x7b")]
+    Mixtral8x7b,
+}
+
+/// Write a synthetic model directory.
+#[derive(Debug, Clone, Args)]
+pub struct SynthArgs {
+    /// Shapes to use.
+    #[arg(long, value_enum, default_value_t = Preset::Tiny)]
+    pub preset: Preset,
+
+    /// Number of decoder layers (default: the preset's).
+    #[arg(long)]
+    pub layers: Option<usize>,
+
+    /// Seed of the random weights; the same seed writes the same bytes.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+
+    /// Directory to write (created if missing).
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+impl ServeArgs {
+    /// `serve`'s arguments from the environment alone, for a bare `zopilot-gpu`.
+    pub fn from_env() -> Self {
+        match Cli::parse_from(["zopilot-gpu", "serve"]).command {
+            Some(Command::Serve(a)) => a,
+            _ => unreachable!("`serve` parses to Command::Serve"),
+        }
+    }
+}

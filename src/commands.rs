@@ -1,0 +1,171 @@
+//! One function per CLI verb, wiring settings, engine and API together: logging, the
+//! runtime, listeners, signals and the order of start-up (listen first, then load).
+
+use std::io::Write;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::{self, AppState};
+use crate::cli::{Cli, Command, GenerateArgs, ServeArgs, SynthArgs};
+use crate::engine::{ChatMessage, Engine, Event, GenRequest, Prompt};
+use crate::metrics::Metrics;
+use crate::settings::{ModelSettings, Settings, SettingsError};
+
+/// Exit code for a configuration mistake (nothing was loaded).
+pub const EXIT_CONFIG: u8 = 2;
+/// Exit code for a failure at run time.
+pub const EXIT_RUNTIME: u8 = 1;
+
+/// Maps an error to its exit code.
+pub fn exit_code_for(e: &anyhow::Error) -> ExitCode {
+    if e.downcast_ref::<SettingsError>().is_some() {
+        ExitCode::from(EXIT_CONFIG)
+    } else {
+        ExitCode::from(EXIT_RUNTIME)
+    }
+}
+
+/// Runs the parsed command line.
+pub fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Some(Command::Serve(a)) => serve(a),
+        Some(Command::Generate(a)) => generate(a),
+        Some(Command::Synth(a)) => synth(a),
+        None => serve(crate::cli::ServeArgs::from_env()),
+    }
+}
+
+fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = if json { builder.json().try_init() } else { builder.try_init() };
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}
+
+fn serve(args: ServeArgs) -> Result<ExitCode> {
+    let settings = Settings::from_serve_args(&args)?;
+    settings.model.export_hf_home();
+    init_logging(settings.model.log_json);
+    runtime()?.block_on(serve_async(settings))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn bind(addr: std::net::SocketAddr) -> Result<TcpListener> {
+    TcpListener::bind(addr).await.with_context(|| format!("listening on {addr} (is the port taken? set --port/PORT)"))
+}
+
+async fn serve_async(s: Settings) -> Result<()> {
+    let engine = Arc::new(Engine::new(&s.model, s.server.request_timeout, Arc::new(Metrics::default())));
+    let state = AppState {
+        engine: engine.clone(),
+        api_key: s.server.api_key.as_deref().map(Arc::from),
+        body_limit: s.server.body_limit,
+    };
+    let listener = bind(s.server.listen).await?;
+    tracing::info!(addr = %listener.local_addr()?, model = %engine.model_name, "listening; loading the model");
+    let token = CancellationToken::new();
+    {
+        let (token, engine) = (token.clone(), engine.clone());
+        tokio::spawn(async move {
+            shutdown_signal().await;
+            tracing::info!(in_flight = engine.in_flight(), "shutdown requested; draining");
+            engine.drain();
+            token.cancel();
+        });
+    }
+    let mut servers = tokio::task::JoinSet::new();
+    if let Some(addr) = s.server.health_listen {
+        let health = bind(addr).await?;
+        tracing::info!(%addr, "health port listening");
+        let router = api::health_app(state.clone());
+        servers.spawn(api::serve(health, router, token.clone().cancelled_owned(), s.server.shutdown_grace));
+    }
+    servers.spawn(api::serve(listener, api::app(state), token.clone().cancelled_owned(), s.server.shutdown_grace));
+    {
+        let engine = engine.clone();
+        let model = s.model.clone();
+        // Loading failures are reported through /ping and /health; the server stays up.
+        tokio::spawn(async move { engine.load(&model).await });
+    }
+    while let Some(r) = servers.join_next().await {
+        r.context("server task")??;
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn generate(a: GenerateArgs) -> Result<ExitCode> {
+    let model = ModelSettings::from_args(&a.model)?;
+    model.export_hf_home();
+    init_logging(model.log_json);
+    runtime()?.block_on(async move {
+        let engine = Arc::new(Engine::new(&model, std::time::Duration::from_secs(24 * 3600), Arc::new(Metrics::default())));
+        engine.load(&model).await?;
+        let mut messages = Vec::new();
+        if let Some(system) = a.system {
+            messages.push(ChatMessage { role: "system".into(), content: system });
+        }
+        messages.push(ChatMessage { role: "user".into(), content: a.prompt });
+        let req = GenRequest {
+            prompt: Prompt::Chat(messages),
+            max_tokens: a.max_tokens,
+            temperature: a.temperature,
+            top_p: None,
+            top_k: None,
+            stop: vec![],
+        };
+        let mut g = engine.generate(req).await?;
+        let mut stdout = std::io::stdout();
+        while let Some(ev) = g.events.recv().await {
+            match ev {
+                Event::Text(t) => {
+                    stdout.write_all(t.as_bytes())?;
+                    stdout.flush()?;
+                }
+                Event::Done { finish_reason, usage } => {
+                    writeln!(stdout)?;
+                    eprintln!("{}", serde_json::json!({"finish_reason": finish_reason, "usage": usage}));
+                }
+                Event::Error(e) => return Err(e.into()),
+            }
+        }
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+fn synth(a: SynthArgs) -> Result<ExitCode> {
+    let started = std::time::Instant::now();
+    let summary = crate::synth::write(a.preset, a.layers, a.seed, &a.out)?;
+    println!(
+        "{}",
+        serde_json::json!({"out": a.out, "seconds": started.elapsed().as_secs_f64(), "summary": summary})
+    );
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,312 @@
+//! Settings: the one validated, immutable configuration built from the CLI's raw values.
+//! Every cross-field check lives here, and every message names the flag, the limit and the
+//! value given. Nothing else reads the process environment.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::cli::{ModelArgs, Preset, ServeArgs};
+
+/// The model served when neither `--model` nor RunPod's `MODEL_NAME` says otherwise.
+pub const DEFAULT_MODEL: &str = "mistralai/Mixtral-8x7B-Instruct-v0.1";
+/// Context length used when neither `--max-model-len` nor `MAX_MODEL_LEN` is given.
+pub const DEFAULT_MAX_MODEL_LEN: usize = 8192;
+
+/// A configuration mistake, reported before anything is loaded.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct SettingsError(pub String);
+
+fn bad(msg: impl Into<String>) -> SettingsError {
+    SettingsError(msg.into())
+}
+
+/// Where the weights come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelSource {
+    /// A Hugging Face repository id (`owner/name`).
+    Hub(String),
+    /// A directory holding config.json, tokenizer files and safetensors.
+    Local(PathBuf),
+    /// A synthetic model written to a temporary directory at start-up.
+    Synthetic(Preset),
+}
+
+/// In-situ quantization applied while loading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isq {
+    Q4K,
+    Q5K,
+    Q6K,
+    Q8_0,
+}
+
+impl Isq {
+    /// The spelling used on the command line and in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Isq::Q4K => "q4k",
+            Isq::Q5K => "q5k",
+            Isq::Q6K => "q6k",
+            Isq::Q8_0 => "q8_0",
+        }
+    }
+
+    /// Bits per weight including block scales (GGUF block layouts).
+    pub fn bits_per_weight(self) -> f64 {
+        match self {
+            Isq::Q4K => 4.5,
+            Isq::Q5K => 5.5,
+            Isq::Q6K => 6.5625,
+            Isq::Q8_0 => 8.5,
+        }
+    }
+}
+
+fn parse_isq(raw: &str) -> Result<Option<Isq>, SettingsError> {
+    match raw.to_ascii_lowercase().as_str() {
+        "none" | "off" | "" => Ok(None),
+        "q4k" | "q4_k" => Ok(Some(Isq::Q4K)),
+        "q5k" | "q5_k" => Ok(Some(Isq::Q5K)),
+        "q6k" | "q6_k" => Ok(Some(Isq::Q6K)),
+        "q8_0" | "q80" => Ok(Some(Isq::Q8_0)),
+        other => Err(bad(format!(
+            "--isq must be one of q4k, q5k, q6k, q8_0, none. Given: {other}"
+        ))),
+    }
+}
+
+/// Everything needed to load and run the model.
+#[derive(Debug, Clone)]
+pub struct ModelSettings {
+    pub source: ModelSource,
+    pub revision: Option<String>,
+    /// `None` loads the weights unquantized.
+    pub isq: Option<Isq>,
+    /// `None` means the model's own limit (`max_position_embeddings`).
+    pub max_model_len: Option<usize>,
+    pub max_num_seqs: usize,
+    /// Tokens of paged KV cache to reserve on a GPU.
+    pub kv_cache_tokens: usize,
+    pub cpu: bool,
+    pub hf_token: Option<String>,
+    pub hf_home: Option<PathBuf>,
+    /// Name reported on /v1/models and in every response.
+    pub served_model_name: String,
+    pub log_json: bool,
+}
+
+/// The HTTP server's own limits.
+#[derive(Debug, Clone)]
+pub struct ServerSettings {
+    pub listen: SocketAddr,
+    /// A second listener for /ping and /health only.
+    pub health_listen: Option<SocketAddr>,
+    pub api_key: Option<String>,
+    pub request_timeout: Duration,
+    pub body_limit: usize,
+    pub shutdown_grace: Duration,
+}
+
+/// The whole validated configuration of `serve`.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub model: ModelSettings,
+    pub server: ServerSettings,
+}
+
+fn non_empty(v: &Option<String>) -> Option<String> {
+    v.as_deref().map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned)
+}
+
+fn parse_source(raw: &str) -> Result<ModelSource, SettingsError> {
+    if let Some(preset) = raw.strip_prefix("synthetic:") {
+        return match preset {
+            "tiny" => Ok(ModelSource::Synthetic(Preset::Tiny)),
+            other => Err(bad(format!(
+                "--model synthetic:<preset> knows only `synthetic:tiny` (write larger ones with \
+                 `zopilot-gpu synth --preset mixtral-8x7b --out DIR` and pass DIR). Given: synthetic:{other}"
+            ))),
+        };
+    }
+    let path = Path::new(raw);
+    let looks_like_path = raw.starts_with('/') || raw.starts_with('.') || raw.starts_with('~');
+    if path.is_dir() {
+        return Ok(ModelSource::Local(path.to_path_buf()));
+    }
+    if looks_like_path {
+        return Err(bad(format!(
+            "--model looks like a local directory but none exists there. Given: {raw}"
+        )));
+    }
+    let mut parts = raw.split('/');
+    let valid = matches!((parts.next(), parts.next(), parts.next()), (Some(a), Some(b), None)
+        if !a.is_empty() && !b.is_empty()
+            && raw.chars().all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c)));
+    if !valid {
+        return Err(bad(format!(
+            "--model must be a Hugging Face id like `{DEFAULT_MODEL}`, an existing directory, \
+             or `synthetic:tiny`. Given: {raw}"
+        )));
+    }
+    Ok(ModelSource::Hub(raw.to_owned()))
+}
+
+impl ModelSettings {
+    /// Validates the model flags shared by `serve`, `generate` and the worker.
+    pub fn from_args(a: &ModelArgs) -> Result<Self, SettingsError> {
+        let raw_model = non_empty(&a.model)
+            .or_else(|| non_empty(&a.model_name))
+            .unwrap_or_else(|| DEFAULT_MODEL.to_owned());
+        let source = parse_source(&raw_model)?;
+        let isq = parse_isq(&a.isq)?;
+
+        let max_model_len = match a.max_model_len.or(a.max_model_len_compat) {
+            None => Some(DEFAULT_MAX_MODEL_LEN),
+            Some(0) => None,
+            Some(n) if n < 64 => {
+                return Err(bad(format!(
+                    "--max-model-len must be >= 64 tokens (or 0 for the model's own limit). Given: {n}"
+                )));
+            }
+            Some(n) => Some(n),
+        };
+        if !(1..=256).contains(&a.max_num_seqs) {
+            return Err(bad(format!(
+                "--max-num-seqs must be between 1 and 256. Given: {}",
+                a.max_num_seqs
+            )));
+        }
+        let context_for_kv = max_model_len.unwrap_or(DEFAULT_MAX_MODEL_LEN);
+        let kv_cache_tokens = match a.kv_cache_tokens {
+            0 => context_for_kv * 4,
+            n if n < context_for_kv => {
+                return Err(bad(format!(
+                    "--kv-cache-tokens must be >= --max-model-len ({context_for_kv}) so one \
+                     full-length sequence fits. Given: {n}"
+                )));
+            }
+            n => n,
+        };
+        let served_model_name = non_empty(&a.served_model_name).unwrap_or_else(|| raw_model.clone());
+        Ok(Self {
+            source,
+            revision: non_empty(&a.revision),
+            isq,
+            max_model_len,
+            max_num_seqs: a.max_num_seqs,
+            kv_cache_tokens,
+            cpu: a.cpu,
+            hf_token: non_empty(&a.hf_token),
+            hf_home: a.hf_home.clone(),
+            served_model_name,
+            log_json: a.log_json,
+        })
+    }
+
+    /// Hands the Hugging Face cache location to the download library, which reads `HF_HOME`.
+    /// Call before any thread is started.
+    pub fn export_hf_home(&self) {
+        if let Some(home) = &self.hf_home {
+            // SAFETY: called from `main` before the runtime or any other thread exists.
+            unsafe { std::env::set_var("HF_HOME", home) };
+        }
+    }
+}
+
+impl Settings {
+    /// Validates the flags of `serve`.
+    pub fn from_serve_args(a: &ServeArgs) -> Result<Self, SettingsError> {
+        let model = ModelSettings::from_args(&a.model)?;
+        let host: IpAddr = a.host.parse().map_err(|_| {
+            bad(format!("--host must be an IP address such as 0.0.0.0 or ::. Given: {}", a.host))
+        })?;
+        if a.request_timeout == 0 {
+            return Err(bad("--request-timeout must be >= 1 second. Given: 0"));
+        }
+        const MIN_BODY: usize = 1024;
+        const MAX_BODY: usize = 64 << 20;
+        if !(MIN_BODY..=MAX_BODY).contains(&a.body_limit) {
+            return Err(bad(format!(
+                "--body-limit must be between {MIN_BODY} and {MAX_BODY} bytes. Given: {}",
+                a.body_limit
+            )));
+        }
+        let health_listen = a
+            .port_health
+            .filter(|p| *p != a.port)
+            .map(|p| SocketAddr::new(host, p));
+        Ok(Self {
+            model,
+            server: ServerSettings {
+                listen: SocketAddr::new(host, a.port),
+                health_listen,
+                api_key: non_empty(&a.api_key),
+                request_timeout: Duration::from_secs(a.request_timeout),
+                body_limit: a.body_limit,
+                shutdown_grace: Duration::from_secs(a.shutdown_grace),
+            },
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn serve(args: &[&str]) -> Result<Settings, SettingsError> {
+        let mut argv = vec!["zopilot-gpu", "serve"];
+        argv.extend_from_slice(args);
+        let cli = crate::cli::Cli::try_parse_from(argv).expect("clap parses");
+        match cli.command {
+            Some(crate::cli::Command::Serve(a)) => Settings::from_serve_args(&a),
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn defaults_serve_mixtral_at_q4k() {
+        let s = serve(&["--model", DEFAULT_MODEL]).unwrap();
+        assert_eq!(s.model.source, ModelSource::Hub(DEFAULT_MODEL.into()));
+        assert_eq!(s.model.isq, Some(Isq::Q4K));
+        assert_eq!(s.model.max_model_len, Some(DEFAULT_MAX_MODEL_LEN));
+        assert_eq!(s.model.kv_cache_tokens, DEFAULT_MAX_MODEL_LEN * 4);
+    }
+
+    #[test]
+    fn kv_cache_smaller_than_context_names_both() {
+        let e = serve(&["--model", "synthetic:tiny", "--max-model-len", "4096", "--kv-cache-tokens", "1000"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--kv-cache-tokens") && e.contains("4096") && e.contains("1000"), "{e}");
+    }
+
+    #[test]
+    fn rejects_unknown_isq_and_bad_ids() {
+        assert!(serve(&["--model", "synthetic:tiny", "--isq", "q3"]).unwrap_err().to_string().contains("q3"));
+        assert!(serve(&["--model", "not an id"]).is_err());
+        assert!(serve(&["--model", "./missing-dir"]).unwrap_err().to_string().contains("missing-dir"));
+        assert!(serve(&["--model", "synthetic:huge"]).is_err());
+        assert_eq!(serve(&["--model", "synthetic:tiny", "--isq", "none"]).unwrap().model.isq, None);
+    }
+
+    #[test]
+    fn health_port_equal_to_port_is_off() {
+        let s = serve(&["--model", "synthetic:tiny", "--port", "9000", "--port-health", "9000"]).unwrap();
+        assert!(s.server.health_listen.is_none());
+        let s = serve(&["--model", "synthetic:tiny", "--port", "9000", "--port-health", "9001"]).unwrap();
+        assert_eq!(s.server.health_listen.unwrap().port(), 9001);
+    }
+
+    #[test]
+    fn limits_name_flag_and_value() {
+        let e = serve(&["--model", "synthetic:tiny", "--max-num-seqs", "0"]).unwrap_err().to_string();
+        assert!(e.contains("--max-num-seqs") && e.contains('0'), "{e}");
+        let e = serve(&["--model", "synthetic:tiny", "--body-limit", "10"]).unwrap_err().to_string();
+        assert!(e.contains("--body-limit") && e.contains("10"), "{e}");
+        let e = serve(&["--model", "synthetic:tiny", "--max-model-len", "8"]).unwrap_err().to_string();
+        assert!(e.contains("--max-model-len"), "{e}");
+    }
+}

@@ -1,0 +1,7 @@
+//! Integration tests, one binary: `support` builds servers around the tiny synthetic
+//! Mixtral (loaded with ISQ Q4K on the CPU); `http_api` drives them through real HTTP;
+//! `process` runs the built binary (signals, exit codes, the CLI, the openai client).
+
+mod http_api;
+mod process;
+mod support;
