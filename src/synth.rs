@@ -265,26 +265,41 @@ fn fnv1a(s: &str) -> u64 {
     s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3))
 }
 
+/// Standard deviation of the output logits: large enough that the top two logits are
+/// rarely within rounding noise of each other, so greedy decoding is reproducible across
+/// batch shapes and devices.
+const LOGIT_STD: f32 = 8.0;
+/// The end-of-sequence token id (`</s>`).
+const EOS: usize = 2;
+
 /// Fills `out` with bf16 little-endian values of tensor `name`, elements `start..`.
 /// Norm weights are 1; everything else is uniform with standard deviation 1/sqrt(fan_in),
-/// which keeps activations of a deep random network finite in bf16.
+/// which keeps activations of a deep random network finite in bf16. The output head is
+/// scaled to `LOGIT_STD`, and its EOS row is zero so the EOS logit sits at 0, far below the
+/// best of the others: synthetic models never end on their own, and every run generates
+/// exactly `max_tokens`.
 fn fill(name: &str, shape: &[usize], seed: u64, start: usize, out: &mut [u8]) {
     if name.ends_with("norm.weight") {
         let one = half::bf16::from_f32(1.0).to_le_bytes();
         out.chunks_exact_mut(2).for_each(|c| c.copy_from_slice(&one));
         return;
     }
-    let fan_in = *shape.last().unwrap_or(&1) as f32;
-    let amplitude = (3.0 / fan_in).sqrt();
+    let fan_in = *shape.last().unwrap_or(&1);
+    let is_head = name == "lm_head.weight";
+    let scale = if is_head { LOGIT_STD } else { 1.0 };
+    let amplitude = (3.0 / fan_in as f32).sqrt() * scale;
+    let eos_row = if is_head { (EOS * fan_in)..((EOS + 1) * fan_in) } else { 0..0 };
     // One generator per 4096-element block keeps any split of the work reproducible.
     const BLOCK: usize = 4096;
     let base = fnv1a(name) ^ seed.wrapping_mul(0x2545_F491_4F6C_DD1D);
     for (k, chunk) in out.chunks_mut(2 * BLOCK).enumerate() {
         let block = (start / BLOCK + k) as u64;
         let mut rng = SplitMix(base ^ block.wrapping_mul(0x9E37_79B9_7F4A_7C15));
-        for c in chunk.chunks_exact_mut(2) {
+        let first = start + k * BLOCK;
+        for (j, c) in chunk.chunks_exact_mut(2).enumerate() {
             let u = (rng.next() >> 40) as f32 / (1u64 << 24) as f32;
-            let v = half::bf16::from_f32((2.0 * u - 1.0) * amplitude);
+            let x = if eos_row.contains(&(first + j)) { 0.0 } else { (2.0 * u - 1.0) * amplitude };
+            let v = half::bf16::from_f32(x);
             c.copy_from_slice(&v.to_le_bytes());
         }
     }

@@ -25,7 +25,10 @@ pub struct Server {
 
 /// Settings as `serve` would build them from these flags.
 pub fn settings(extra: &[&str]) -> Settings {
-    let mut argv = vec!["zopilot-gpu", "serve", "--model", MODEL, "--cpu", "--port", "0"];
+    let mut argv = vec!["zopilot-gpu", "serve", "--cpu", "--port", "0"];
+    if !extra.contains(&"--model") {
+        argv.extend(["--model", MODEL]);
+    }
     argv.extend_from_slice(extra);
     match Cli::try_parse_from(argv).expect("flags parse").command {
         Some(Command::Serve(a)) => Settings::from_serve_args(&a).expect("valid settings"),
