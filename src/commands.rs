@@ -42,12 +42,21 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
 fn init_logging(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    let _ = if json { builder.json().try_init() } else { builder.try_init() };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = if json {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
 }
 
 /// Resolves on SIGTERM or SIGINT.
@@ -78,11 +87,17 @@ fn serve(args: ServeArgs) -> Result<ExitCode> {
 }
 
 async fn bind(addr: std::net::SocketAddr) -> Result<TcpListener> {
-    TcpListener::bind(addr).await.with_context(|| format!("listening on {addr} (is the port taken? set --port/PORT)"))
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("listening on {addr} (is the port taken? set --port/PORT)"))
 }
 
 async fn serve_async(s: Settings) -> Result<()> {
-    let engine = Arc::new(Engine::new(&s.model, s.server.request_timeout, Arc::new(Metrics::default())));
+    let engine = Arc::new(Engine::new(
+        &s.model,
+        s.server.request_timeout,
+        Arc::new(Metrics::default()),
+    ));
     let state = AppState {
         engine: engine.clone(),
         api_key: s.server.api_key.as_deref().map(Arc::from),
@@ -95,7 +110,10 @@ async fn serve_async(s: Settings) -> Result<()> {
         let (token, engine) = (token.clone(), engine.clone());
         tokio::spawn(async move {
             shutdown_signal().await;
-            tracing::info!(in_flight = engine.in_flight(), "shutdown requested; draining");
+            tracing::info!(
+                in_flight = engine.in_flight(),
+                "shutdown requested; draining"
+            );
             engine.drain();
             token.cancel();
         });
@@ -105,9 +123,19 @@ async fn serve_async(s: Settings) -> Result<()> {
         let health = bind(addr).await?;
         tracing::info!(%addr, "health port listening");
         let router = api::health_app(state.clone());
-        servers.spawn(api::serve(health, router, token.clone().cancelled_owned(), s.server.shutdown_grace));
+        servers.spawn(api::serve(
+            health,
+            router,
+            token.clone().cancelled_owned(),
+            s.server.shutdown_grace,
+        ));
     }
-    servers.spawn(api::serve(listener, api::app(state), token.clone().cancelled_owned(), s.server.shutdown_grace));
+    servers.spawn(api::serve(
+        listener,
+        api::app(state),
+        token.clone().cancelled_owned(),
+        s.server.shutdown_grace,
+    ));
     {
         let engine = engine.clone();
         let model = s.model.clone();
@@ -126,13 +154,23 @@ fn generate(a: GenerateArgs) -> Result<ExitCode> {
     model.export_hf_home();
     init_logging(model.log_json);
     runtime()?.block_on(async move {
-        let engine = Arc::new(Engine::new(&model, std::time::Duration::from_secs(24 * 3600), Arc::new(Metrics::default())));
+        let engine = Arc::new(Engine::new(
+            &model,
+            std::time::Duration::from_secs(24 * 3600),
+            Arc::new(Metrics::default()),
+        ));
         engine.load(&model).await?;
         let mut messages = Vec::new();
         if let Some(system) = a.system {
-            messages.push(ChatMessage { role: "system".into(), content: system });
+            messages.push(ChatMessage {
+                role: "system".into(),
+                content: system,
+            });
         }
-        messages.push(ChatMessage { role: "user".into(), content: a.prompt });
+        messages.push(ChatMessage {
+            role: "user".into(),
+            content: a.prompt,
+        });
         let req = GenRequest {
             prompt: Prompt::Chat(messages),
             max_tokens: a.max_tokens,
@@ -149,9 +187,15 @@ fn generate(a: GenerateArgs) -> Result<ExitCode> {
                     stdout.write_all(t.as_bytes())?;
                     stdout.flush()?;
                 }
-                Event::Done { finish_reason, usage } => {
+                Event::Done {
+                    finish_reason,
+                    usage,
+                } => {
                     writeln!(stdout)?;
-                    eprintln!("{}", serde_json::json!({"finish_reason": finish_reason, "usage": usage}));
+                    eprintln!(
+                        "{}",
+                        serde_json::json!({"finish_reason": finish_reason, "usage": usage})
+                    );
                 }
                 Event::Error(e) => return Err(e.into()),
             }

@@ -7,8 +7,9 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 
 /// Seconds buckets shared by the latency histograms.
-const BUCKETS: [f64; 14] =
-    [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0];
+const BUCKETS: [f64; 14] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+];
 
 /// A cumulative histogram of seconds.
 #[derive(Default)]
@@ -32,11 +33,19 @@ impl Histogram {
     fn render(&self, out: &mut String, name: &str, help: &str) {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
         for (i, b) in BUCKETS.iter().enumerate() {
-            let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {}", self.counts[i].load(Relaxed));
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{le=\"{b}\"}} {}",
+                self.counts[i].load(Relaxed)
+            );
         }
         let count = self.count.load(Relaxed);
         let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
-        let _ = writeln!(out, "{name}_sum {}", self.sum_micros.load(Relaxed) as f64 / 1e6);
+        let _ = writeln!(
+            out,
+            "{name}_sum {}",
+            self.sum_micros.load(Relaxed) as f64 / 1e6
+        );
         let _ = writeln!(out, "{name}_count {count}");
     }
 }
@@ -73,24 +82,79 @@ impl Metrics {
     pub fn render(&self) -> String {
         let mut out = String::new();
         out.push_str("# HELP zopilot_requests_total HTTP requests by endpoint and status.\n# TYPE zopilot_requests_total counter\n");
-        for ((ep, status), n) in self.requests.lock().unwrap_or_else(|e| e.into_inner()).iter() {
-            let _ = writeln!(out, "zopilot_requests_total{{endpoint=\"{ep}\",status=\"{status}\"}} {n}");
+        for ((ep, status), n) in self
+            .requests
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            let _ = writeln!(
+                out,
+                "zopilot_requests_total{{endpoint=\"{ep}\",status=\"{status}\"}} {n}"
+            );
         }
         out.push_str("# HELP zopilot_errors_total Failed requests by error type.\n# TYPE zopilot_errors_total counter\n");
         for (kind, n) in self.errors.lock().unwrap_or_else(|e| e.into_inner()).iter() {
             let _ = writeln!(out, "zopilot_errors_total{{type=\"{kind}\"}} {n}");
         }
         let scalar = |out: &mut String, name: &str, kind: &str, help: &str, v: String| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
+            );
         };
-        scalar(&mut out, "zopilot_rejected_total", "counter", "Requests refused with 429 because every sequence slot was busy.", self.rejected.load(Relaxed).to_string());
-        scalar(&mut out, "zopilot_prompt_tokens_total", "counter", "Prompt tokens processed.", self.prompt_tokens.load(Relaxed).to_string());
-        scalar(&mut out, "zopilot_generated_tokens_total", "counter", "Tokens generated.", self.generated_tokens.load(Relaxed).to_string());
-        scalar(&mut out, "zopilot_cancelled_total", "counter", "Sequences cancelled because the client went away or timed out.", self.cancelled.load(Relaxed).to_string());
-        scalar(&mut out, "zopilot_in_flight_sequences", "gauge", "Sequences being generated now.", self.in_flight.load(Relaxed).to_string());
-        scalar(&mut out, "zopilot_model_load_seconds", "gauge", "Seconds the model took to load (0 until loaded).", format!("{}", self.model_load_millis.load(Relaxed) as f64 / 1e3));
-        self.ttft.render(&mut out, "zopilot_time_to_first_token_seconds", "Time from request to first generated token.");
-        self.request_duration.render(&mut out, "zopilot_request_duration_seconds", "Time from request to the last token.");
+        scalar(
+            &mut out,
+            "zopilot_rejected_total",
+            "counter",
+            "Requests refused with 429 because every sequence slot was busy.",
+            self.rejected.load(Relaxed).to_string(),
+        );
+        scalar(
+            &mut out,
+            "zopilot_prompt_tokens_total",
+            "counter",
+            "Prompt tokens processed.",
+            self.prompt_tokens.load(Relaxed).to_string(),
+        );
+        scalar(
+            &mut out,
+            "zopilot_generated_tokens_total",
+            "counter",
+            "Tokens generated.",
+            self.generated_tokens.load(Relaxed).to_string(),
+        );
+        scalar(
+            &mut out,
+            "zopilot_cancelled_total",
+            "counter",
+            "Sequences cancelled because the client went away or timed out.",
+            self.cancelled.load(Relaxed).to_string(),
+        );
+        scalar(
+            &mut out,
+            "zopilot_in_flight_sequences",
+            "gauge",
+            "Sequences being generated now.",
+            self.in_flight.load(Relaxed).to_string(),
+        );
+        scalar(
+            &mut out,
+            "zopilot_model_load_seconds",
+            "gauge",
+            "Seconds the model took to load (0 until loaded).",
+            format!("{}", self.model_load_millis.load(Relaxed) as f64 / 1e3),
+        );
+        self.ttft.render(
+            &mut out,
+            "zopilot_time_to_first_token_seconds",
+            "Time from request to first generated token.",
+        );
+        self.request_duration.render(
+            &mut out,
+            "zopilot_request_duration_seconds",
+            "Time from request to the last token.",
+        );
         out
     }
 }

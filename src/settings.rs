@@ -117,7 +117,10 @@ pub struct Settings {
 }
 
 fn non_empty(v: &Option<String>) -> Option<String> {
-    v.as_deref().map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned)
+    v.as_deref()
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
 }
 
 fn parse_source(raw: &str) -> Result<ModelSource, SettingsError> {
@@ -189,7 +192,8 @@ impl ModelSettings {
             }
             n => n,
         };
-        let served_model_name = non_empty(&a.served_model_name).unwrap_or_else(|| raw_model.clone());
+        let served_model_name =
+            non_empty(&a.served_model_name).unwrap_or_else(|| raw_model.clone());
         Ok(Self {
             source,
             revision: non_empty(&a.revision),
@@ -220,7 +224,10 @@ impl Settings {
     pub fn from_serve_args(a: &ServeArgs) -> Result<Self, SettingsError> {
         let model = ModelSettings::from_args(&a.model)?;
         let host: IpAddr = a.host.parse().map_err(|_| {
-            bad(format!("--host must be an IP address such as 0.0.0.0 or ::. Given: {}", a.host))
+            bad(format!(
+                "--host must be an IP address such as 0.0.0.0 or ::. Given: {}",
+                a.host
+            ))
         })?;
         if a.request_timeout == 0 {
             return Err(bad("--request-timeout must be >= 1 second. Given: 0"));
@@ -277,36 +284,84 @@ mod tests {
 
     #[test]
     fn kv_cache_smaller_than_context_names_both() {
-        let e = serve(&["--model", "synthetic:tiny", "--max-model-len", "4096", "--kv-cache-tokens", "1000"])
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("--kv-cache-tokens") && e.contains("4096") && e.contains("1000"), "{e}");
+        let e = serve(&[
+            "--model",
+            "synthetic:tiny",
+            "--max-model-len",
+            "4096",
+            "--kv-cache-tokens",
+            "1000",
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("--kv-cache-tokens") && e.contains("4096") && e.contains("1000"),
+            "{e}"
+        );
     }
 
     #[test]
     fn rejects_unknown_isq_and_bad_ids() {
-        assert!(serve(&["--model", "synthetic:tiny", "--isq", "q3"]).unwrap_err().to_string().contains("q3"));
+        assert!(
+            serve(&["--model", "synthetic:tiny", "--isq", "q3"])
+                .unwrap_err()
+                .to_string()
+                .contains("q3")
+        );
         assert!(serve(&["--model", "not an id"]).is_err());
-        assert!(serve(&["--model", "./missing-dir"]).unwrap_err().to_string().contains("missing-dir"));
+        assert!(
+            serve(&["--model", "./missing-dir"])
+                .unwrap_err()
+                .to_string()
+                .contains("missing-dir")
+        );
         assert!(serve(&["--model", "synthetic:huge"]).is_err());
-        assert_eq!(serve(&["--model", "synthetic:tiny", "--isq", "none"]).unwrap().model.isq, None);
+        assert_eq!(
+            serve(&["--model", "synthetic:tiny", "--isq", "none"])
+                .unwrap()
+                .model
+                .isq,
+            None
+        );
     }
 
     #[test]
     fn health_port_equal_to_port_is_off() {
-        let s = serve(&["--model", "synthetic:tiny", "--port", "9000", "--port-health", "9000"]).unwrap();
+        let s = serve(&[
+            "--model",
+            "synthetic:tiny",
+            "--port",
+            "9000",
+            "--port-health",
+            "9000",
+        ])
+        .unwrap();
         assert!(s.server.health_listen.is_none());
-        let s = serve(&["--model", "synthetic:tiny", "--port", "9000", "--port-health", "9001"]).unwrap();
+        let s = serve(&[
+            "--model",
+            "synthetic:tiny",
+            "--port",
+            "9000",
+            "--port-health",
+            "9001",
+        ])
+        .unwrap();
         assert_eq!(s.server.health_listen.unwrap().port(), 9001);
     }
 
     #[test]
     fn limits_name_flag_and_value() {
-        let e = serve(&["--model", "synthetic:tiny", "--max-num-seqs", "0"]).unwrap_err().to_string();
+        let e = serve(&["--model", "synthetic:tiny", "--max-num-seqs", "0"])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("--max-num-seqs") && e.contains('0'), "{e}");
-        let e = serve(&["--model", "synthetic:tiny", "--body-limit", "10"]).unwrap_err().to_string();
+        let e = serve(&["--model", "synthetic:tiny", "--body-limit", "10"])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("--body-limit") && e.contains("10"), "{e}");
-        let e = serve(&["--model", "synthetic:tiny", "--max-model-len", "8"]).unwrap_err().to_string();
+        let e = serve(&["--model", "synthetic:tiny", "--max-model-len", "8"])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("--max-model-len"), "{e}");
     }
 }

@@ -61,7 +61,10 @@ impl Shapes {
                 max_positions: 32768,
             },
         };
-        Shapes { layers: layers.unwrap_or(base.layers), ..base }
+        Shapes {
+            layers: layers.unwrap_or(base.layers),
+            ..base
+        }
     }
 
     fn head_dim(&self) -> usize {
@@ -76,11 +79,26 @@ impl Shapes {
             let p = format!("model.layers.{l}");
             t.push((format!("{p}.input_layernorm.weight"), vec![h]));
             t.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
-            t.push((format!("{p}.self_attn.q_proj.weight"), vec![self.heads * hd, h]));
-            t.push((format!("{p}.self_attn.k_proj.weight"), vec![self.kv_heads * hd, h]));
-            t.push((format!("{p}.self_attn.v_proj.weight"), vec![self.kv_heads * hd, h]));
-            t.push((format!("{p}.self_attn.o_proj.weight"), vec![h, self.heads * hd]));
-            t.push((format!("{p}.block_sparse_moe.gate.weight"), vec![self.experts, h]));
+            t.push((
+                format!("{p}.self_attn.q_proj.weight"),
+                vec![self.heads * hd, h],
+            ));
+            t.push((
+                format!("{p}.self_attn.k_proj.weight"),
+                vec![self.kv_heads * hd, h],
+            ));
+            t.push((
+                format!("{p}.self_attn.v_proj.weight"),
+                vec![self.kv_heads * hd, h],
+            ));
+            t.push((
+                format!("{p}.self_attn.o_proj.weight"),
+                vec![h, self.heads * hd],
+            ));
+            t.push((
+                format!("{p}.block_sparse_moe.gate.weight"),
+                vec![self.experts, h],
+            ));
             for e in 0..self.experts {
                 let q = format!("{p}.block_sparse_moe.experts.{e}");
                 t.push((format!("{q}.w1.weight"), vec![i, h]));
@@ -95,7 +113,10 @@ impl Shapes {
 
     /// Total parameter count.
     pub fn parameters(&self) -> u64 {
-        self.tensors().iter().map(|(_, s)| s.iter().product::<usize>() as u64).sum()
+        self.tensors()
+            .iter()
+            .map(|(_, s)| s.iter().product::<usize>() as u64)
+            .sum()
     }
 
     fn config(&self) -> Value {
@@ -143,13 +164,21 @@ pub fn write(preset: Preset, layers: Option<usize>, seed: u64, out: &Path) -> Re
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     write_json(&out.join("config.json"), &shapes.config())?;
     write_json(&out.join("tokenizer.json"), &tokenizer_json(shapes.vocab))?;
-    write_json(&out.join("tokenizer_config.json"), &tokenizer_config(shapes.max_positions))?;
+    write_json(
+        &out.join("tokenizer_config.json"),
+        &tokenizer_config(shapes.max_positions),
+    )?;
     write_json(
         &out.join("generation_config.json"),
         &json!({"bos_token_id": 1, "eos_token_id": 2}),
     )?;
     let (bytes, shards) = write_weights(&shapes, seed, out)?;
-    Ok(Summary { parameters: shapes.parameters(), bytes, shards, layers: shapes.layers })
+    Ok(Summary {
+        parameters: shapes.parameters(),
+        bytes,
+        shards,
+        layers: shapes.layers,
+    })
 }
 
 fn write_json(path: &Path, v: &Value) -> Result<()> {
@@ -185,7 +214,9 @@ fn vocabulary(size: usize) -> (Vec<String>, Vec<(String, String)>) {
     let letters: Vec<String> = ('a'..='z').map(|c| c.to_string()).collect();
     let mut merges = Vec::new();
     let mut seen: std::collections::HashSet<String> = vocab.iter().cloned().collect();
-    let mut frontier: Vec<String> = std::iter::once("▁".to_owned()).chain(letters.iter().cloned()).collect();
+    let mut frontier: Vec<String> = std::iter::once("▁".to_owned())
+        .chain(letters.iter().cloned())
+        .collect();
     'grow: while vocab.len() < size {
         let mut next = Vec::new();
         for left in &frontier {
@@ -209,8 +240,11 @@ fn vocabulary(size: usize) -> (Vec<String>, Vec<(String, String)>) {
 
 fn tokenizer_json(size: usize) -> Value {
     let (vocab, merges) = vocabulary(size);
-    let vocab_map: serde_json::Map<String, Value> =
-        vocab.iter().enumerate().map(|(i, t)| (t.clone(), json!(i))).collect();
+    let vocab_map: serde_json::Map<String, Value> = vocab
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.clone(), json!(i)))
+        .collect();
     let merges: Vec<String> = merges.iter().map(|(a, b)| format!("{a} {b}")).collect();
     let special = |id: usize, content: &str| {
         json!({"id": id, "content": content, "single_word": false, "lstrip": false,
@@ -262,7 +296,9 @@ impl SplitMix {
 }
 
 fn fnv1a(s: &str) -> u64 {
-    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3))
+    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+    })
 }
 
 /// Standard deviation of the output logits: large enough that the top two logits are
@@ -281,14 +317,19 @@ const EOS: usize = 2;
 fn fill(name: &str, shape: &[usize], seed: u64, start: usize, out: &mut [u8]) {
     if name.ends_with("norm.weight") {
         let one = half::bf16::from_f32(1.0).to_le_bytes();
-        out.chunks_exact_mut(2).for_each(|c| c.copy_from_slice(&one));
+        out.chunks_exact_mut(2)
+            .for_each(|c| c.copy_from_slice(&one));
         return;
     }
     let fan_in = *shape.last().unwrap_or(&1);
     let is_head = name == "lm_head.weight";
     let scale = if is_head { LOGIT_STD } else { 1.0 };
     let amplitude = (3.0 / fan_in as f32).sqrt() * scale;
-    let eos_row = if is_head { (EOS * fan_in)..((EOS + 1) * fan_in) } else { 0..0 };
+    let eos_row = if is_head {
+        (EOS * fan_in)..((EOS + 1) * fan_in)
+    } else {
+        0..0
+    };
     // One generator per 4096-element block keeps any split of the work reproducible.
     const BLOCK: usize = 4096;
     let base = fnv1a(name) ^ seed.wrapping_mul(0x2545_F491_4F6C_DD1D);
@@ -298,7 +339,11 @@ fn fill(name: &str, shape: &[usize], seed: u64, start: usize, out: &mut [u8]) {
         let first = start + k * BLOCK;
         for (j, c) in chunk.chunks_exact_mut(2).enumerate() {
             let u = (rng.next() >> 40) as f32 / (1u64 << 24) as f32;
-            let x = if eos_row.contains(&(first + j)) { 0.0 } else { (2.0 * u - 1.0) * amplitude };
+            let x = if eos_row.contains(&(first + j)) {
+                0.0
+            } else {
+                (2.0 * u - 1.0) * amplitude
+            };
             let v = half::bf16::from_f32(x);
             c.copy_from_slice(&v.to_le_bytes());
         }
@@ -395,7 +440,10 @@ mod tests {
         assert_eq!(vocab.len(), 512);
         let set: std::collections::HashSet<_> = vocab.iter().collect();
         assert_eq!(set.len(), 512, "tokens are unique");
-        for (a, b) in merges.iter().filter(|(a, b)| set.contains(&format!("{a}{b}"))) {
+        for (a, b) in merges
+            .iter()
+            .filter(|(a, b)| set.contains(&format!("{a}{b}")))
+        {
             assert!(set.contains(a) && set.contains(b));
         }
         let (big, _) = vocabulary(32000);
@@ -421,7 +469,11 @@ mod tests {
     fn mixtral_shapes_match_the_real_model() {
         let s = Shapes::of(Preset::Mixtral8x7b, None);
         // 46.7 B parameters, as published for Mixtral-8x7B.
-        assert!((46_600_000_000..46_800_000_000).contains(&s.parameters()), "{}", s.parameters());
+        assert!(
+            (46_600_000_000..46_800_000_000).contains(&s.parameters()),
+            "{}",
+            s.parameters()
+        );
         assert_eq!(Shapes::of(Preset::Mixtral8x7b, Some(8)).layers, 8);
     }
 }

@@ -16,7 +16,10 @@ use crate::engine::EngineError;
 #[derive(Debug)]
 pub enum ApiError {
     /// Malformed or semantically invalid input (400).
-    BadRequest { param: Option<String>, message: String },
+    BadRequest {
+        param: Option<String>,
+        message: String,
+    },
     /// Well-formed JSON of the wrong shape (422).
     Unprocessable(String),
     /// Missing or wrong API key (401).
@@ -39,22 +42,57 @@ pub enum ApiError {
 
 impl ApiError {
     pub fn bad(param: &str, message: impl Into<String>) -> Self {
-        ApiError::BadRequest { param: Some(param.to_owned()), message: message.into() }
+        ApiError::BadRequest {
+            param: Some(param.to_owned()),
+            message: message.into(),
+        }
     }
 
     /// The status, the OpenAI error type, and a short metric label.
     fn parts(&self) -> (StatusCode, &'static str, &'static str) {
         match self {
-            ApiError::BadRequest { .. } => (StatusCode::BAD_REQUEST, "invalid_request_error", "invalid_request"),
-            ApiError::Unprocessable(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_request_error", "unprocessable"),
-            ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "authentication_error", "unauthorized"),
-            ApiError::ModelNotFound(_) => (StatusCode::NOT_FOUND, "invalid_request_error", "model_not_found"),
+            ApiError::BadRequest { .. } => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "invalid_request",
+            ),
+            ApiError::Unprocessable(_) => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_request_error",
+                "unprocessable",
+            ),
+            ApiError::Unauthorized => (
+                StatusCode::UNAUTHORIZED,
+                "authentication_error",
+                "unauthorized",
+            ),
+            ApiError::ModelNotFound(_) => (
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                "model_not_found",
+            ),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "invalid_request_error", "not_found"),
-            ApiError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "invalid_request_error", "too_large"),
-            ApiError::Overloaded(_) => (StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", "overloaded"),
-            ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "service_unavailable", "unavailable"),
+            ApiError::TooLarge(_) => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "invalid_request_error",
+                "too_large",
+            ),
+            ApiError::Overloaded(_) => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                "overloaded",
+            ),
+            ApiError::Unavailable(_) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "service_unavailable",
+                "unavailable",
+            ),
             ApiError::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, "timeout", "timeout"),
-            ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal_error", "internal"),
+            ApiError::Internal(_) => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal_error",
+                "internal",
+            ),
         }
     }
 
@@ -66,11 +104,19 @@ impl ApiError {
     fn message(&self) -> String {
         match self {
             ApiError::BadRequest { message, .. } => message.clone(),
-            ApiError::Unprocessable(m) | ApiError::Unavailable(m) | ApiError::Timeout(m) => m.clone(),
-            ApiError::Unauthorized => "missing or invalid API key: send `Authorization: Bearer <key>`".into(),
-            ApiError::ModelNotFound(m) => format!("the model `{m}` does not exist here; see GET /v1/models"),
+            ApiError::Unprocessable(m) | ApiError::Unavailable(m) | ApiError::Timeout(m) => {
+                m.clone()
+            }
+            ApiError::Unauthorized => {
+                "missing or invalid API key: send `Authorization: Bearer <key>`".into()
+            }
+            ApiError::ModelNotFound(m) => {
+                format!("the model `{m}` does not exist here; see GET /v1/models")
+            }
             ApiError::NotFound(path) => format!("no endpoint at `{path}`; see GET /openapi.json"),
-            ApiError::TooLarge(limit) => format!("the request body is larger than the {limit}-byte limit (--body-limit)"),
+            ApiError::TooLarge(limit) => {
+                format!("the request body is larger than the {limit}-byte limit (--body-limit)")
+            }
             ApiError::Overloaded(n) => format!("all {n} sequence slots are busy; retry shortly"),
             ApiError::Internal(_) => "internal error; the server log has the details".into(),
         }
@@ -90,7 +136,9 @@ impl ApiError {
 impl From<EngineError> for ApiError {
     fn from(e: EngineError) -> Self {
         match e {
-            EngineError::NotReady(m) => ApiError::Unavailable(format!("the model is not ready: {m}")),
+            EngineError::NotReady(m) => {
+                ApiError::Unavailable(format!("the model is not ready: {m}"))
+            }
             EngineError::Overloaded(n) => ApiError::Overloaded(n),
             EngineError::Invalid { param, message } => ApiError::bad(param, message),
             e @ EngineError::Timeout(_) => ApiError::Timeout(e.to_string()),
@@ -107,7 +155,8 @@ impl IntoResponse for ApiError {
         }
         let mut resp = (status, Json(self.body())).into_response();
         if let ApiError::Overloaded(_) = self {
-            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         resp.extensions_mut().insert(ErrorKind(self.kind()));
         resp
@@ -127,7 +176,10 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let limit = req.extensions().get::<BodyLimit>().map_or(usize::MAX, |l| l.0);
+        let limit = req
+            .extensions()
+            .get::<BodyLimit>()
+            .map_or(usize::MAX, |l| l.0);
         let bytes = Bytes::from_request(req, state).await.map_err(|e| {
             if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
                 ApiError::TooLarge(limit)
@@ -135,10 +187,14 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
                 ApiError::bad("body", format!("could not read the request body: {e}"))
             }
         })?;
-        serde_json::from_slice(&bytes).map(ApiJson).map_err(|e| match e.classify() {
-            serde_json::error::Category::Data => ApiError::Unprocessable(format!("invalid request: {e}")),
-            _ => ApiError::bad("body", format!("the body is not valid JSON: {e}")),
-        })
+        serde_json::from_slice(&bytes)
+            .map(ApiJson)
+            .map_err(|e| match e.classify() {
+                serde_json::error::Category::Data => {
+                    ApiError::Unprocessable(format!("invalid request: {e}"))
+                }
+                _ => ApiError::bad("body", format!("the body is not valid JSON: {e}")),
+            })
     }
 }
 

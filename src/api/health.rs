@@ -30,14 +30,23 @@ pub async fn ping(State(s): State<AppState>) -> impl IntoResponse {
     match s.engine.readiness() {
         Readiness::Loading => StatusCode::NO_CONTENT.into_response(),
         Readiness::Ready => (StatusCode::OK, Json(json!({"status": "healthy"}))).into_response(),
-        Readiness::Draining => (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "draining"}))).into_response(),
-        Readiness::Failed(reason) => {
-            (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "failed", "reason": reason}))).into_response()
-        }
+        Readiness::Draining => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "draining"})),
+        )
+            .into_response(),
+        Readiness::Failed(reason) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "failed", "reason": reason})),
+        )
+            .into_response(),
     }
 }
 
 /// `GET /metrics`
 pub async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], s.engine.metrics.render())
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        s.engine.metrics.render(),
+    )
 }

@@ -64,7 +64,9 @@ pub fn health_app(state: AppState) -> Router {
 }
 
 fn health_routes() -> Router<AppState> {
-    Router::new().route("/health", get(health::health)).route("/ping", get(health::ping))
+    Router::new()
+        .route("/health", get(health::health))
+        .route("/ping", get(health::ping))
 }
 
 async fn require_key(State(s): State<AppState>, req: Request, next: Next) -> Response {
@@ -89,7 +91,9 @@ async fn track(State(s): State<AppState>, req: Request, next: Next) -> Response 
         .get::<MatchedPath>()
         .map_or_else(|| "other".to_owned(), |p| p.as_str().to_owned());
     let resp = next.run(req).await;
-    s.engine.metrics.record_request(&endpoint, resp.status().as_u16());
+    s.engine
+        .metrics
+        .record_request(&endpoint, resp.status().as_u16());
     if let Some(ErrorKind(kind)) = resp.extensions().get::<ErrorKind>() {
         s.engine.metrics.record_error(kind);
     }

@@ -12,11 +12,21 @@ use super::{ApiError, AppState, error::ApiJson};
 use crate::engine::Event;
 
 /// `POST /v1/chat/completions`
-pub async fn chat(State(s): State<AppState>, ApiJson(req): ApiJson<ChatRequest>) -> Result<Response, ApiError> {
+pub async fn chat(
+    State(s): State<AppState>,
+    ApiJson(req): ApiJson<ChatRequest>,
+) -> Result<Response, ApiError> {
     check_model(req.model.as_deref(), &s.engine.model_name)?;
-    let (stream, usage_chunk) = (req.stream, req.stream_options.as_ref().is_some_and(|o| o.include_usage));
+    let (stream, usage_chunk) = (
+        req.stream,
+        req.stream_options.as_ref().is_some_and(|o| o.include_usage),
+    );
     let g = s.engine.generate(req.validate()?).await?;
-    let (id, model, created) = (format!("chatcmpl-{}", g.id), s.engine.model_name.clone(), unix_now());
+    let (id, model, created) = (
+        format!("chatcmpl-{}", g.id),
+        s.engine.model_name.clone(),
+        unix_now(),
+    );
     let chunk = move |choices: Value, usage: Option<Value>| {
         let mut c = json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model, "choices": choices});
         if let Some(u) = usage {
@@ -28,12 +38,29 @@ pub async fn chat(State(s): State<AppState>, ApiJson(req): ApiJson<ChatRequest>)
         let mut first = true;
         return Ok(sse(g, move |ev| match ev {
             Event::Text(t) => {
-                let delta = if std::mem::take(&mut first) { json!({"role": "assistant", "content": t}) } else { json!({"content": t}) };
-                vec![chunk(json!([{"index": 0, "delta": delta, "logprobs": null, "finish_reason": null}]), None)]
+                let delta = if std::mem::take(&mut first) {
+                    json!({"role": "assistant", "content": t})
+                } else {
+                    json!({"content": t})
+                };
+                vec![chunk(
+                    json!([{"index": 0, "delta": delta, "logprobs": null, "finish_reason": null}]),
+                    None,
+                )]
             }
-            Event::Done { finish_reason, usage } => {
-                let delta = if first { json!({"role": "assistant", "content": ""}) } else { json!({}) };
-                let mut out = vec![chunk(json!([{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish_reason}]), None)];
+            Event::Done {
+                finish_reason,
+                usage,
+            } => {
+                let delta = if first {
+                    json!({"role": "assistant", "content": ""})
+                } else {
+                    json!({})
+                };
+                let mut out = vec![chunk(
+                    json!([{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish_reason}]),
+                    None,
+                )];
                 if usage_chunk {
                     out.push(chunk(json!([]), Some(json!(OpenAiUsage::from(&usage)))));
                 }
@@ -56,11 +83,21 @@ pub async fn chat(State(s): State<AppState>, ApiJson(req): ApiJson<ChatRequest>)
 }
 
 /// `POST /v1/completions`
-pub async fn completions(State(s): State<AppState>, ApiJson(req): ApiJson<CompletionRequest>) -> Result<Response, ApiError> {
+pub async fn completions(
+    State(s): State<AppState>,
+    ApiJson(req): ApiJson<CompletionRequest>,
+) -> Result<Response, ApiError> {
     check_model(req.model.as_deref(), &s.engine.model_name)?;
-    let (stream, usage_chunk) = (req.stream, req.stream_options.as_ref().is_some_and(|o| o.include_usage));
+    let (stream, usage_chunk) = (
+        req.stream,
+        req.stream_options.as_ref().is_some_and(|o| o.include_usage),
+    );
     let g = s.engine.generate(req.validate()?).await?;
-    let (id, model, created) = (format!("cmpl-{}", g.id), s.engine.model_name.clone(), unix_now());
+    let (id, model, created) = (
+        format!("cmpl-{}", g.id),
+        s.engine.model_name.clone(),
+        unix_now(),
+    );
     let chunk = move |choices: Value, usage: Option<Value>| {
         let mut c = json!({"id": id, "object": "text_completion", "created": created, "model": model, "choices": choices});
         if let Some(u) = usage {
@@ -70,9 +107,18 @@ pub async fn completions(State(s): State<AppState>, ApiJson(req): ApiJson<Comple
     };
     if stream {
         return Ok(sse(g, move |ev| match ev {
-            Event::Text(t) => vec![chunk(json!([{"index": 0, "text": t, "logprobs": null, "finish_reason": null}]), None)],
-            Event::Done { finish_reason, usage } => {
-                let mut out = vec![chunk(json!([{"index": 0, "text": "", "logprobs": null, "finish_reason": finish_reason}]), None)];
+            Event::Text(t) => vec![chunk(
+                json!([{"index": 0, "text": t, "logprobs": null, "finish_reason": null}]),
+                None,
+            )],
+            Event::Done {
+                finish_reason,
+                usage,
+            } => {
+                let mut out = vec![chunk(
+                    json!([{"index": 0, "text": "", "logprobs": null, "finish_reason": finish_reason}]),
+                    None,
+                )];
                 if usage_chunk {
                     out.push(chunk(json!([]), Some(json!(OpenAiUsage::from(&usage)))));
                 }

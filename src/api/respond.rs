@@ -25,11 +25,22 @@ pub async fn collect(mut g: Generation) -> Result<Collected, ApiError> {
     while let Some(ev) = g.events.recv().await {
         match ev {
             Event::Text(t) => text.push_str(&t),
-            Event::Done { finish_reason, usage } => return Ok(Collected { text, finish_reason, usage }),
+            Event::Done {
+                finish_reason,
+                usage,
+            } => {
+                return Ok(Collected {
+                    text,
+                    finish_reason,
+                    usage,
+                });
+            }
             Event::Error(e) => return Err(e.into()),
         }
     }
-    Err(ApiError::Internal("the generation ended without a result".into()))
+    Err(ApiError::Internal(
+        "the generation ended without a result".into(),
+    ))
 }
 
 /// Streams a generation; `map` turns each engine event into zero or more JSON payloads.
@@ -37,27 +48,37 @@ pub fn sse<M>(g: Generation, map: M) -> Response
 where
     M: FnMut(Event) -> Vec<Value> + Send + 'static,
 {
-    let stream = futures::stream::unfold((g.events, map, false), |(mut rx, mut map, ended)| async move {
-        if ended {
-            return None;
-        }
-        let (payloads, ended) = match rx.recv().await {
-            Some(Event::Error(e)) => (vec![ApiError::from(e).body()], true),
-            Some(ev) => {
-                let terminal = !matches!(ev, Event::Text(_));
-                (map(ev), terminal)
+    let stream = futures::stream::unfold(
+        (g.events, map, false),
+        |(mut rx, mut map, ended)| async move {
+            if ended {
+                return None;
             }
-            None => (vec![ApiError::Internal(String::new()).body()], true),
-        };
-        let mut events: Vec<SseEvent> =
-            payloads.into_iter().map(|v| SseEvent::default().data(v.to_string())).collect();
-        if ended {
-            events.push(SseEvent::default().data("[DONE]"));
-        }
-        Some((futures::stream::iter(events.into_iter().map(Ok::<_, Infallible>)), (rx, map, ended)))
-    })
+            let (payloads, ended) = match rx.recv().await {
+                Some(Event::Error(e)) => (vec![ApiError::from(e).body()], true),
+                Some(ev) => {
+                    let terminal = !matches!(ev, Event::Text(_));
+                    (map(ev), terminal)
+                }
+                None => (vec![ApiError::Internal(String::new()).body()], true),
+            };
+            let mut events: Vec<SseEvent> = payloads
+                .into_iter()
+                .map(|v| SseEvent::default().data(v.to_string()))
+                .collect();
+            if ended {
+                events.push(SseEvent::default().data("[DONE]"));
+            }
+            Some((
+                futures::stream::iter(events.into_iter().map(Ok::<_, Infallible>)),
+                (rx, map, ended),
+            ))
+        },
+    )
     .flatten();
-    Sse::new(stream).keep_alive(KeepAlive::default()).into_response()
+    Sse::new(stream)
+        .keep_alive(KeepAlive::default())
+        .into_response()
 }
 
 /// Seconds since the Unix epoch, for OpenAI's `created`.

@@ -53,9 +53,15 @@ impl PromptRequest {
         }
         let mut messages = Vec::new();
         if let Some(system) = self.system.filter(|s| !s.is_empty()) {
-            messages.push(ChatMessage { role: "system".into(), content: system });
+            messages.push(ChatMessage {
+                role: "system".into(),
+                content: system,
+            });
         }
-        messages.push(ChatMessage { role: "user".into(), content: self.prompt });
+        messages.push(ChatMessage {
+            role: "user".into(),
+            content: self.prompt,
+        });
         Ok(GenRequest {
             prompt: Prompt::Chat(messages),
             max_tokens: self.max_tokens,
@@ -142,7 +148,10 @@ pub enum CompletionPrompt {
 fn check_n(n: Option<usize>) -> Result<(), ApiError> {
     match n {
         None | Some(1) => Ok(()),
-        Some(n) => Err(ApiError::bad("n", format!("`n` must be 1 (one choice per request). Given: {n}"))),
+        Some(n) => Err(ApiError::bad(
+            "n",
+            format!("`n` must be 1 (one choice per request). Given: {n}"),
+        )),
     }
 }
 
@@ -176,7 +185,10 @@ impl ChatRequest {
     pub fn validate(self) -> Result<GenRequest, ApiError> {
         check_n(self.n)?;
         if self.messages.is_empty() {
-            return Err(ApiError::bad("messages", "`messages` must hold at least one message"));
+            return Err(ApiError::bad(
+                "messages",
+                "`messages` must hold at least one message",
+            ));
         }
         let messages = self
             .messages
@@ -186,10 +198,16 @@ impl ChatRequest {
                 if !matches!(m.role.as_str(), "system" | "user" | "assistant") {
                     return Err(ApiError::bad(
                         &format!("messages[{i}].role"),
-                        format!("`role` must be system, user or assistant. Given: `{}`", m.role),
+                        format!(
+                            "`role` must be system, user or assistant. Given: `{}`",
+                            m.role
+                        ),
                     ));
                 }
-                Ok(ChatMessage { role: m.role, content: message_text(i, m.content)? })
+                Ok(ChatMessage {
+                    role: m.role,
+                    content: message_text(i, m.content)?,
+                })
             })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(GenRequest {
@@ -212,7 +230,10 @@ impl CompletionRequest {
             CompletionPrompt::Many(v) => {
                 return Err(ApiError::bad(
                     "prompt",
-                    format!("`prompt` must be one string (batches are not supported). Given: {} prompts", v.len()),
+                    format!(
+                        "`prompt` must be one string (batches are not supported). Given: {} prompts",
+                        v.len()
+                    ),
                 ));
             }
         };
@@ -240,7 +261,11 @@ pub struct OpenAiUsage {
 
 impl From<&Usage> for OpenAiUsage {
     fn from(u: &Usage) -> Self {
-        Self { prompt_tokens: u.prompt_tokens, completion_tokens: u.completion_tokens, total_tokens: u.total_tokens }
+        Self {
+            prompt_tokens: u.prompt_tokens,
+            completion_tokens: u.completion_tokens,
+            total_tokens: u.total_tokens,
+        }
     }
 }
 
@@ -249,7 +274,9 @@ mod tests {
     use super::*;
 
     fn chat(json: &str) -> Result<GenRequest, ApiError> {
-        serde_json::from_str::<ChatRequest>(json).unwrap().validate()
+        serde_json::from_str::<ChatRequest>(json)
+            .unwrap()
+            .validate()
     }
 
     #[test]
@@ -259,7 +286,8 @@ mod tests {
             Prompt::Chat(m) => assert_eq!(m[0].content, "ab"),
             _ => panic!(),
         }
-        let e = chat(r#"{"messages":[{"role":"user","content":[{"type":"image_url"}]}]}"#).unwrap_err();
+        let e =
+            chat(r#"{"messages":[{"role":"user","content":[{"type":"image_url"}]}]}"#).unwrap_err();
         assert!(e.body().to_string().contains("image_url"));
     }
 

@@ -41,7 +41,9 @@ fn resolve_model(source: &ModelSource) -> anyhow::Result<(String, Option<tempfil
         ModelSource::Hub(id) => (id.clone(), None),
         ModelSource::Local(dir) => (dir.display().to_string(), None),
         ModelSource::Synthetic(preset) => {
-            let dir = tempfile::Builder::new().prefix("zopilot-synthetic-").tempdir()?;
+            let dir = tempfile::Builder::new()
+                .prefix("zopilot-synthetic-")
+                .tempdir()?;
             crate::synth::write(*preset, None, 0, dir.path())?;
             (dir.path().display().to_string(), Some(dir))
         }
@@ -52,7 +54,9 @@ impl MistralBackend {
     /// Loads (and, for Hub ids, downloads) the model. Blocking work runs off the runtime.
     pub async fn load(s: &ModelSettings) -> anyhow::Result<Self> {
         let (model_id, synthetic_dir) = resolve_model(&s.source)?;
-        let context_hint = s.max_model_len.unwrap_or(crate::settings::DEFAULT_MAX_MODEL_LEN);
+        let context_hint = s
+            .max_model_len
+            .unwrap_or(crate::settings::DEFAULT_MAX_MODEL_LEN);
         let mut builder = TextModelBuilder::new(&model_id)
             .with_max_num_seqs(s.max_num_seqs)
             // mistral.rs 0.8.1's prefix cache changes greedy output when a prompt repeats
@@ -92,11 +96,18 @@ impl MistralBackend {
             .await
             .map_err(|e| anyhow::anyhow!("model loading panicked: {e}"))??;
         let model_max = model.max_sequence_length()?.unwrap_or(context_hint);
-        Ok(Self { model: Arc::new(model), context_len: model_max, _synthetic_dir: synthetic_dir })
+        Ok(Self {
+            model: Arc::new(model),
+            context_len: model_max,
+            _synthetic_dir: synthetic_dir,
+        })
     }
 }
 
-fn to_mistral_messages(messages: Vec<super::ChatMessage>) -> Vec<IndexMap<String, Either<String, Vec<IndexMap<String, serde_json::Value>>>>> {
+/// A chat message as mistral.rs' template engine takes it.
+type TemplateMessage = IndexMap<String, mistralrs::MessageContent>;
+
+fn to_mistral_messages(messages: Vec<super::ChatMessage>) -> Vec<TemplateMessage> {
     messages
         .into_iter()
         .map(|m| {
@@ -125,7 +136,10 @@ impl Backend for MistralBackend {
         // Run to completion on its own task: mistral.rs panics its engine thread if the
         // receiver of a tokenization is dropped, as a handler is when its client leaves.
         let task = tokio::spawn(async move {
-            let sender = model.inner().get_sender(None).map_err(|e| EngineError::Internal(e.to_string()))?;
+            let sender = model
+                .inner()
+                .get_sender(None)
+                .map_err(|e| EngineError::Internal(e.to_string()))?;
             let (tx, mut rx) = mpsc::channel(1);
             let text = match prompt {
                 Prompt::Chat(m) => Either::Left(to_mistral_messages(m)),
@@ -155,16 +169,29 @@ impl Backend for MistralBackend {
                     param: if is_chat { "messages" } else { "prompt" },
                     message: format!("{e:#}"),
                 }),
-                None => Err(EngineError::Internal("the engine dropped a tokenization".into())),
+                None => Err(EngineError::Internal(
+                    "the engine dropped a tokenization".into(),
+                )),
             }
         });
-        async move { task.await.map_err(|e| EngineError::Internal(e.to_string()))? }.boxed()
+        async move {
+            task.await
+                .map_err(|e| EngineError::Internal(e.to_string()))?
+        }
+        .boxed()
     }
 
-    fn start(&self, prompt: Vec<u32>, s: Sampling) -> BoxFuture<'static, Result<mpsc::Receiver<Step>, EngineError>> {
+    fn start(
+        &self,
+        prompt: Vec<u32>,
+        s: Sampling,
+    ) -> BoxFuture<'static, Result<mpsc::Receiver<Step>, EngineError>> {
         let model = self.model.clone();
         async move {
-            let sender = model.inner().get_sender(None).map_err(|e| EngineError::Internal(e.to_string()))?;
+            let sender = model
+                .inner()
+                .get_sender(None)
+                .map_err(|e| EngineError::Internal(e.to_string()))?;
             let (tx, mut rx) = mpsc::channel::<Response>(64);
             let mut sampling = SamplingParams::neutral();
             sampling.temperature = Some(s.temperature);
@@ -188,7 +215,10 @@ impl Backend for MistralBackend {
                 model_id: None,
                 truncate_sequence: false,
             }));
-            sender.send(request).await.map_err(|_| EngineError::Internal("the engine has stopped".into()))?;
+            sender
+                .send(request)
+                .await
+                .map_err(|_| EngineError::Internal("the engine has stopped".into()))?;
             let (step_tx, step_rx) = mpsc::channel(64);
             tokio::spawn(async move {
                 loop {
@@ -198,13 +228,25 @@ impl Backend for MistralBackend {
                     };
                     let step = match resp {
                         Response::CompletionChunk(c) => {
-                            let Some(choice) = c.choices.into_iter().next() else { continue };
+                            let Some(choice) = c.choices.into_iter().next() else {
+                                continue;
+                            };
                             let finish = choice.finish_reason.as_deref().map(finish_of);
-                            Step::Text { text: choice.text, finish }
+                            Step::Text {
+                                text: choice.text,
+                                finish,
+                            }
                         }
-                        Response::ValidationError(e) | Response::InternalError(e) => Step::Failed(e.to_string()),
-                        Response::CompletionModelError(msg, _) | Response::ModelError(msg, _) => Step::Failed(msg),
-                        other => Step::Failed(format!("unexpected engine response: {}", response_kind(&other))),
+                        Response::ValidationError(e) | Response::InternalError(e) => {
+                            Step::Failed(e.to_string())
+                        }
+                        Response::CompletionModelError(msg, _) | Response::ModelError(msg, _) => {
+                            Step::Failed(msg)
+                        }
+                        other => Step::Failed(format!(
+                            "unexpected engine response: {}",
+                            response_kind(&other)
+                        )),
                     };
                     let last = !matches!(step, Step::Text { finish: None, .. });
                     // A closed consumer means the request is gone: dropping `rx` cancels it.

@@ -90,7 +90,10 @@ pub struct Usage {
 #[derive(Debug)]
 pub enum Event {
     Text(String),
-    Done { finish_reason: FinishReason, usage: Usage },
+    Done {
+        finish_reason: FinishReason,
+        usage: Usage,
+    },
     Error(EngineError),
 }
 
@@ -102,7 +105,10 @@ pub enum EngineError {
     #[error("every sequence slot is busy ({0} running); retry shortly")]
     Overloaded(usize),
     #[error("{message}")]
-    Invalid { param: &'static str, message: String },
+    Invalid {
+        param: &'static str,
+        message: String,
+    },
     #[error("the request ran past its {0:?} limit and was cancelled")]
     Timeout(Duration),
     #[error("internal error: {0}")]
@@ -123,7 +129,10 @@ pub enum Readiness {
 /// One step of a running sequence, as the backend reports it.
 #[derive(Debug)]
 pub enum Step {
-    Text { text: String, finish: Option<FinishReason> },
+    Text {
+        text: String,
+        finish: Option<FinishReason>,
+    },
     Failed(String),
 }
 
@@ -186,11 +195,16 @@ impl Engine {
         let started = Instant::now();
         match MistralBackend::load(model).await {
             Ok(backend) => {
-                self.metrics
-                    .model_load_millis
-                    .store(started.elapsed().as_millis() as u64, std::sync::atomic::Ordering::Relaxed);
+                self.metrics.model_load_millis.store(
+                    started.elapsed().as_millis() as u64,
+                    std::sync::atomic::Ordering::Relaxed,
+                );
                 self.install(Arc::new(backend));
-                tracing::info!(seconds = started.elapsed().as_secs_f64(), context = self.context_len(), "model ready");
+                tracing::info!(
+                    seconds = started.elapsed().as_secs_f64(),
+                    context = self.context_len(),
+                    "model ready"
+                );
                 Ok(())
             }
             Err(e) => {
@@ -231,7 +245,9 @@ impl Engine {
 
     /// The context length requests are validated against (0 until ready).
     pub fn context_len(&self) -> usize {
-        let Some(b) = self.backend.get() else { return 0 };
+        let Some(b) = self.backend.get() else {
+            return 0;
+        };
         match self.max_model_len {
             Some(n) => n.min(b.context_len()),
             None => b.context_len(),
@@ -258,12 +274,16 @@ impl Engine {
         let admitted = Instant::now();
         let backend = match (self.readiness(), self.backend.get()) {
             (Readiness::Ready, Some(b)) => b.clone(),
-            (Readiness::Failed(r), _) => return Err(EngineError::NotReady(format!("loading failed: {r}"))),
+            (Readiness::Failed(r), _) => {
+                return Err(EngineError::NotReady(format!("loading failed: {r}")));
+            }
             (Readiness::Draining, _) => return Err(EngineError::NotReady("shutting down".into())),
             _ => return Err(EngineError::NotReady("still loading".into())),
         };
         let permit = self.slots.clone().try_acquire_owned().map_err(|_| {
-            self.metrics.rejected.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.metrics
+                .rejected
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             EngineError::Overloaded(self.max_num_seqs)
         })?;
         validate_sampling(&req)?;
@@ -335,7 +355,13 @@ impl Engine {
 fn validate_sampling(req: &GenRequest) -> Result<(), EngineError> {
     let invalid = |param, message: String| Err(EngineError::Invalid { param, message });
     if !(0.0..=2.0).contains(&req.temperature) || req.temperature.is_nan() {
-        return invalid("temperature", format!("`temperature` must be between 0 and 2. Given: {}", req.temperature));
+        return invalid(
+            "temperature",
+            format!(
+                "`temperature` must be between 0 and 2. Given: {}",
+                req.temperature
+            ),
+        );
     }
     if let Some(p) = req.top_p
         && !(p > 0.0 && p <= 1.0)
@@ -346,7 +372,10 @@ fn validate_sampling(req: &GenRequest) -> Result<(), EngineError> {
         return invalid("top_k", "`top_k` must be >= 1. Given: 0".into());
     }
     if req.stop.len() > 16 {
-        return invalid("stop", format!("`stop` takes at most 16 strings. Given: {}", req.stop.len()));
+        return invalid(
+            "stop",
+            format!("`stop` takes at most 16 strings. Given: {}", req.stop.len()),
+        );
     }
     if req.stop.iter().any(String::is_empty) {
         return invalid("stop", "`stop` strings must not be empty".into());

@@ -45,10 +45,28 @@ fn floor_boundary(s: &str, mut i: usize) -> usize {
 }
 
 pub(super) async fn run(c: StreamCtx) {
-    let StreamCtx { mut steps, out, stop, prompt_tokens, max_tokens, admitted, deadline, timeout, metrics, permit } = c;
+    let StreamCtx {
+        mut steps,
+        out,
+        stop,
+        prompt_tokens,
+        max_tokens,
+        admitted,
+        deadline,
+        timeout,
+        metrics,
+        permit,
+    } = c;
     metrics.in_flight.fetch_add(1, Relaxed);
-    metrics.prompt_tokens.fetch_add(prompt_tokens as u64, Relaxed);
-    let hold_back = stop.iter().map(String::len).max().unwrap_or(1).saturating_sub(1);
+    metrics
+        .prompt_tokens
+        .fetch_add(prompt_tokens as u64, Relaxed);
+    let hold_back = stop
+        .iter()
+        .map(String::len)
+        .max()
+        .unwrap_or(1)
+        .saturating_sub(1);
     let mut pending = String::new();
     let mut generated = 0usize;
     let mut first: Option<Instant> = None;
@@ -62,7 +80,11 @@ pub(super) async fn run(c: StreamCtx) {
         };
         let (text, finish) = match step {
             None => {
-                let reason = if generated >= max_tokens { FinishReason::Length } else { FinishReason::Stop };
+                let reason = if generated >= max_tokens {
+                    FinishReason::Length
+                } else {
+                    FinishReason::Stop
+                };
                 break Outcome::Finished(reason);
             }
             Some(Step::Failed(msg)) => break Outcome::Failed(msg),
@@ -82,7 +104,10 @@ pub(super) async fn run(c: StreamCtx) {
                 (pending.len(), Some(FinishReason::Stop))
             }
             None if finish.is_some() => (pending.len(), finish),
-            None => (floor_boundary(&pending, pending.len().saturating_sub(hold_back)), None),
+            None => (
+                floor_boundary(&pending, pending.len().saturating_sub(hold_back)),
+                None,
+            ),
         };
         if cut > 0 {
             let piece: String = pending.drain(..cut).collect();
@@ -104,7 +129,11 @@ pub(super) async fn run(c: StreamCtx) {
             if !pending.is_empty() {
                 let _ = out.send(Event::Text(std::mem::take(&mut pending))).await;
             }
-            let completion = if reason == FinishReason::Length { max_tokens } else { generated };
+            let completion = if reason == FinishReason::Length {
+                max_tokens
+            } else {
+                generated
+            };
             let decode_secs = first.map_or(0.0, |f| (last - f).as_secs_f64());
             let usage = Usage {
                 prompt_tokens,
@@ -117,8 +146,13 @@ pub(super) async fn run(c: StreamCtx) {
                     0.0
                 },
             };
-            metrics.request_duration.observe(admitted.elapsed().as_secs_f64());
-            Event::Done { finish_reason: reason, usage }
+            metrics
+                .request_duration
+                .observe(admitted.elapsed().as_secs_f64());
+            Event::Done {
+                finish_reason: reason,
+                usage,
+            }
         }
         Outcome::Failed(msg) => Event::Error(EngineError::Internal(msg)),
         Outcome::Timeout => {

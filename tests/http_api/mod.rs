@@ -15,14 +15,22 @@ fn greedy_chat(max_tokens: usize) -> Value {
 #[tokio::test]
 async fn prompt_answers_text_finish_reason_usage_and_model() {
     let s = support::shared();
-    let (status, body) = post(s, "/prompt", json!({"prompt": "hello there", "system": "Be brief.", "max_tokens": 8, "temperature": 0})).await;
+    let (status, body) = post(
+        s,
+        "/prompt",
+        json!({"prompt": "hello there", "system": "Be brief.", "max_tokens": 8, "temperature": 0}),
+    )
+    .await;
     assert_eq!(status, 200, "{body}");
     assert!(body["text"].is_string());
     assert_eq!(body["finish_reason"], "length");
     assert_eq!(body["model"], MODEL);
     let u = &body["usage"];
     assert_eq!(u["completion_tokens"], 8);
-    assert!(u["prompt_tokens"].as_u64().unwrap() > 5, "chat template tokens are counted: {u}");
+    assert!(
+        u["prompt_tokens"].as_u64().unwrap() > 5,
+        "chat template tokens are counted: {u}"
+    );
     assert_eq!(u["total_tokens"], u["prompt_tokens"].as_u64().unwrap() + 8);
     assert!(u["ttft_ms"].as_f64().unwrap() > 0.0);
 }
@@ -31,8 +39,15 @@ async fn prompt_answers_text_finish_reason_usage_and_model() {
 async fn system_message_changes_the_prompt_token_count() {
     let s = support::shared();
     let (_, bare) = post(s, "/prompt", json!({"prompt": "hi", "max_tokens": 1})).await;
-    let (_, with_system) = post(s, "/prompt", json!({"prompt": "hi", "system": "You are terse and exact.", "max_tokens": 1})).await;
-    assert!(with_system["usage"]["prompt_tokens"].as_u64() > bare["usage"]["prompt_tokens"].as_u64());
+    let (_, with_system) = post(
+        s,
+        "/prompt",
+        json!({"prompt": "hi", "system": "You are terse and exact.", "max_tokens": 1}),
+    )
+    .await;
+    assert!(
+        with_system["usage"]["prompt_tokens"].as_u64() > bare["usage"]["prompt_tokens"].as_u64()
+    );
 }
 
 #[tokio::test]
@@ -61,12 +76,22 @@ async fn max_tokens_is_honoured_exactly() {
 #[tokio::test]
 async fn completions_default_to_sixteen_tokens_without_a_template() {
     let s = support::shared();
-    let (status, body) = post(s, "/v1/completions", json!({"model": MODEL, "prompt": "Once upon a time", "temperature": 0})).await;
+    let (status, body) = post(
+        s,
+        "/v1/completions",
+        json!({"model": MODEL, "prompt": "Once upon a time", "temperature": 0}),
+    )
+    .await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["object"], "text_completion");
     assert_eq!(body["usage"]["completion_tokens"], 16);
     // Raw text: no `[INST]` wrapping, so far fewer prompt tokens than the chat form.
-    let (_, chat) = post(s, "/v1/chat/completions", json!({"messages": [{"role": "user", "content": "Once upon a time"}], "max_tokens": 1})).await;
+    let (_, chat) = post(
+        s,
+        "/v1/chat/completions",
+        json!({"messages": [{"role": "user", "content": "Once upon a time"}], "max_tokens": 1}),
+    )
+    .await;
     assert!(body["usage"]["prompt_tokens"].as_u64() < chat["usage"]["prompt_tokens"].as_u64());
 }
 
@@ -79,8 +104,15 @@ async fn chat_stream_is_framed_in_order_and_matches_the_non_streamed_answer() {
     req["stream_options"] = json!({"include_usage": true});
     let data = post_sse(s, "/v1/chat/completions", req).await;
     assert_eq!(data.last().unwrap(), "[DONE]");
-    let chunks: Vec<Value> = data[..data.len() - 1].iter().map(|d| serde_json::from_str(d).unwrap()).collect();
-    assert!(chunks.iter().all(|c| c["object"] == "chat.completion.chunk"));
+    let chunks: Vec<Value> = data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    assert!(
+        chunks
+            .iter()
+            .all(|c| c["object"] == "chat.completion.chunk")
+    );
     assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
     let usage_chunk = chunks.last().unwrap();
     assert_eq!(usage_chunk["choices"].as_array().unwrap().len(), 0);
@@ -88,20 +120,40 @@ async fn chat_stream_is_framed_in_order_and_matches_the_non_streamed_answer() {
     let finish = &chunks[chunks.len() - 2];
     assert_eq!(finish["choices"][0]["finish_reason"], "length");
     // Only the final content chunk carries a finish reason.
-    assert!(chunks[..chunks.len() - 2].iter().all(|c| c["choices"][0]["finish_reason"].is_null()));
-    let text: String = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
-    assert_eq!(text, whole["choices"][0]["message"]["content"].as_str().unwrap());
+    assert!(
+        chunks[..chunks.len() - 2]
+            .iter()
+            .all(|c| c["choices"][0]["finish_reason"].is_null())
+    );
+    let text: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(
+        text,
+        whole["choices"][0]["message"]["content"].as_str().unwrap()
+    );
 }
 
 #[tokio::test]
 async fn completion_and_prompt_streams_end_with_done() {
     let s = support::shared();
-    let data = post_sse(s, "/v1/completions", json!({"prompt": "abc", "max_tokens": 5, "stream": true})).await;
+    let data = post_sse(
+        s,
+        "/v1/completions",
+        json!({"prompt": "abc", "max_tokens": 5, "stream": true}),
+    )
+    .await;
     assert_eq!(data.last().unwrap(), "[DONE]");
     let last: Value = serde_json::from_str(&data[data.len() - 2]).unwrap();
     assert_eq!(last["choices"][0]["finish_reason"], "length");
 
-    let data = post_sse(s, "/prompt", json!({"prompt": "abc", "max_tokens": 4, "stream": true})).await;
+    let data = post_sse(
+        s,
+        "/prompt",
+        json!({"prompt": "abc", "max_tokens": 4, "stream": true}),
+    )
+    .await;
     assert_eq!(data.last().unwrap(), "[DONE]");
     let last: Value = serde_json::from_str(&data[data.len() - 2]).unwrap();
     assert_eq!(last["finish_reason"], "length");
@@ -129,9 +181,17 @@ async fn stop_strings_cut_the_text_streamed_or_not() {
     let data = post_sse(s, "/prompt", req).await;
     let streamed: String = data[..data.len() - 1]
         .iter()
-        .map(|d| serde_json::from_str::<Value>(d).unwrap()["text"].as_str().unwrap().to_owned())
+        .map(|d| {
+            serde_json::from_str::<Value>(d).unwrap()["text"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
         .collect();
-    assert_eq!(streamed, expected, "no part of the stop string leaks into the stream");
+    assert_eq!(
+        streamed, expected,
+        "no part of the stop string leaks into the stream"
+    );
 }
 
 #[tokio::test]
@@ -140,27 +200,63 @@ async fn validation_errors_name_the_field_limit_and_value() {
     let (status, body) = post(s, "/v1/chat/completions", greedy_chat(5000)).await;
     assert_eq!(status, 400);
     let msg = body["error"]["message"].as_str().unwrap();
-    assert!(msg.contains("max_tokens") && msg.contains("2048") && msg.contains("5000"), "{msg}");
+    assert!(
+        msg.contains("max_tokens") && msg.contains("2048") && msg.contains("5000"),
+        "{msg}"
+    );
     assert_eq!(body["error"]["param"], "max_tokens");
 
     let (status, body) = post(s, "/prompt", json!({"prompt": "x", "temperature": 7})).await;
-    assert_eq!((status, body["error"]["param"].as_str()), (400, Some("temperature")));
+    assert_eq!(
+        (status, body["error"]["param"].as_str()),
+        (400, Some("temperature"))
+    );
     let (status, _) = post(s, "/v1/chat/completions", json!({"messages": []})).await;
     assert_eq!(status, 400);
     let (status, _) = post(s, "/v1/chat/completions", json!({"messages": 5})).await;
     assert_eq!(status, 422);
-    let (status, body) = post(s, "/v1/chat/completions", json!({"model": "gpt-4", "messages": [{"role": "user", "content": "x"}]})).await;
+    let (status, body) = post(
+        s,
+        "/v1/chat/completions",
+        json!({"model": "gpt-4", "messages": [{"role": "user", "content": "x"}]}),
+    )
+    .await;
     assert_eq!(status, 404, "{body}");
-    let (status, body) = post(s, "/v1/chat/completions", json!({"messages": [{"role": "assistant", "content": "x"}], "max_tokens": 2})).await;
-    assert_eq!(status, 400, "the chat template's own rule (roles alternate) is a client error: {body}");
+    let (status, body) = post(
+        s,
+        "/v1/chat/completions",
+        json!({"messages": [{"role": "assistant", "content": "x"}], "max_tokens": 2}),
+    )
+    .await;
+    assert_eq!(
+        status, 400,
+        "the chat template's own rule (roles alternate) is a client error: {body}"
+    );
     let long = "word ".repeat(3000);
     let (status, body) = post(s, "/prompt", json!({"prompt": long})).await;
     assert_eq!(status, 400);
-    assert!(body["error"]["message"].as_str().unwrap().contains("context is 2048"), "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("context is 2048"),
+        "{body}"
+    );
 
-    let r = support::client().post(format!("{}/prompt", s.url)).bearer_auth(KEY).body("{not json").send().await.unwrap();
+    let r = support::client()
+        .post(format!("{}/prompt", s.url))
+        .bearer_auth(KEY)
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status().as_u16(), 400);
-    assert!(r.json::<Value>().await.unwrap()["error"]["message"].as_str().unwrap().contains("JSON"));
+    assert!(
+        r.json::<Value>().await.unwrap()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("JSON")
+    );
 }
 
 #[tokio::test]
@@ -169,8 +265,17 @@ async fn api_key_guards_everything_but_health_ping_and_metrics() {
     let c = support::client();
     let r = c.get(format!("{}/v1/models", s.url)).send().await.unwrap();
     assert_eq!(r.status().as_u16(), 401);
-    assert_eq!(r.json::<Value>().await.unwrap()["error"]["type"], "authentication_error");
-    let r = c.post(format!("{}/prompt", s.url)).bearer_auth("wrong").json(&json!({"prompt": "x"})).send().await.unwrap();
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["error"]["type"],
+        "authentication_error"
+    );
+    let r = c
+        .post(format!("{}/prompt", s.url))
+        .bearer_auth("wrong")
+        .json(&json!({"prompt": "x"}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status().as_u16(), 401);
     for open in ["/health", "/ping", "/metrics"] {
         let r = c.get(format!("{}{open}", s.url)).send().await.unwrap();
@@ -186,26 +291,49 @@ async fn api_key_guards_everything_but_health_ping_and_metrics() {
 async fn oversized_bodies_get_413_as_json() {
     let s = support::shared();
     let big = "x".repeat(2 << 20);
-    let r = support::client().post(format!("{}/prompt", s.url)).bearer_auth(KEY)
+    let r = support::client()
+        .post(format!("{}/prompt", s.url))
+        .bearer_auth(KEY)
         .header("content-type", "application/json")
-        .body(format!("{{\"prompt\": \"{big}\"}}")).send().await.unwrap();
+        .body(format!("{{\"prompt\": \"{big}\"}}"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status().as_u16(), 413);
-    assert!(r.json::<Value>().await.unwrap()["error"]["message"].as_str().unwrap().contains("limit"));
+    assert!(
+        r.json::<Value>().await.unwrap()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("limit")
+    );
 }
 
 #[tokio::test]
 async fn saturated_server_answers_429_at_once_with_retry_after() {
     let s = support::narrow();
-    let _g = s.exclusive.lock().unwrap_or_else(|e| e.into_inner());
+    let _g = s.exclusive.lock().await;
     let c = support::client();
-    let long = c.post(format!("{}/prompt", s.url)).json(&json!({"prompt": "go", "max_tokens": 1800, "stream": true})).send().await.unwrap();
+    let long = c
+        .post(format!("{}/prompt", s.url))
+        .json(&json!({"prompt": "go", "max_tokens": 1800, "stream": true}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(long.status().as_u16(), 200);
     let mut body = long.bytes_stream();
     body.next().await.expect("first event").unwrap();
     let started = std::time::Instant::now();
-    let r = c.post(format!("{}/prompt", s.url)).json(&json!({"prompt": "me too", "max_tokens": 2})).send().await.unwrap();
+    let r = c
+        .post(format!("{}/prompt", s.url))
+        .json(&json!({"prompt": "me too", "max_tokens": 2}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status().as_u16(), 429);
-    assert!(started.elapsed() < Duration::from_secs(2), "refused at once, not queued");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "refused at once, not queued"
+    );
     assert_eq!(r.headers()["retry-after"], "1");
     drop(body);
     assert!(eventually(Duration::from_secs(20), async || s.engine.in_flight() == 0).await);
@@ -214,7 +342,7 @@ async fn saturated_server_answers_429_at_once_with_retry_after() {
 #[tokio::test]
 async fn client_disconnect_cancels_the_sequence() {
     let s = support::narrow();
-    let _g = s.exclusive.lock().unwrap_or_else(|e| e.into_inner());
+    let _g = s.exclusive.lock().await;
     let c = support::client();
     let before = get(s, "/metrics").await.1;
     let r = c.post(format!("{}/v1/chat/completions", s.url))
@@ -224,11 +352,21 @@ async fn client_disconnect_cancels_the_sequence() {
     body.next().await.expect("first chunk").unwrap();
     assert_eq!(s.engine.in_flight(), 1);
     drop(body);
-    assert!(eventually(Duration::from_secs(10), async || s.engine.in_flight() == 0).await, "in-flight returns to 0");
+    assert!(
+        eventually(Duration::from_secs(10), async || s.engine.in_flight() == 0).await,
+        "in-flight returns to 0"
+    );
     let after = get(s, "/metrics").await.1;
-    let generated = metric(&after, "zopilot_generated_tokens_total") - metric(&before, "zopilot_generated_tokens_total");
-    assert!(generated < 1800.0, "the sequence stopped early: {generated} tokens");
-    assert_eq!(metric(&after, "zopilot_cancelled_total") - metric(&before, "zopilot_cancelled_total"), 1.0);
+    let generated = metric(&after, "zopilot_generated_tokens_total")
+        - metric(&before, "zopilot_generated_tokens_total");
+    assert!(
+        generated < 1800.0,
+        "the sequence stopped early: {generated} tokens"
+    );
+    assert_eq!(
+        metric(&after, "zopilot_cancelled_total") - metric(&before, "zopilot_cancelled_total"),
+        1.0
+    );
     assert_eq!(metric(&after, "zopilot_in_flight_sequences"), 0.0);
 }
 
@@ -236,16 +374,37 @@ async fn client_disconnect_cancels_the_sequence() {
 async fn ping_goes_204_while_loading_then_200_and_health_reports_state() {
     let s = support::start(&["--max-model-len", "512"], false);
     let c = support::client();
-    let ping = async || c.get(format!("{}/ping", s.url)).send().await.unwrap().status().as_u16();
+    let ping = async || {
+        c.get(format!("{}/ping", s.url))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    };
     assert_eq!(ping().await, 204);
     let (status, body) = post(&s, "/prompt", json!({"prompt": "x"})).await;
     assert_eq!(status, 503, "{body}");
-    let health: Value = c.get(format!("{}/health", s.url)).send().await.unwrap().json().await.unwrap();
+    let health: Value = c
+        .get(format!("{}/health", s.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(health["readiness"]["state"], "loading");
     let settings = support::settings(&["--max-model-len", "512"]);
     s.engine.load(&settings.model).await.unwrap();
     assert_eq!(ping().await, 200);
-    let health: Value = c.get(format!("{}/health", s.url)).send().await.unwrap().json().await.unwrap();
+    let health: Value = c
+        .get(format!("{}/health", s.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(health["readiness"]["state"], "ready");
     assert_eq!(health["context_len"], 512);
 }
@@ -253,12 +412,20 @@ async fn ping_goes_204_while_loading_then_200_and_health_reports_state() {
 #[tokio::test]
 async fn failed_load_answers_503_with_the_reason() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("config.json"), "{\"architectures\": [\"NoSuchModel\"]}").unwrap();
+    std::fs::write(
+        dir.path().join("config.json"),
+        "{\"architectures\": [\"NoSuchModel\"]}",
+    )
+    .unwrap();
     let model = dir.path().to_str().unwrap().to_owned();
     let s = support::start(&["--model", &model], false);
     let settings = support::settings(&["--model", &model]);
     assert!(s.engine.load(&settings.model).await.is_err());
-    let r = support::client().get(format!("{}/ping", s.url)).send().await.unwrap();
+    let r = support::client()
+        .get(format!("{}/ping", s.url))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status().as_u16(), 503);
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["status"], "failed");
@@ -270,16 +437,31 @@ async fn metrics_and_openapi_describe_the_server() {
     let s = support::shared();
     post(s, "/prompt", json!({"prompt": "count me", "max_tokens": 2})).await;
     let (_, text) = get(s, "/metrics").await;
-    for name in ["zopilot_requests_total{endpoint=\"/prompt\",status=\"200\"}", "zopilot_time_to_first_token_seconds_bucket",
-                 "zopilot_request_duration_seconds_count", "zopilot_prompt_tokens_total", "zopilot_generated_tokens_total",
-                 "zopilot_in_flight_sequences", "zopilot_rejected_total", "zopilot_model_load_seconds"] {
+    for name in [
+        "zopilot_requests_total{endpoint=\"/prompt\",status=\"200\"}",
+        "zopilot_time_to_first_token_seconds_bucket",
+        "zopilot_request_duration_seconds_count",
+        "zopilot_prompt_tokens_total",
+        "zopilot_generated_tokens_total",
+        "zopilot_in_flight_sequences",
+        "zopilot_rejected_total",
+        "zopilot_model_load_seconds",
+    ] {
         assert!(text.contains(name), "{name} in /metrics");
     }
     assert!(metric(&text, "zopilot_model_load_seconds") > 0.0);
     let (status, doc) = get(s, "/openapi.json").await;
     assert_eq!(status, 200);
     let doc: Value = serde_json::from_str(&doc).unwrap();
-    for p in ["/prompt", "/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/ping", "/metrics"] {
+    for p in [
+        "/prompt",
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/models",
+        "/health",
+        "/ping",
+        "/metrics",
+    ] {
         assert!(doc["paths"][p].is_object(), "{p} documented");
     }
     let (status, body) = get(s, "/nope").await;

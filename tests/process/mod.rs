@@ -25,13 +25,28 @@ impl Drop for Running {
 fn spawn_serve(extra: &[&str]) -> (Running, u16) {
     let port = free_port();
     let child = binary()
-        .args(["serve", "--model", "synthetic:tiny", "--cpu", "--host", "127.0.0.1", "--port", &port.to_string()])
+        .args([
+            "serve",
+            "--model",
+            "synthetic:tiny",
+            "--cpu",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &port.to_string(),
+        ])
         .args(extra)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .expect("binary starts");
-    (Running { child, url: format!("http://127.0.0.1:{port}") }, port)
+    (
+        Running {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+        },
+        port,
+    )
 }
 
 /// Polls /ping until 200, returning every status seen on the way.
@@ -55,18 +70,37 @@ async fn wait_ready(url: &str) -> Vec<u16> {
 }
 
 fn sigterm(child: &Child) {
-    let ok = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    let ok = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
     assert!(ok.success());
 }
 
 #[tokio::test]
 async fn sigterm_finishes_in_flight_work_then_exits_zero() {
     let health_port = free_port();
-    let (mut srv, _) = spawn_serve(&["--port-health", &health_port.to_string(), "--max-model-len", "2048"]);
+    let (mut srv, _) = spawn_serve(&[
+        "--port-health",
+        &health_port.to_string(),
+        "--max-model-len",
+        "2048",
+    ]);
     let seen = wait_ready(&srv.url).await;
-    assert!(seen.iter().all(|s| *s == 204 || *s == 200), "only 204 (loading) then 200: {seen:?}");
-    let health = client().get(format!("http://127.0.0.1:{health_port}/ping")).send().await.unwrap();
-    assert_eq!(health.status().as_u16(), 200, "the health port answers /ping too");
+    assert!(
+        seen.iter().all(|s| *s == 204 || *s == 200),
+        "only 204 (loading) then 200: {seen:?}"
+    );
+    let health = client()
+        .get(format!("http://127.0.0.1:{health_port}/ping"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        health.status().as_u16(),
+        200,
+        "the health port answers /ping too"
+    );
 
     let r = client()
         .post(format!("{}/prompt", srv.url))
@@ -78,7 +112,9 @@ async fn sigterm_finishes_in_flight_work_then_exits_zero() {
     let mut text = String::from_utf8(body.next().await.unwrap().unwrap().to_vec()).unwrap();
     sigterm(&srv.child);
     while let Some(chunk) = body.next().await {
-        text.push_str(std::str::from_utf8(&chunk.expect("stream continues through the drain")).unwrap());
+        text.push_str(
+            std::str::from_utf8(&chunk.expect("stream continues through the drain")).unwrap(),
+        );
     }
     let data = sse_data(&text);
     assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
@@ -91,20 +127,39 @@ async fn sigterm_finishes_in_flight_work_then_exits_zero() {
         if let Some(s) = srv.child.try_wait().unwrap() {
             break s;
         }
-        assert!(start.elapsed() < Duration::from_secs(30), "exits after draining");
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "exits after draining"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert!(status.success(), "exit 0 after SIGTERM: {status:?}");
-    assert!(client().get(format!("{}/health", srv.url)).send().await.is_err(), "no longer listening");
+    assert!(
+        client()
+            .get(format!("{}/health", srv.url))
+            .send()
+            .await
+            .is_err(),
+        "no longer listening"
+    );
 }
 
 #[test]
 fn bad_configuration_exits_2_with_the_flag_named() {
-    let out = binary().args(["serve", "--model", "synthetic:huge"]).output().unwrap();
+    let out = binary()
+        .args(["serve", "--model", "synthetic:huge"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("--model") && err.contains("synthetic:huge"), "{err}");
-    let out = binary().args(["serve", "--model", "synthetic:tiny", "--max-num-seqs", "0"]).output().unwrap();
+    assert!(
+        err.contains("--model") && err.contains("synthetic:huge"),
+        "{err}"
+    );
+    let out = binary()
+        .args(["serve", "--model", "synthetic:tiny", "--max-num-seqs", "0"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
 }
 
@@ -112,9 +167,26 @@ fn bad_configuration_exits_2_with_the_flag_named() {
 fn help_lists_every_flag_with_its_env_variable() {
     let out = binary().args(["serve", "--help"]).output().unwrap();
     let help = String::from_utf8_lossy(&out.stdout);
-    for needle in ["--model", "ZOPILOT_MODEL", "--api-key", "ZOPILOT_API_KEY", "--port", "env: PORT=", "PORT_HEALTH",
-                   "HF_TOKEN", "HF_HOME", "--max-model-len", "--max-num-seqs", "--isq", "default: q4k", "--cpu",
-                   "--request-timeout", "--body-limit", "--log-json", "--revision"] {
+    for needle in [
+        "--model",
+        "ZOPILOT_MODEL",
+        "--api-key",
+        "ZOPILOT_API_KEY",
+        "--port",
+        "env: PORT=",
+        "PORT_HEALTH",
+        "HF_TOKEN",
+        "HF_HOME",
+        "--max-model-len",
+        "--max-num-seqs",
+        "--isq",
+        "default: q4k",
+        "--cpu",
+        "--request-timeout",
+        "--body-limit",
+        "--log-json",
+        "--revision",
+    ] {
         assert!(help.contains(needle), "`{needle}` in serve --help");
     }
 }
@@ -122,10 +194,23 @@ fn help_lists_every_flag_with_its_env_variable() {
 #[test]
 fn generate_streams_to_stdout_and_reports_usage() {
     let out = binary()
-        .args(["generate", "--model", "synthetic:tiny", "--cpu", "--prompt", "hello", "--max-tokens", "5"])
+        .args([
+            "generate",
+            "--model",
+            "synthetic:tiny",
+            "--cpu",
+            "--prompt",
+            "hello",
+            "--max-tokens",
+            "5",
+        ])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let report = String::from_utf8_lossy(&out.stderr)
         .lines()
         .rev()
@@ -140,17 +225,32 @@ fn synth_writes_a_complete_reproducible_model() {
     let a = tempfile::tempdir().unwrap();
     let b = tempfile::tempdir().unwrap();
     for dir in [&a, &b] {
-        let out = binary().args(["synth", "--preset", "tiny", "--seed", "3", "--out"]).arg(dir.path()).output().unwrap();
+        let out = binary()
+            .args(["synth", "--preset", "tiny", "--seed", "3", "--out"])
+            .arg(dir.path())
+            .output()
+            .unwrap();
         assert!(out.status.success());
     }
-    for f in ["config.json", "tokenizer.json", "tokenizer_config.json", "model.safetensors"] {
-        let (x, y) = (std::fs::read(a.path().join(f)).unwrap(), std::fs::read(b.path().join(f)).unwrap());
+    for f in [
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "model.safetensors",
+    ] {
+        let (x, y) = (
+            std::fs::read(a.path().join(f)).unwrap(),
+            std::fs::read(b.path().join(f)).unwrap(),
+        );
         assert_eq!(x, y, "{f} is reproducible");
     }
-    let cfg: Value = serde_json::from_slice(&std::fs::read(a.path().join("config.json")).unwrap()).unwrap();
+    let cfg: Value =
+        serde_json::from_slice(&std::fs::read(a.path().join("config.json")).unwrap()).unwrap();
     assert_eq!(cfg["architectures"][0], "MixtralForCausalLM");
     assert_eq!(cfg["hidden_size"].as_u64().unwrap() % 256, 0);
-    let tc: Value = serde_json::from_slice(&std::fs::read(a.path().join("tokenizer_config.json")).unwrap()).unwrap();
+    let tc: Value =
+        serde_json::from_slice(&std::fs::read(a.path().join("tokenizer_config.json")).unwrap())
+            .unwrap();
     assert!(tc["chat_template"].as_str().unwrap().contains("[INST]"));
 }
 
@@ -163,15 +263,29 @@ async fn the_official_openai_client_works_unchanged() {
         .status()
         .is_ok_and(|s| s.success());
     if !has_client {
-        assert!(std::env::var_os("ZOPILOT_REQUIRE_OPENAI").is_none(), "python3 -m pip install openai");
-        eprintln!("skipped: the openai Python package is not installed (python3 -m pip install openai)");
+        assert!(
+            std::env::var_os("ZOPILOT_REQUIRE_OPENAI").is_none(),
+            "python3 -m pip install openai"
+        );
+        eprintln!(
+            "skipped: the openai Python package is not installed (python3 -m pip install openai)"
+        );
         return;
     }
     let (srv, _) = spawn_serve(&["--api-key", "sk-test", "--max-model-len", "1024"]);
     wait_ready(&srv.url).await;
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/openai_client.py");
-    let out = tokio::process::Command::new("python3").arg(script).arg(format!("{}/v1", srv.url)).output().await.unwrap();
+    let out = tokio::process::Command::new("python3")
+        .arg(script)
+        .arg(format!("{}/v1", srv.url))
+        .output()
+        .await
+        .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(stdout.contains("openai client: ok"), "{stdout}");
 }

@@ -1,7 +1,7 @@
 //! Shared fixtures: in-process servers on loopback (one per configuration, loaded once per
 //! test binary), a spawned-binary helper, and small HTTP/SSE helpers.
 
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
@@ -20,7 +20,7 @@ pub struct Server {
     pub url: String,
     pub engine: Arc<Engine>,
     /// Tests that watch global counters (in-flight, cancellations) take this.
-    pub exclusive: Mutex<()>,
+    pub exclusive: tokio::sync::Mutex<()>,
 }
 
 /// Settings as `serve` would build them from these flags.
@@ -43,7 +43,11 @@ pub fn start(extra: &[&str], load: bool) -> Server {
     std::thread::spawn(move || {
         let rt = tokio::runtime::Runtime::new().expect("runtime");
         rt.block_on(async move {
-            let engine = Arc::new(Engine::new(&s.model, s.server.request_timeout, Arc::new(Metrics::default())));
+            let engine = Arc::new(Engine::new(
+                &s.model,
+                s.server.request_timeout,
+                Arc::new(Metrics::default()),
+            ));
             if load {
                 engine.load(&s.model).await.expect("tiny model loads");
             }
@@ -52,20 +56,38 @@ pub fn start(extra: &[&str], load: bool) -> Server {
                 api_key: s.server.api_key.as_deref().map(Arc::from),
                 body_limit: s.server.body_limit,
             };
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
             let url = format!("http://{}", listener.local_addr().expect("addr"));
             tx.send((url, engine)).expect("report");
             axum::serve(listener, api::app(state)).await.expect("serve");
         });
     });
     let (url, engine) = rx.recv().expect("server started");
-    Server { url, engine, exclusive: Mutex::new(()) }
+    Server {
+        url,
+        engine,
+        exclusive: tokio::sync::Mutex::new(()),
+    }
 }
 
 /// The main shared server: API key set, four sequence slots.
 pub fn shared() -> &'static Server {
     static S: OnceLock<Server> = OnceLock::new();
-    S.get_or_init(|| start(&["--api-key", KEY, "--max-num-seqs", "4", "--max-model-len", "2048"], true))
+    S.get_or_init(|| {
+        start(
+            &[
+                "--api-key",
+                KEY,
+                "--max-num-seqs",
+                "4",
+                "--max-model-len",
+                "2048",
+            ],
+            true,
+        )
+    })
 }
 
 /// A server with a single sequence slot, for saturation and cancellation.
@@ -75,7 +97,10 @@ pub fn narrow() -> &'static Server {
 }
 
 pub fn client() -> reqwest::Client {
-    reqwest::Client::builder().timeout(Duration::from_secs(120)).build().expect("client")
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(120))
+        .build()
+        .expect("client")
 }
 
 /// POSTs JSON with the shared key; returns status and parsed body.
@@ -89,24 +114,46 @@ pub async fn post(server: &Server, path: &str, body: Value) -> (u16, Value) {
         .expect("request sent");
     let status = r.status().as_u16();
     let text = r.text().await.expect("body");
-    (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
 }
 
 pub async fn get(server: &Server, path: &str) -> (u16, String) {
-    let r = client().get(format!("{}{path}", server.url)).bearer_auth(KEY).send().await.expect("request sent");
+    let r = client()
+        .get(format!("{}{path}", server.url))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .expect("request sent");
     (r.status().as_u16(), r.text().await.expect("body"))
 }
 
 /// The `data:` payloads of an SSE body, in order.
 pub fn sse_data(body: &str) -> Vec<String> {
-    body.lines().filter_map(|l| l.strip_prefix("data: ").or_else(|| l.strip_prefix("data:"))).map(|s| s.trim().to_owned()).collect()
+    body.lines()
+        .filter_map(|l| l.strip_prefix("data: ").or_else(|| l.strip_prefix("data:")))
+        .map(|s| s.trim().to_owned())
+        .collect()
 }
 
 /// POSTs and returns the SSE payloads (everything up to the end of the stream).
 pub async fn post_sse(server: &Server, path: &str, body: Value) -> Vec<String> {
-    let r = client().post(format!("{}{path}", server.url)).bearer_auth(KEY).json(&body).send().await.expect("sent");
+    let r = client()
+        .post(format!("{}{path}", server.url))
+        .bearer_auth(KEY)
+        .json(&body)
+        .send()
+        .await
+        .expect("sent");
     assert_eq!(r.status().as_u16(), 200);
-    assert!(r.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
+    assert!(
+        r.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
     sse_data(&r.text().await.expect("body"))
 }
 
@@ -132,14 +179,25 @@ pub async fn eventually<F: AsyncFnMut() -> bool>(limit: Duration, mut check: F) 
 
 /// A free loopback port (bound then released).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// The built binary under test.
 pub fn binary() -> std::process::Command {
     let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_zopilot-gpu"));
     // Start from a clean slate: the environment must not change what the tests mean.
-    for var in ["PORT", "PORT_HEALTH", "MODEL_NAME", "MAX_MODEL_LEN", "ZOPILOT_API_KEY", "ZOPILOT_MODEL"] {
+    for var in [
+        "PORT",
+        "PORT_HEALTH",
+        "MODEL_NAME",
+        "MAX_MODEL_LEN",
+        "ZOPILOT_API_KEY",
+        "ZOPILOT_MODEL",
+    ] {
         c.env_remove(var);
     }
     c
