@@ -21,6 +21,33 @@ pub enum Command {
     Generate(GenerateArgs),
     /// Write a synthetic Mixtral-architecture model (config, tokenizer, random weights).
     Synth(SynthArgs),
+    /// Check driver, GPU, memory, disk and model access; exit 3 when a check fails.
+    Check(CheckArgs),
+    /// Prove this binary's kernels work on this GPU against a CPU reference.
+    Selftest(SelftestArgs),
+}
+
+/// Start-up checks without serving.
+#[derive(Debug, Clone, Args)]
+pub struct CheckArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+
+    /// Print the report as JSON (schema `zopilot-gpu/check/v1`).
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The GPU self-test.
+#[derive(Debug, Clone, Args)]
+pub struct SelftestArgs {
+    /// Run on the CPU (against itself): proves the pipeline, not a GPU.
+    #[arg(long)]
+    pub cpu: bool,
+
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// What to load and how: shared by every command that runs the model.
@@ -112,6 +139,10 @@ pub struct ServeArgs {
     /// Largest request body accepted, in bytes.
     #[arg(long, env = "ZOPILOT_BODY_LIMIT", default_value_t = 1 << 20)]
     pub body_limit: usize,
+
+    /// Skip the GPU self-test that runs before the model loads.
+    #[arg(long, env = "ZOPILOT_SKIP_SELFTEST")]
+    pub skip_selftest: bool,
 
     /// Seconds in-flight requests get to finish after SIGTERM/SIGINT.
     #[arg(long, env = "ZOPILOT_SHUTDOWN_GRACE", default_value_t = 30)]

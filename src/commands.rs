@@ -10,9 +10,10 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, AppState};
-use crate::cli::{Cli, Command, GenerateArgs, ServeArgs, SynthArgs};
+use crate::cli::{CheckArgs, Cli, Command, GenerateArgs, SelftestArgs, ServeArgs, SynthArgs};
 use crate::engine::{ChatMessage, Engine, Event, GenRequest, Prompt};
 use crate::metrics::Metrics;
+use crate::preflight::{self, EXIT_PREFLIGHT};
 use crate::settings::{ModelSettings, Settings, SettingsError};
 
 /// Exit code for a configuration mistake (nothing was loaded).
@@ -35,6 +36,8 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Some(Command::Serve(a)) => serve(a),
         Some(Command::Generate(a)) => generate(a),
         Some(Command::Synth(a)) => synth(a),
+        Some(Command::Check(a)) => check(a),
+        Some(Command::Selftest(a)) => selftest(a),
         None => serve(crate::cli::ServeArgs::from_env()),
     }
 }
@@ -82,8 +85,65 @@ fn serve(args: ServeArgs) -> Result<ExitCode> {
     let settings = Settings::from_serve_args(&args)?;
     settings.model.export_hf_home();
     init_logging(settings.model.log_json);
+    // Before anything is downloaded or loaded: every version and device fact, with fixes.
+    let report = preflight::run(&settings.model);
+    for line in report.render().lines() {
+        tracing::info!(target: "zopilot_gpu::preflight", "{line}");
+    }
+    if report.failed() {
+        eprint!("{}", report.render());
+        eprintln!("error: start-up checks failed; nothing was loaded");
+        return Ok(ExitCode::from(EXIT_PREFLIGHT));
+    }
     runtime()?.block_on(serve_async(settings))?;
     Ok(ExitCode::SUCCESS)
+}
+
+fn check(a: CheckArgs) -> Result<ExitCode> {
+    let model = ModelSettings::from_args(&a.model)?;
+    let report = preflight::run(&model);
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.render());
+    }
+    Ok(if report.failed() {
+        ExitCode::from(EXIT_PREFLIGHT)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+fn selftest(a: SelftestArgs) -> Result<ExitCode> {
+    init_logging(false);
+    let result = runtime()?.block_on(crate::selftest::run(a.cpu))?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&result)?);
+    } else {
+        for c in &result.cases {
+            println!(
+                "{} isq={:<4} argmax {} error {:.4} std (<= {}) greedy device {:?} cpu {:?}",
+                if c.passed { "PASS" } else { "FAIL" },
+                c.isq,
+                if c.argmax_agrees { "agrees" } else { "DIFFERS" },
+                c.normalized_error,
+                c.tolerance,
+                c.greedy_device,
+                c.greedy_cpu
+            );
+        }
+        println!(
+            "selftest on {}: {} in {:.1} s",
+            result.device,
+            if result.passed { "passed" } else { "FAILED" },
+            result.seconds
+        );
+    }
+    Ok(if result.passed {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_PREFLIGHT)
+    })
 }
 
 async fn bind(addr: std::net::SocketAddr) -> Result<TcpListener> {
@@ -139,8 +199,27 @@ async fn serve_async(s: Settings) -> Result<()> {
     {
         let engine = engine.clone();
         let model = s.model.clone();
+        let selftest = s.server.selftest;
         // Loading failures are reported through /ping and /health; the server stays up.
-        tokio::spawn(async move { engine.load(&model).await });
+        tokio::spawn(async move {
+            if selftest {
+                match crate::selftest::run(false).await {
+                    Ok(r) if r.passed => {
+                        tracing::info!(seconds = r.seconds, "GPU self-test passed")
+                    }
+                    Ok(r) => {
+                        let why = format!(
+                            "GPU self-test failed: {}",
+                            serde_json::to_string(&r.cases).unwrap_or_default()
+                        );
+                        tracing::error!("{why}");
+                        return engine.fail(why);
+                    }
+                    Err(e) => return engine.fail(format!("GPU self-test could not run: {e:#}")),
+                }
+            }
+            let _ = engine.load(&model).await;
+        });
     }
     while let Some(r) = servers.join_next().await {
         r.context("server task")??;

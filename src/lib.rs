@@ -6,5 +6,7 @@ pub mod cli;
 pub mod commands;
 pub mod engine;
 pub mod metrics;
+pub mod preflight;
+pub mod selftest;
 pub mod settings;
 pub mod synth;

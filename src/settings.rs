@@ -107,6 +107,8 @@ pub struct ServerSettings {
     pub request_timeout: Duration,
     pub body_limit: usize,
     pub shutdown_grace: Duration,
+    /// Run the GPU self-test before loading (CUDA builds on a GPU only).
+    pub selftest: bool,
 }
 
 /// The whole validated configuration of `serve`.
@@ -244,6 +246,7 @@ impl Settings {
             .port_health
             .filter(|p| *p != a.port)
             .map(|p| SocketAddr::new(host, p));
+        let selftest = cfg!(feature = "cuda") && !model.cpu && !a.skip_selftest;
         Ok(Self {
             model,
             server: ServerSettings {
@@ -253,6 +256,7 @@ impl Settings {
                 request_timeout: Duration::from_secs(a.request_timeout),
                 body_limit: a.body_limit,
                 shutdown_grace: Duration::from_secs(a.shutdown_grace),
+                selftest,
             },
         })
     }

@@ -269,3 +269,57 @@ fn response_kind(r: &Response) -> &'static str {
         _ => "other",
     }
 }
+
+impl MistralBackend {
+    /// The logits of the last prompt position (for the self-test's comparison).
+    pub async fn prompt_logits(&self, prompt: Vec<u32>) -> Result<Vec<f32>, EngineError> {
+        let sender = self
+            .model
+            .inner()
+            .get_sender(None)
+            .map_err(|e| EngineError::Internal(e.to_string()))?;
+        let (tx, mut rx) = mpsc::channel::<Response>(4);
+        let mut sampling = SamplingParams::deterministic();
+        sampling.max_len = Some(1);
+        let request = Request::Normal(Box::new(NormalRequest {
+            messages: RequestMessage::CompletionTokens(prompt),
+            sampling_params: sampling,
+            response: tx,
+            return_logprobs: false,
+            is_streaming: false,
+            id: 0,
+            constraint: Constraint::None,
+            suffix: None,
+            tools: None,
+            tool_choice: None,
+            logits_processors: None,
+            return_raw_logits: true,
+            web_search_options: None,
+            model_id: None,
+            truncate_sequence: false,
+        }));
+        sender
+            .send(request)
+            .await
+            .map_err(|_| EngineError::Internal("the engine has stopped".into()))?;
+        match rx.recv().await {
+            Some(Response::Raw { logits_chunks, .. }) => {
+                let last = logits_chunks
+                    .last()
+                    .ok_or_else(|| EngineError::Internal("no logits returned".into()))?;
+                let flat = last
+                    .to_dtype(mistralrs::DType::F32)
+                    .and_then(|t| t.flatten_all())
+                    .and_then(|t| t.to_vec1::<f32>())
+                    .map_err(|e| EngineError::Internal(e.to_string()))?;
+                Ok(flat)
+            }
+            Some(Response::InternalError(e)) | Some(Response::ValidationError(e)) => {
+                Err(EngineError::Internal(e.to_string()))
+            }
+            _ => Err(EngineError::Internal(
+                "unexpected answer to a raw-logits request".into(),
+            )),
+        }
+    }
+}

@@ -289,3 +289,89 @@ async fn the_official_openai_client_works_unchanged() {
     );
     assert!(stdout.contains("openai client: ok"), "{stdout}");
 }
+
+#[test]
+fn check_json_on_a_gpu_less_machine_follows_the_documented_schema() {
+    let cache = tempfile::tempdir().unwrap();
+    let out = binary()
+        .args(["check", "--json", "--model", "synthetic:tiny", "--cpu"])
+        .env("HF_HOME", cache.path())
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["schema"], "zopilot-gpu/check/v1");
+    assert_eq!(r["verdict"], "pass");
+    assert!(r["build"]["git_rev"].is_string() && r["build"]["mistralrs"] == "0.8.1");
+    let ids: Vec<&str> = r["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["id"].as_str().unwrap())
+        .collect();
+    assert!(
+        ids.contains(&"build") && ids.contains(&"driver") && ids.contains(&"model"),
+        "{ids:?}"
+    );
+
+    // The default gated model without a token fails, names the fix, and exits 3.
+    let out = binary()
+        .args(["check", "--json"])
+        .env("HF_HOME", cache.path())
+        .env_remove("HF_TOKEN")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["verdict"], "fail");
+    let model = r["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["id"] == "model")
+        .unwrap();
+    assert_eq!(model["verdict"], "fail");
+    assert!(model["fix"].as_str().unwrap().contains("HF_TOKEN"));
+    assert!(
+        r["duration_ms"].as_f64().unwrap() < 1000.0,
+        "checks without GPU work take under a second"
+    );
+}
+
+#[test]
+fn serve_stops_before_loading_when_a_check_fails() {
+    let cache = tempfile::tempdir().unwrap();
+    let out = binary()
+        .args(["serve", "--port", &free_port().to_string()])
+        .env("HF_HOME", cache.path())
+        .env_remove("HF_TOKEN")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("HF_TOKEN"));
+}
+
+#[test]
+fn selftest_on_the_cpu_passes() {
+    let out = binary()
+        .args(["selftest", "--cpu", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["passed"], true);
+    assert_eq!(
+        r["cases"].as_array().unwrap().len(),
+        2,
+        "unquantized and Q4K"
+    );
+}

@@ -1,0 +1,436 @@
+//! Start-up preflight: every version and device fact is read from the running system,
+//! compared against ranges (`rules`), and reported with the fix, before any weight is
+//! downloaded. `zopilot-gpu check [--json]` prints it; `serve` runs it first and stops on
+//! a failure. The JSON schema (`zopilot-gpu/check/v1`) is documented in README.md.
+
+pub mod driver;
+pub mod rules;
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::cli::Preset;
+use crate::settings::{Isq, ModelSettings, ModelSource};
+use crate::synth::Shapes;
+pub use rules::{BuildTarget, Check, MemoryPlan, Verdict};
+
+/// Exit code of `check` (and `serve`) when a check fails.
+pub const EXIT_PREFLIGHT: u8 = 3;
+
+/// Facts compiled in by build.rs.
+#[derive(Debug, Clone, Serialize)]
+pub struct BuildFacts {
+    pub version: &'static str,
+    pub git_rev: &'static str,
+    pub mistralrs: &'static str,
+    pub features: Vec<&'static str>,
+    /// nvcc release, e.g. "13.0"; empty for CPU builds.
+    pub cuda: &'static str,
+    /// e.g. "120"; empty for CPU builds.
+    pub compute_cap: &'static str,
+}
+
+impl BuildFacts {
+    pub fn current() -> Self {
+        BuildFacts {
+            version: env!("CARGO_PKG_VERSION"),
+            git_rev: env!("ZOPILOT_BUILD_GIT_REV"),
+            mistralrs: env!("ZOPILOT_BUILD_MISTRALRS"),
+            features: if cfg!(feature = "cuda") {
+                vec!["cuda"]
+            } else {
+                vec![]
+            },
+            cuda: env!("ZOPILOT_BUILD_CUDA"),
+            compute_cap: env!("ZOPILOT_BUILD_COMPUTE_CAP"),
+        }
+    }
+
+    pub fn target(&self) -> BuildTarget {
+        let cuda = self
+            .cuda
+            .split_once('.')
+            .and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?)));
+        BuildTarget {
+            cuda,
+            compute_cap: self.compute_cap.parse().ok(),
+        }
+    }
+}
+
+/// Host memory and disk.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct HostFacts {
+    pub ram_total_bytes: u64,
+    pub ram_available_bytes: u64,
+    /// The model cache directory and its free space.
+    pub cache_dir: PathBuf,
+    pub cache_free_bytes: Option<u64>,
+    pub cache_writable: bool,
+}
+
+/// The whole report.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub schema: &'static str,
+    /// The worst verdict of all checks.
+    pub verdict: Verdict,
+    pub build: BuildFacts,
+    pub driver: driver::DriverFacts,
+    pub devices: Vec<driver::DeviceFacts>,
+    pub host: HostFacts,
+    pub checks: Vec<Check>,
+    pub duration_ms: f64,
+}
+
+impl Report {
+    pub fn failed(&self) -> bool {
+        self.verdict == Verdict::Fail
+    }
+
+    pub fn push(&mut self, c: Check) {
+        // A skipped check neither passes nor fails the whole.
+        if c.verdict != Verdict::Skip {
+            self.verdict = self.verdict.max(c.verdict);
+        }
+        self.checks.push(c);
+    }
+
+    /// The human-readable table.
+    pub fn render(&self) -> String {
+        let mut out = format!(
+            "zopilot-gpu {} ({}), mistralrs {}, {}\n",
+            self.build.version,
+            self.build.git_rev,
+            self.build.mistralrs,
+            if self.build.cuda.is_empty() {
+                "CPU build".to_owned()
+            } else {
+                format!("CUDA {} for cc {}", self.build.cuda, self.build.compute_cap)
+            }
+        );
+        for c in &self.checks {
+            let mark = match c.verdict {
+                Verdict::Pass => "PASS",
+                Verdict::Skip => "skip",
+                Verdict::Warn => "WARN",
+                Verdict::Fail => "FAIL",
+            };
+            out.push_str(&format!("{mark:<5} {:<12} {}\n", c.id, c.summary));
+            if let Some(fix) = &c.fix {
+                out.push_str(&format!("{:<18} fix: {fix}\n", ""));
+            }
+        }
+        out.push_str(
+            &format!("verdict: {:?} ({:.0} ms)\n", self.verdict, self.duration_ms).to_lowercase(),
+        );
+        out
+    }
+}
+
+fn host_facts(cache_dir: PathBuf) -> HostFacts {
+    // SAFETY: sysinfo fills a zeroed struct.
+    let mut si: libc::sysinfo = unsafe { std::mem::zeroed() };
+    let (total, _) = if unsafe { libc::sysinfo(&mut si) } == 0 {
+        (
+            si.totalram as u64 * si.mem_unit as u64,
+            si.freeram as u64 * si.mem_unit as u64,
+        )
+    } else {
+        (0, 0)
+    };
+    let available = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemAvailable:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .map_or(total, |kib| kib * 1024);
+    let cache_writable =
+        std::fs::create_dir_all(&cache_dir).is_ok() && tempfile::tempfile_in(&cache_dir).is_ok();
+    HostFacts {
+        ram_total_bytes: total,
+        ram_available_bytes: available,
+        cache_free_bytes: disk_free(&cache_dir),
+        cache_dir,
+        cache_writable,
+    }
+}
+
+fn disk_free(path: &Path) -> Option<u64> {
+    let existing = path.ancestors().find(|p| p.exists())?;
+    let c = std::ffi::CString::new(existing.as_os_str().as_encoded_bytes()).ok()?;
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid path and a zeroed out-struct.
+    (unsafe { libc::statvfs(c.as_ptr(), &mut st) } == 0)
+        .then(|| st.f_bavail as u64 * st.f_frsize as u64)
+}
+
+/// Where Hugging Face downloads land.
+pub fn hf_cache_dir(m: &ModelSettings) -> PathBuf {
+    m.hf_home
+        .clone()
+        .or_else(|| std::env::var_os("HF_HOME").map(PathBuf::from))
+        .unwrap_or_else(|| {
+            std::env::var_os("HOME")
+                .map_or_else(|| PathBuf::from("/tmp"), PathBuf::from)
+                .join(".cache/huggingface")
+        })
+}
+
+/// The model's shapes: from a local config.json, the HF cache, or built-in tables.
+fn model_shapes(m: &ModelSettings, cache: &Path) -> Option<Shapes> {
+    let from_config = |p: &Path| -> Option<Shapes> {
+        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(p).ok()?).ok()?;
+        let n = |k: &str| v[k].as_u64().map(|x| x as usize);
+        Some(Shapes {
+            vocab: n("vocab_size")?,
+            hidden: n("hidden_size")?,
+            intermediate: n("intermediate_size")?,
+            layers: n("num_hidden_layers")?,
+            heads: n("num_attention_heads")?,
+            kv_heads: n("num_key_value_heads").or(n("num_attention_heads"))?,
+            experts: n("num_local_experts").unwrap_or(1),
+            experts_per_tok: n("num_experts_per_tok").unwrap_or(1),
+            max_positions: n("max_position_embeddings").unwrap_or(4096),
+        })
+    };
+    match &m.source {
+        ModelSource::Synthetic(p) => Some(Shapes::of(*p, None)),
+        ModelSource::Local(dir) => from_config(&dir.join("config.json")),
+        ModelSource::Hub(id) => {
+            let snapshots = cache
+                .join("hub")
+                .join(format!("models--{}", id.replace('/', "--")))
+                .join("snapshots");
+            let cached = std::fs::read_dir(snapshots).ok().and_then(|entries| {
+                entries
+                    .flatten()
+                    .find_map(|e| from_config(&e.path().join("config.json")))
+            });
+            cached.or_else(|| {
+                id.starts_with("mistralai/Mixtral-8x7B")
+                    .then(|| Shapes::of(Preset::Mixtral8x7b, None))
+            })
+        }
+    }
+}
+
+/// GPU bytes for weights at `isq`, KV cache and overhead.
+pub fn memory_plan(s: &Shapes, isq: Option<Isq>, kv_tokens: usize) -> MemoryPlan {
+    let bits = isq.map_or(16.0, Isq::bits_per_weight);
+    let weights: f64 = s
+        .tensors()
+        .iter()
+        .map(|(name, shape)| {
+            let n = shape.iter().product::<usize>() as f64;
+            // Embeddings and norms stay in 16 bits; every other matrix is quantized.
+            if shape.len() == 2 && !name.contains("embed_tokens") {
+                n * bits / 8.0
+            } else {
+                n * 2.0
+            }
+        })
+        .sum();
+    let head_dim = s.hidden / s.heads;
+    let kv_per_token = (2 * s.layers * s.kv_heads * head_dim * 2) as u64;
+    MemoryPlan {
+        weights_bytes: weights as u64,
+        kv_cache_bytes: kv_per_token * kv_tokens as u64,
+        // CUDA context, cuBLAS workspace and activations, measured at ~1.5 GiB on an H100.
+        overhead_bytes: 3 << 29,
+        kv_bytes_per_token: kv_per_token,
+    }
+}
+
+fn model_checks(m: &ModelSettings, shapes: Option<&Shapes>, host: &HostFacts, report: &mut Report) {
+    let bf16_bytes = shapes.map(|s| s.parameters() * 2);
+    match &m.source {
+        ModelSource::Synthetic(_) => report.push(Check::new(
+            "model",
+            Verdict::Pass,
+            "synthetic model, written at start-up",
+        )),
+        ModelSource::Local(dir) => {
+            let has = |f: &str| dir.join(f).exists();
+            let weights = std::fs::read_dir(dir)
+                .map(|d| {
+                    d.flatten()
+                        .any(|e| e.file_name().to_string_lossy().ends_with(".safetensors"))
+                })
+                .unwrap_or(false);
+            let missing: Vec<&str> = [
+                ("config.json", has("config.json")),
+                (
+                    "tokenizer.json",
+                    has("tokenizer.json") || has("tokenizer.model"),
+                ),
+                ("*.safetensors", weights),
+            ]
+            .into_iter()
+            .filter(|(_, ok)| !ok)
+            .map(|(f, _)| f)
+            .collect();
+            if missing.is_empty() {
+                report.push(Check::new(
+                    "model",
+                    Verdict::Pass,
+                    format!("local model at {}", dir.display()),
+                ));
+            } else {
+                report.push(
+                    Check::new(
+                        "model",
+                        Verdict::Fail,
+                        format!("{} lacks {}", dir.display(), missing.join(", ")),
+                    )
+                    .fix("point --model at a complete Hugging Face model directory"),
+                );
+            }
+        }
+        ModelSource::Hub(id) => {
+            let token_file = host.cache_dir.join("token");
+            let gated = id.starts_with("mistralai/") || id.starts_with("meta-llama/");
+            if gated && m.hf_token.is_none() && !token_file.exists() {
+                report.push(
+                    Check::new(
+                        "model",
+                        Verdict::Fail,
+                        format!("{id} is gated and no Hugging Face token is set"),
+                    )
+                    .fix("accept the licence on huggingface.co, then set HF_TOKEN (or --hf-token)"),
+                );
+            } else if !host.cache_writable {
+                report.push(Check::new("model", Verdict::Fail, format!("cannot write to the model cache {}", host.cache_dir.display()))
+                    .fix("set HF_HOME (or --hf-home) to a writable directory, e.g. /runpod-volume/huggingface"));
+            } else {
+                report.push(Check::new(
+                    "model",
+                    Verdict::Pass,
+                    format!(
+                        "{id}: token {}, cache {} writable",
+                        if m.hf_token.is_some() {
+                            "set"
+                        } else {
+                            "not needed or cached"
+                        },
+                        host.cache_dir.display()
+                    ),
+                ));
+            }
+            match (bf16_bytes, host.cache_free_bytes) {
+                (Some(need), Some(free)) if free < need => report.push(
+                    Check::new("disk", Verdict::Fail, format!("the download needs up to {:.1} GiB; {} has {:.1} GiB free", rules::gib(need), host.cache_dir.display(), rules::gib(free)))
+                        .fix(format!("free {:.1} GiB or point HF_HOME at a larger volume (RunPod: /runpod-volume)", rules::gib(need - free))),
+                ),
+                (Some(need), Some(free)) => report.push(Check::new("disk", Verdict::Pass, format!("download up to {:.1} GiB; {:.1} GiB free in {}", rules::gib(need), rules::gib(free), host.cache_dir.display()))),
+                _ => report.push(Check::new("disk", Verdict::Warn, "model size or free disk unknown").fix("make sure the model cache has room for the download")),
+            }
+        }
+    }
+    if let Some(need) = bf16_bytes {
+        // Peak host RSS during ISQ measured at ~1.25× the bf16 weights (30 GB for 24 GB).
+        let want = need + need / 4;
+        let v = if host.ram_available_bytes >= want {
+            Verdict::Pass
+        } else {
+            Verdict::Warn
+        };
+        let c = Check::new(
+            "host_memory",
+            v,
+            format!(
+                "loading reads {:.1} GiB of bf16 weights (peak ~{:.1} GiB); {:.1} GiB available",
+                rules::gib(need),
+                rules::gib(want),
+                rules::gib(host.ram_available_bytes)
+            ),
+        );
+        report.push(if v == Verdict::Warn {
+            c.fix("loading may page heavily; use a host with more RAM")
+        } else {
+            c
+        });
+    }
+}
+
+/// Runs every check. `cpu` skips the GPU ones.
+pub fn run(m: &ModelSettings) -> Report {
+    let started = Instant::now();
+    let build = BuildFacts::current();
+    let target = build.target();
+    let gpu = target.cuda.is_some() && !m.cpu;
+    let (driver, devices) = if gpu {
+        driver::probe()
+    } else {
+        Default::default()
+    };
+    let host = host_facts(hf_cache_dir(m));
+    let mut report = Report {
+        schema: "zopilot-gpu/check/v1",
+        verdict: Verdict::Pass,
+        build,
+        driver,
+        devices,
+        host: host.clone(),
+        checks: vec![],
+        duration_ms: 0.0,
+    };
+    report.push(Check::new(
+        "build",
+        Verdict::Pass,
+        format!("{} build", if gpu { "CUDA" } else { "CPU" }),
+    ));
+    if gpu {
+        let d = rules::driver_check(&target, &report.driver);
+        let driver_ok = d.verdict == Verdict::Pass;
+        report.push(d);
+        report.push(rules::device_check(&target, &report.devices, driver_ok));
+    } else {
+        report.push(Check::new("driver", Verdict::Skip, "running on the CPU"));
+    }
+    let shapes = model_shapes(m, &host.cache_dir);
+    match &shapes {
+        Some(s) if gpu => {
+            let plan = memory_plan(s, m.isq, m.kv_cache_tokens);
+            report.push(rules::memory_check(
+                &plan,
+                report.devices.first(),
+                m.kv_cache_tokens,
+            ));
+        }
+        Some(_) => report.push(Check::new("memory", Verdict::Skip, "running on the CPU")),
+        None => report.push(
+            Check::new(
+                "memory",
+                Verdict::Warn,
+                "model shapes unknown until its config.json is downloaded",
+            )
+            .fix("none needed; the plan is checked against the real config after download"),
+        ),
+    }
+    model_checks(m, shapes.as_ref(), &host, &mut report);
+    report.duration_ms = started.elapsed().as_secs_f64() * 1e3;
+    report
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mixtral_q4k_plan_fits_a_5090_with_the_default_kv_cache() {
+        let s = Shapes::of(Preset::Mixtral8x7b, None);
+        let plan = memory_plan(&s, Some(Isq::Q4K), 32768);
+        // 46.7 B parameters at 4.5 bits ≈ 24.5 GiB; KV 128 KiB per token.
+        assert!(
+            (24.0..25.5).contains(&rules::gib(plan.weights_bytes)),
+            "{plan:?}"
+        );
+        assert_eq!(plan.kv_bytes_per_token, 128 << 10);
+        assert!(rules::gib(plan.total()) < 31.0, "{plan:?}");
+    }
+}
