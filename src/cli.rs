@@ -25,6 +25,39 @@ pub enum Command {
     Check(CheckArgs),
     /// Prove this binary's kernels work on this GPU against a CPU reference.
     Selftest(SelftestArgs),
+    /// Measure TTFT, inter-token latency and throughput at several concurrency levels.
+    Bench(BenchArgs),
+}
+
+/// The benchmark.
+#[derive(Debug, Clone, Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+
+    /// Prompt length in tokens.
+    #[arg(long, default_value_t = 512)]
+    pub prompt_tokens: usize,
+
+    /// Tokens generated per request.
+    #[arg(long, default_value_t = 128)]
+    pub max_tokens: usize,
+
+    /// Concurrency levels, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,4,16,32")]
+    pub concurrency: Vec<usize>,
+
+    /// Measure a running server over HTTP (its /v1/completions) instead of in-process.
+    #[arg(long)]
+    pub url: Option<String>,
+
+    /// Bearer key for --url.
+    #[arg(long, env = "ZOPILOT_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+
+    /// Print the report as JSON (schema `zopilot-gpu/bench/v1`).
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Start-up checks without serving.

@@ -10,7 +10,9 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, AppState};
-use crate::cli::{CheckArgs, Cli, Command, GenerateArgs, SelftestArgs, ServeArgs, SynthArgs};
+use crate::cli::{
+    BenchArgs, CheckArgs, Cli, Command, GenerateArgs, SelftestArgs, ServeArgs, SynthArgs,
+};
 use crate::engine::{ChatMessage, Engine, Event, GenRequest, Prompt};
 use crate::metrics::Metrics;
 use crate::preflight::{self, EXIT_PREFLIGHT};
@@ -38,6 +40,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Some(Command::Synth(a)) => synth(a),
         Some(Command::Check(a)) => check(a),
         Some(Command::Selftest(a)) => selftest(a),
+        Some(Command::Bench(a)) => bench(a),
         None => serve(crate::cli::ServeArgs::from_env()),
     }
 }
@@ -281,6 +284,36 @@ fn generate(a: GenerateArgs) -> Result<ExitCode> {
         }
         Ok(ExitCode::SUCCESS)
     })
+}
+
+fn bench(a: BenchArgs) -> Result<ExitCode> {
+    let model = ModelSettings::from_args(&a.model)?;
+    model.export_hf_home();
+    init_logging(model.log_json);
+    if a.concurrency.is_empty()
+        || a.concurrency.contains(&0)
+        || a.max_tokens == 0
+        || a.prompt_tokens == 0
+    {
+        return Err(SettingsError(
+            "--concurrency levels, --max-tokens and --prompt-tokens must be >= 1".into(),
+        )
+        .into());
+    }
+    let opts = crate::bench::BenchOptions {
+        prompt_tokens: a.prompt_tokens,
+        max_tokens: a.max_tokens,
+        concurrency: a.concurrency,
+        url: a.url,
+        api_key: a.api_key,
+    };
+    let report = runtime()?.block_on(crate::bench::run(model, opts))?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.render());
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn synth(a: SynthArgs) -> Result<ExitCode> {

@@ -2,6 +2,7 @@
 //! on one GPU. The corridor is settings → engine → api; `commands` wires them per CLI verb.
 
 pub mod api;
+pub mod bench;
 pub mod cli;
 pub mod commands;
 pub mod engine;

@@ -132,6 +132,9 @@ impl Backend for MistralBackend {
     }
 
     fn tokenize(&self, prompt: Prompt) -> BoxFuture<'static, Result<Vec<u32>, EngineError>> {
+        if let Prompt::Tokens(ids) = prompt {
+            return futures::future::ready(Ok(ids)).boxed();
+        }
         let model = self.model.clone();
         // Run to completion on its own task: mistral.rs panics its engine thread if the
         // receiver of a tokenization is dropped, as a handler is when its client leaves.
@@ -144,6 +147,7 @@ impl Backend for MistralBackend {
             let text = match prompt {
                 Prompt::Chat(m) => Either::Left(to_mistral_messages(m)),
                 Prompt::Text(t) => Either::Right(t),
+                Prompt::Tokens(_) => unreachable!("token prompts return early"),
             };
             let is_chat = text.is_left();
             sender

@@ -31,6 +31,8 @@ pub enum Prompt {
     Chat(Vec<ChatMessage>),
     /// Raw text; only the BOS token is added.
     Text(String),
+    /// Token ids, used as they are (benchmarks).
+    Tokens(Vec<u32>),
 }
 
 /// A generation request as the API hands it over (not yet checked against the context).
@@ -266,6 +268,14 @@ impl Engine {
 
     pub fn max_num_seqs(&self) -> usize {
         self.max_num_seqs
+    }
+
+    /// Token ids of a prompt as the model would see it.
+    pub async fn tokenize(&self, prompt: Prompt) -> Result<Vec<u32>, EngineError> {
+        match self.backend.get() {
+            Some(b) => b.tokenize(prompt).await,
+            None => Err(EngineError::NotReady("still loading".into())),
+        }
     }
 
     /// Admits, validates and starts a request. Fails at once with `Overloaded` when every

@@ -325,6 +325,20 @@ fn nvml_facts(near: Option<&Path>, dirs: &[PathBuf]) -> Option<(Option<String>, 
     }
 }
 
+/// Memory in use on GPU 0 now, from NVML (for benchmark peaks).
+pub fn gpu_used_bytes() -> Option<u64> {
+    if !cfg!(feature = "cuda") {
+        return None;
+    }
+    let dirs = driver_dirs();
+    let (lib, _) = open_real_libcuda(&dirs);
+    let (_, path) = lib?;
+    let (_, free) = nvml_facts(path.parent(), &dirs)?;
+    let (_, devices) = probe();
+    let total = devices.first()?.total_bytes;
+    Some(total.saturating_sub((*free.first()?)?))
+}
+
 /// The kernel module's version, readable even when user-space libraries are missing.
 fn proc_driver_version() -> Option<String> {
     let text = std::fs::read_to_string("/proc/driver/nvidia/version").ok()?;

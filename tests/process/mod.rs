@@ -375,3 +375,53 @@ fn selftest_on_the_cpu_passes() {
         "unquantized and Q4K"
     );
 }
+
+#[test]
+fn bench_json_on_the_tiny_model_emits_the_documented_fields() {
+    let out = binary()
+        .args([
+            "bench",
+            "--model",
+            "synthetic:tiny",
+            "--cpu",
+            "--json",
+            "--prompt-tokens",
+            "32",
+            "--max-tokens",
+            "8",
+            "--concurrency",
+            "1,2",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["schema"], "zopilot-gpu/bench/v1");
+    assert_eq!(r["layers"], 2);
+    assert_eq!(r["prompt_tokens"], 32);
+    assert!(r["load_seconds"].as_f64().unwrap() > 0.0);
+    assert!(r["peak_host_rss_bytes"].as_u64().unwrap() > 0);
+    let levels = r["levels"].as_array().unwrap();
+    assert_eq!(levels.len(), 2);
+    for (l, c) in levels.iter().zip([1, 2]) {
+        assert_eq!(l["concurrency"], c);
+        assert_eq!(l["requests"], c);
+        for f in [
+            "decode_tokens_per_second_per_stream",
+            "aggregate_tokens_per_second",
+            "prompt_tokens_per_second",
+        ] {
+            assert!(l[f].as_f64().unwrap() > 0.0, "{f} in {l}");
+        }
+        for f in ["ttft", "inter_token"] {
+            assert!(
+                l[f]["p50_ms"].as_f64().unwrap() <= l[f]["p99_ms"].as_f64().unwrap(),
+                "{f} percentiles ordered"
+            );
+        }
+    }
+}

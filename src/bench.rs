@@ -1,0 +1,402 @@
+//! `zopilot-gpu bench`: drives the engine in-process (or a running server over HTTP with
+//! `--url`) with a fixed prompt length and output length at a list of concurrency levels,
+//! and reports TTFT percentiles, inter-token latency, per-stream and aggregate decode
+//! rates, prompt rate, load time, peak GPU memory and peak host RSS. Greedy decoding;
+//! synthetic models never emit EOS, so every request generates exactly `--max-tokens`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use futures::StreamExt;
+use serde::Serialize;
+
+use crate::engine::{Engine, Event, GenRequest, Prompt};
+use crate::metrics::Metrics;
+use crate::settings::{ModelSettings, ModelSource};
+
+/// What one request saw.
+#[derive(Debug, Clone)]
+struct Sample {
+    start: Instant,
+    first: Instant,
+    end: Instant,
+    tokens: usize,
+    prompt_tokens: usize,
+    /// Gaps between consecutive tokens, seconds.
+    gaps: Vec<f64>,
+}
+
+/// Percentiles of a list of seconds, reported in milliseconds.
+#[derive(Debug, Clone, Serialize)]
+pub struct Percentiles {
+    pub p50_ms: f64,
+    pub p90_ms: f64,
+    pub p99_ms: f64,
+}
+
+fn percentiles(mut v: Vec<f64>) -> Percentiles {
+    v.sort_by(f64::total_cmp);
+    let at = |q: f64| {
+        if v.is_empty() {
+            0.0
+        } else {
+            v[((v.len() - 1) as f64 * q).round() as usize] * 1e3
+        }
+    };
+    Percentiles {
+        p50_ms: at(0.5),
+        p90_ms: at(0.9),
+        p99_ms: at(0.99),
+    }
+}
+
+/// One concurrency level.
+#[derive(Debug, Clone, Serialize)]
+pub struct Level {
+    pub concurrency: usize,
+    pub requests: usize,
+    pub ttft: Percentiles,
+    pub inter_token: Percentiles,
+    /// Mean over streams of (tokens − 1) / (last − first token).
+    pub decode_tokens_per_second_per_stream: f64,
+    /// All generated tokens / wall time of the level.
+    pub aggregate_tokens_per_second: f64,
+    /// Prompt tokens / mean TTFT, per stream.
+    pub prompt_tokens_per_second: f64,
+}
+
+/// The whole run.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    pub schema: &'static str,
+    pub model: String,
+    /// Decoder layers of the model (a synthetic Mixtral may have fewer than 32).
+    pub layers: Option<usize>,
+    pub isq: String,
+    pub device: String,
+    pub target: String,
+    pub prompt_tokens: usize,
+    pub max_tokens: usize,
+    /// Seconds from start to ready, ISQ included (in-process only).
+    pub load_seconds: Option<f64>,
+    pub peak_gpu_memory_bytes: Option<u64>,
+    pub peak_host_rss_bytes: Option<u64>,
+    pub levels: Vec<Level>,
+}
+
+/// Options of `bench`.
+pub struct BenchOptions {
+    pub prompt_tokens: usize,
+    pub max_tokens: usize,
+    pub concurrency: Vec<usize>,
+    pub url: Option<String>,
+    pub api_key: Option<String>,
+}
+
+fn peak_rss() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kib: u64 = s
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some(kib * 1024)
+}
+
+fn layers_of(m: &ModelSettings) -> Option<usize> {
+    match &m.source {
+        ModelSource::Synthetic(p) => Some(crate::synth::Shapes::of(*p, None).layers),
+        ModelSource::Local(dir) => {
+            let v: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(dir.join("config.json")).ok()?).ok()?;
+            v["num_hidden_layers"].as_u64().map(|n| n as usize)
+        }
+        ModelSource::Hub(_) => None,
+    }
+}
+
+/// A prompt of exactly `n` tokens: the tokenization of a long text, cut to length.
+async fn fixed_prompt(engine: &Engine, n: usize) -> Result<Vec<u32>> {
+    let text =
+        "The history of the mixture of experts begins with gating networks. ".repeat(n / 4 + 8);
+    let ids = engine.tokenize(Prompt::Text(text)).await?;
+    if ids.len() < n {
+        bail!("could not build a {n}-token prompt (got {})", ids.len());
+    }
+    Ok(ids[..n].to_vec())
+}
+
+async fn one_in_process(
+    engine: Arc<Engine>,
+    prompt: Vec<u32>,
+    max_tokens: usize,
+) -> Result<Sample> {
+    let start = Instant::now();
+    let prompt_tokens = prompt.len();
+    let req = GenRequest {
+        prompt: Prompt::Tokens(prompt),
+        max_tokens: Some(max_tokens),
+        temperature: 0.0,
+        top_p: None,
+        top_k: None,
+        stop: vec![],
+    };
+    let mut g = engine.generate(req).await?;
+    let (mut first, mut last, mut gaps, mut tokens) = (None, start, Vec::new(), 0);
+    while let Some(ev) = g.events.recv().await {
+        match ev {
+            Event::Text(_) => {
+                let now = Instant::now();
+                if first.is_some() {
+                    gaps.push((now - last).as_secs_f64());
+                }
+                first.get_or_insert(now);
+                last = now;
+            }
+            Event::Done { usage, .. } => tokens = usage.completion_tokens,
+            Event::Error(e) => return Err(e.into()),
+        }
+    }
+    Ok(Sample {
+        start,
+        first: first.unwrap_or(last),
+        end: last,
+        tokens,
+        prompt_tokens,
+        gaps,
+    })
+}
+
+/// One streamed `/v1/completions` request over HTTP.
+async fn one_http(
+    client: reqwest::Client,
+    url: String,
+    key: Option<String>,
+    prompt: Vec<u32>,
+    max_tokens: usize,
+) -> Result<Sample> {
+    let start = Instant::now();
+    let body = serde_json::json!({"prompt": prompt_text(&prompt), "max_tokens": max_tokens, "temperature": 0, "stream": true,
+                                  "stream_options": {"include_usage": true}});
+    let mut req = client.post(format!("{url}/v1/completions")).json(&body);
+    if let Some(k) = key {
+        req = req.bearer_auth(k);
+    }
+    let resp = req.send().await?.error_for_status()?;
+    let mut stream = resp.bytes_stream();
+    let (mut first, mut last, mut gaps, mut tokens, mut prompt_tokens, mut buf) =
+        (None, start, Vec::new(), 0, 0, String::new());
+    while let Some(chunk) = stream.next().await {
+        buf.push_str(&String::from_utf8_lossy(&chunk?));
+        while let Some(i) = buf.find("\n\n") {
+            let event: String = buf.drain(..i + 2).collect();
+            let Some(data) = event.trim().strip_prefix("data: ") else {
+                continue;
+            };
+            if data == "[DONE]" {
+                continue;
+            }
+            let v: serde_json::Value = serde_json::from_str(data)?;
+            if let Some(n) = v["usage"]["completion_tokens"].as_u64() {
+                tokens = n as usize;
+                prompt_tokens = v["usage"]["prompt_tokens"].as_u64().unwrap_or(0) as usize;
+            } else if v["choices"][0]["text"]
+                .as_str()
+                .is_some_and(|t| !t.is_empty())
+            {
+                let now = Instant::now();
+                if first.is_some() {
+                    gaps.push((now - last).as_secs_f64());
+                }
+                first.get_or_insert(now);
+                last = now;
+            }
+        }
+    }
+    Ok(Sample {
+        start,
+        first: first.unwrap_or(last),
+        end: last,
+        tokens,
+        prompt_tokens,
+        gaps,
+    })
+}
+
+/// Over HTTP the prompt travels as text of about the same length; the server's own count
+/// (`usage.prompt_tokens`) is what the report uses.
+fn prompt_text(prompt: &[u32]) -> String {
+    "a ".repeat(prompt.len().saturating_sub(1))
+}
+
+fn summarize(concurrency: usize, samples: &[Sample]) -> Level {
+    let prompt_tokens =
+        samples.iter().map(|s| s.prompt_tokens).sum::<usize>() / samples.len().max(1);
+    let t0 = samples
+        .iter()
+        .map(|s| s.start)
+        .min()
+        .unwrap_or_else(Instant::now);
+    let t1 = samples.iter().map(|s| s.end).max().unwrap_or(t0);
+    let ttfts: Vec<f64> = samples
+        .iter()
+        .map(|s| (s.first - s.start).as_secs_f64())
+        .collect();
+    let gaps: Vec<f64> = samples
+        .iter()
+        .flat_map(|s| s.gaps.iter().copied())
+        .collect();
+    let per_stream: Vec<f64> = samples
+        .iter()
+        .filter(|s| s.end > s.first)
+        .map(|s| s.tokens.saturating_sub(1) as f64 / (s.end - s.first).as_secs_f64())
+        .collect();
+    let mean_ttft = ttfts.iter().sum::<f64>() / ttfts.len().max(1) as f64;
+    Level {
+        concurrency,
+        requests: samples.len(),
+        ttft: percentiles(ttfts),
+        inter_token: percentiles(gaps),
+        decode_tokens_per_second_per_stream: per_stream.iter().sum::<f64>()
+            / per_stream.len().max(1) as f64,
+        aggregate_tokens_per_second: samples.iter().map(|s| s.tokens).sum::<usize>() as f64
+            / (t1 - t0).as_secs_f64().max(1e-9),
+        prompt_tokens_per_second: if mean_ttft > 0.0 {
+            prompt_tokens as f64 / mean_ttft
+        } else {
+            0.0
+        },
+    }
+}
+
+/// Runs the benchmark.
+pub async fn run(mut model: ModelSettings, o: BenchOptions) -> Result<BenchReport> {
+    let max_c = o.concurrency.iter().copied().max().unwrap_or(1);
+    model.max_num_seqs = model.max_num_seqs.max(max_c);
+    let started = Instant::now();
+    let engine = Arc::new(Engine::new(
+        &model,
+        Duration::from_secs(3600),
+        Arc::new(Metrics::default()),
+    ));
+    // Over HTTP the server has the model; only the prompt's length matters here.
+    let (load_seconds, prompt) = if o.url.is_none() {
+        engine.load(&model).await.context("loading the model")?;
+        let loaded = started.elapsed().as_secs_f64();
+        (Some(loaded), fixed_prompt(&engine, o.prompt_tokens).await?)
+    } else {
+        (None, vec![0; o.prompt_tokens])
+    };
+    let client = reqwest::Client::new();
+    let mut gpu_peak = crate::preflight::driver::gpu_used_bytes();
+    let mut levels = Vec::new();
+    for &c in &o.concurrency {
+        // Warm-up: one request of the same shape, not measured.
+        match &o.url {
+            None => {
+                drop(one_in_process(engine.clone(), prompt.clone(), o.max_tokens.min(8)).await?)
+            }
+            Some(u) => drop(
+                one_http(
+                    client.clone(),
+                    u.clone(),
+                    o.api_key.clone(),
+                    prompt.clone(),
+                    o.max_tokens.min(8),
+                )
+                .await?,
+            ),
+        }
+        let tasks: Vec<_> = (0..c)
+            .map(|_| {
+                let (engine, prompt, client, url, key) = (
+                    engine.clone(),
+                    prompt.clone(),
+                    client.clone(),
+                    o.url.clone(),
+                    o.api_key.clone(),
+                );
+                tokio::spawn(async move {
+                    match url {
+                        None => one_in_process(engine, prompt, o.max_tokens).await,
+                        Some(u) => one_http(client, u, key, prompt, o.max_tokens).await,
+                    }
+                })
+            })
+            .collect();
+        let mut samples = Vec::new();
+        for t in tasks {
+            samples.push(t.await??);
+        }
+        gpu_peak = gpu_peak.max(crate::preflight::driver::gpu_used_bytes());
+        let level = summarize(c, &samples);
+        tracing::info!(
+            concurrency = c,
+            aggregate = level.aggregate_tokens_per_second,
+            "level done"
+        );
+        levels.push(level);
+    }
+    Ok(BenchReport {
+        schema: "zopilot-gpu/bench/v1",
+        model: model.served_model_name.clone(),
+        layers: layers_of(&model),
+        isq: model.isq.map_or("none", |i| i.name()).to_owned(),
+        device: if model.cpu || !cfg!(feature = "cuda") {
+            "cpu".into()
+        } else {
+            "cuda:0".into()
+        },
+        target: o.url.clone().unwrap_or_else(|| "in-process".into()),
+        prompt_tokens: o.prompt_tokens,
+        max_tokens: o.max_tokens,
+        load_seconds,
+        peak_gpu_memory_bytes: gpu_peak,
+        peak_host_rss_bytes: peak_rss(),
+        levels,
+    })
+}
+
+impl BenchReport {
+    /// The human-readable table.
+    pub fn render(&self) -> String {
+        let mut out = format!(
+            "{} ({} layers, isq {}) on {} via {}; prompt {} tokens, {} new tokens each; load {:.1} s; peak GPU {} ; peak RSS {}\n",
+            self.model,
+            self.layers.map_or("?".into(), |l| l.to_string()),
+            self.isq,
+            self.device,
+            self.target,
+            self.prompt_tokens,
+            self.max_tokens,
+            self.load_seconds.unwrap_or(0.0),
+            self.peak_gpu_memory_bytes.map_or("n/a".into(), |b| format!(
+                "{:.1} GiB",
+                b as f64 / (1u64 << 30) as f64
+            )),
+            self.peak_host_rss_bytes.map_or("n/a".into(), |b| format!(
+                "{:.1} GiB",
+                b as f64 / (1u64 << 30) as f64
+            )),
+        );
+        out.push_str("conc  ttft p50/p90/p99 ms      itl p50/p99 ms   tok/s/stream  aggregate tok/s  prompt tok/s\n");
+        for l in &self.levels {
+            out.push_str(&format!(
+                "{:>4}  {:>7.1}/{:>7.1}/{:>7.1}  {:>6.2}/{:>6.2}  {:>12.1}  {:>15.1}  {:>12.1}\n",
+                l.concurrency,
+                l.ttft.p50_ms,
+                l.ttft.p90_ms,
+                l.ttft.p99_ms,
+                l.inter_token.p50_ms,
+                l.inter_token.p99_ms,
+                l.decode_tokens_per_second_per_stream,
+                l.aggregate_tokens_per_second,
+                l.prompt_tokens_per_second
+            ));
+        }
+        out
+    }
+}
