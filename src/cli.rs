@@ -27,6 +27,69 @@ pub enum Command {
     Selftest(SelftestArgs),
     /// Measure TTFT, inter-token latency and throughput at several concurrency levels.
     Bench(BenchArgs),
+    /// Run as a RunPod queue worker (the default when RUNPOD_WEBHOOK_GET_JOB is set).
+    Worker(WorkerArgs),
+}
+
+/// The RunPod queue worker. The RUNPOD_* variables are set by RunPod itself.
+#[derive(Debug, Clone, Args)]
+pub struct WorkerArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+
+    /// Run one job locally and exit 0/1, as RunPod's SDK does (`test_input.json` in the
+    /// working directory is used when present and no job server is configured).
+    #[arg(long)]
+    pub test_input: Option<String>,
+
+    /// Serve /ping and /health on this port while working.
+    #[arg(long, env = "PORT_HEALTH")]
+    pub port_health: Option<u16>,
+
+    /// Job-take URL template ($ID → worker id).
+    #[arg(long, env = "RUNPOD_WEBHOOK_GET_JOB", hide = true)]
+    pub get_job: Option<String>,
+
+    /// Result URL template ($RUNPOD_POD_ID → worker id, $ID → job id).
+    #[arg(long, env = "RUNPOD_WEBHOOK_POST_OUTPUT", hide = true)]
+    pub post_output: Option<String>,
+
+    /// Stream URL template ($RUNPOD_POD_ID → worker id, $ID → job id).
+    #[arg(long, env = "RUNPOD_WEBHOOK_POST_STREAM", hide = true)]
+    pub post_stream: Option<String>,
+
+    /// Heartbeat URL template ($RUNPOD_POD_ID → worker id).
+    #[arg(long, env = "RUNPOD_WEBHOOK_PING", hide = true)]
+    pub ping: Option<String>,
+
+    /// Key sent as the raw Authorization header.
+    #[arg(long, env = "RUNPOD_AI_API_KEY", hide = true, hide_env_values = true)]
+    pub runpod_api_key: Option<String>,
+
+    /// This worker's id.
+    #[arg(long, env = "RUNPOD_POD_ID", hide = true)]
+    pub pod_id: Option<String>,
+
+    /// Heartbeat interval in milliseconds.
+    #[arg(
+        long,
+        env = "RUNPOD_PING_INTERVAL",
+        default_value_t = 10_000,
+        hide = true
+    )]
+    pub ping_interval_ms: u64,
+
+    /// Endpoint id, added to JSON logs.
+    #[arg(long, env = "RUNPOD_ENDPOINT_ID", hide = true)]
+    pub endpoint_id: Option<String>,
+
+    /// Seconds in-flight jobs get to finish after SIGTERM.
+    #[arg(long, env = "ZOPILOT_SHUTDOWN_GRACE", default_value_t = 30)]
+    pub shutdown_grace: u64,
+
+    /// Final streamed answers carry the list of all partials (as worker-vllm does).
+    #[arg(long, env = "ZOPILOT_AGGREGATE_STREAM", default_value_t = true, action = clap::ArgAction::Set)]
+    pub aggregate_stream: bool,
 }
 
 /// The benchmark.
@@ -232,6 +295,16 @@ pub struct SynthArgs {
     /// Directory to write (created if missing).
     #[arg(long)]
     pub out: PathBuf,
+}
+
+impl WorkerArgs {
+    /// `worker`'s arguments from the environment alone, for a bare `zopilot-gpu` on RunPod.
+    pub fn from_env() -> Self {
+        match Cli::parse_from(["zopilot-gpu", "worker"]).command {
+            Some(Command::Worker(a)) => a,
+            _ => unreachable!("`worker` parses to Command::Worker"),
+        }
+    }
 }
 
 impl ServeArgs {

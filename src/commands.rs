@@ -12,11 +12,12 @@ use tokio_util::sync::CancellationToken;
 use crate::api::{self, AppState};
 use crate::cli::{
     BenchArgs, CheckArgs, Cli, Command, GenerateArgs, SelftestArgs, ServeArgs, SynthArgs,
+    WorkerArgs,
 };
 use crate::engine::{ChatMessage, Engine, Event, GenRequest, Prompt};
 use crate::metrics::Metrics;
 use crate::preflight::{self, EXIT_PREFLIGHT};
-use crate::settings::{ModelSettings, Settings, SettingsError};
+use crate::settings::{ModelSettings, Settings, SettingsError, WorkerMode, WorkerSettings};
 
 /// Exit code for a configuration mistake (nothing was loaded).
 pub const EXIT_CONFIG: u8 = 2;
@@ -41,6 +42,10 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Some(Command::Check(a)) => check(a),
         Some(Command::Selftest(a)) => selftest(a),
         Some(Command::Bench(a)) => bench(a),
+        Some(Command::Worker(a)) => worker(a),
+        None if crate::settings::runpod_queue_configured() => {
+            worker(crate::cli::WorkerArgs::from_env())
+        }
         None => serve(crate::cli::ServeArgs::from_env()),
     }
 }
@@ -283,6 +288,77 @@ fn generate(a: GenerateArgs) -> Result<ExitCode> {
             }
         }
         Ok(ExitCode::SUCCESS)
+    })
+}
+
+fn worker(a: WorkerArgs) -> Result<ExitCode> {
+    let s = WorkerSettings::from_args(&a)?;
+    s.model.export_hf_home();
+    init_logging(s.model.log_json);
+    if let Some(endpoint) = &s.endpoint_id {
+        tracing::info!(endpoint_id = %endpoint, "RunPod endpoint");
+    }
+    let report = preflight::run(&s.model);
+    if report.failed() {
+        eprint!("{}", report.render());
+        return Ok(ExitCode::from(EXIT_PREFLIGHT));
+    }
+    runtime()?.block_on(async move {
+        let engine = Arc::new(Engine::new(
+            &s.model,
+            std::time::Duration::from_secs(3600),
+            Arc::new(Metrics::default()),
+        ));
+        let state = AppState {
+            engine: engine.clone(),
+            api_key: None,
+            body_limit: 64 << 20,
+        };
+        let token = CancellationToken::new();
+        {
+            let (token, engine) = (token.clone(), engine.clone());
+            tokio::spawn(async move {
+                shutdown_signal().await;
+                tracing::info!("SIGTERM: finishing running jobs");
+                engine.drain();
+                token.cancel();
+            });
+        }
+        if let Some(addr) = s.health_listen {
+            let listener = bind(addr).await?;
+            let router = api::health_app(state.clone());
+            tokio::spawn(api::serve(
+                listener,
+                router,
+                token.clone().cancelled_owned(),
+                s.shutdown_grace,
+            ));
+        }
+        engine.load(&s.model).await?;
+        let router = api::app(state);
+        match s.mode {
+            WorkerMode::TestInput(job) => {
+                let result = crate::runpod::run_test_input(router, job).await;
+                println!("{}", serde_json::to_string_pretty(&result)?);
+                Ok(if result.get("error").is_some() {
+                    ExitCode::from(EXIT_RUNTIME)
+                } else {
+                    ExitCode::SUCCESS
+                })
+            }
+            WorkerMode::Server(server) => {
+                crate::runpod::run(
+                    server,
+                    engine,
+                    router,
+                    token,
+                    s.shutdown_grace,
+                    s.aggregate_stream,
+                )
+                .await?;
+                Ok(ExitCode::SUCCESS)
+            }
+        }
     })
 }
 

@@ -8,6 +8,7 @@ pub mod commands;
 pub mod engine;
 pub mod metrics;
 pub mod preflight;
+pub mod runpod;
 pub mod selftest;
 pub mod settings;
 pub mod synth;

@@ -6,7 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::cli::{ModelArgs, Preset, ServeArgs};
+use crate::cli::{ModelArgs, Preset, ServeArgs, WorkerArgs};
 
 /// The model served when neither `--model` nor RunPod's `MODEL_NAME` says otherwise.
 pub const DEFAULT_MODEL: &str = "mistralai/Mixtral-8x7B-Instruct-v0.1";
@@ -258,6 +258,92 @@ impl Settings {
                 shutdown_grace: Duration::from_secs(a.shutdown_grace),
                 selftest,
             },
+        })
+    }
+}
+
+/// Where the RunPod job server is, as its URL templates give it.
+#[derive(Debug, Clone)]
+pub struct JobServer {
+    pub get_job: String,
+    pub post_output: String,
+    pub post_stream: String,
+    pub ping: Option<String>,
+    pub api_key: String,
+    pub worker_id: String,
+    pub ping_interval: Duration,
+}
+
+/// How the worker runs: against a job server, or one local test job.
+#[derive(Debug, Clone)]
+pub enum WorkerMode {
+    Server(JobServer),
+    TestInput(serde_json::Value),
+}
+
+/// The validated configuration of `worker`.
+#[derive(Debug, Clone)]
+pub struct WorkerSettings {
+    pub model: ModelSettings,
+    pub mode: WorkerMode,
+    pub health_listen: Option<SocketAddr>,
+    pub endpoint_id: Option<String>,
+    pub shutdown_grace: Duration,
+    pub aggregate_stream: bool,
+}
+
+/// RunPod sets this on queue workers; a bare `zopilot-gpu` then runs `worker`.
+pub fn runpod_queue_configured() -> bool {
+    std::env::var_os("RUNPOD_WEBHOOK_GET_JOB").is_some_and(|v| !v.is_empty())
+}
+
+impl WorkerSettings {
+    pub fn from_args(a: &WorkerArgs) -> Result<Self, SettingsError> {
+        let model = ModelSettings::from_args(&a.model)?;
+        let test_file = Path::new("test_input.json");
+        let test_input = match (&a.test_input, &a.get_job) {
+            (Some(raw), _) => Some(raw.clone()),
+            (None, None) if test_file.exists() => Some(
+                std::fs::read_to_string(test_file)
+                    .map_err(|e| bad(format!("reading test_input.json: {e}")))?,
+            ),
+            _ => None,
+        };
+        let mode = if let Some(raw) = test_input {
+            let v: serde_json::Value = serde_json::from_str(&raw).map_err(|e| {
+                bad(format!(
+                    "--test-input must be JSON like {{\"input\": {{...}}}}: {e}"
+                ))
+            })?;
+            WorkerMode::TestInput(v)
+        } else {
+            let need = |v: &Option<String>, var: &str| {
+                non_empty(v).ok_or_else(|| bad(format!("{var} must be set for the queue worker (RunPod sets it); for a local run use --test-input")))
+            };
+            if a.ping_interval_ms < 100 {
+                return Err(bad(format!(
+                    "RUNPOD_PING_INTERVAL must be >= 100 ms. Given: {}",
+                    a.ping_interval_ms
+                )));
+            }
+            WorkerMode::Server(JobServer {
+                get_job: need(&a.get_job, "RUNPOD_WEBHOOK_GET_JOB")?,
+                post_output: need(&a.post_output, "RUNPOD_WEBHOOK_POST_OUTPUT")?,
+                post_stream: need(&a.post_stream, "RUNPOD_WEBHOOK_POST_STREAM")?,
+                ping: non_empty(&a.ping),
+                api_key: non_empty(&a.runpod_api_key).unwrap_or_default(),
+                worker_id: non_empty(&a.pod_id)
+                    .unwrap_or_else(|| format!("local-{}", std::process::id())),
+                ping_interval: Duration::from_millis(a.ping_interval_ms),
+            })
+        };
+        Ok(Self {
+            model,
+            mode,
+            health_listen: a.port_health.map(|p| SocketAddr::from(([0, 0, 0, 0], p))),
+            endpoint_id: non_empty(&a.endpoint_id),
+            shutdown_grace: Duration::from_secs(a.shutdown_grace),
+            aggregate_stream: a.aggregate_stream,
         })
     }
 }
