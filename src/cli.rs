@@ -144,6 +144,10 @@ pub struct SelftestArgs {
     /// Print the result as JSON.
     #[arg(long)]
     pub json: bool,
+
+    /// Compute the CPU reference and print it as JSON (used by the self-test itself).
+    #[arg(long, hide = true)]
+    pub reference: bool,
 }
 
 /// What to load and how: shared by every command that runs the model.

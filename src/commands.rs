@@ -123,18 +123,26 @@ fn check(a: CheckArgs) -> Result<ExitCode> {
 }
 
 fn selftest(a: SelftestArgs) -> Result<ExitCode> {
+    if a.reference {
+        let r = runtime()?.block_on(crate::selftest::reference())?;
+        println!("{}", serde_json::to_string(&r)?);
+        return Ok(ExitCode::SUCCESS);
+    }
     init_logging(false);
     let result = runtime()?.block_on(crate::selftest::run(a.cpu))?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&result)?);
     } else {
         for c in &result.cases {
+            let parted = c.tie_gap_at_divergence.map_or(String::new(), |g| {
+                format!(", then parted where the CPU's top two were {g:.3} nats apart")
+            });
             println!(
-                "{} isq={:<4} argmax {} error {:.4} std (<= {}) greedy device {:?} cpu {:?}",
+                "{} isq={:<4} {}/{} greedy steps agree{parted} (tolerance {} nats) device {:?} cpu {:?}",
                 if c.passed { "PASS" } else { "FAIL" },
                 c.isq,
-                if c.argmax_agrees { "agrees" } else { "DIFFERS" },
-                c.normalized_error,
+                c.agreeing_steps,
+                c.steps,
                 c.tolerance,
                 c.greedy_device,
                 c.greedy_cpu
@@ -223,7 +231,9 @@ async fn serve_async(s: Settings) -> Result<()> {
                         tracing::error!("{why}");
                         return engine.fail(why);
                     }
-                    Err(e) => return engine.fail(format!("GPU self-test could not run: {e:#}")),
+                    // A self-test that cannot run proves nothing either way; loading the
+                    // model will tell. Only wrong numbers stop the start.
+                    Err(e) => tracing::warn!("GPU self-test could not run: {e:#}; loading anyway"),
                 }
             }
             let _ = engine.load(&model).await;

@@ -1,38 +1,47 @@
 //! `zopilot-gpu selftest`: proves that this binary's kernels run on this device and give
 //! sane numbers. It loads the tiny synthetic Mixtral on the device (unquantized and with
-//! ISQ Q4K) and on the CPU in f32 as the reference, then compares the logits of one prompt
-//! and a greedy continuation.
+//! ISQ Q4K), greedy-decodes through the same path serving uses, and compares each step
+//! with the same model on the CPU in f32, computed by a child process
+//! (`selftest --reference`; a separate process because mistral.rs keeps global state).
 //!
-//! Tolerances: the synthetic head gives logits with a standard deviation of ~8, so the
-//! comparison is `max |device − cpu| / std(cpu)`. Unquantized, the device runs the same
-//! bf16 weights with bf16 activations (8-bit mantissa, ~0.4 % per rounding, a few dozen
-//! roundings deep), so ≤ 0.05 std; with Q4K both sides use the same 4-bit weights but
-//! quantize activations differently (Q8_1 on CUDA, Q8_K on the CPU), so ≤ 0.25 std. Above
-//! that something is wrong with the kernels, not with rounding. The greedy argmax of the
-//! prompt must agree, and so must the first tokens of a greedy continuation.
+//! The comparison: greedy steps must agree until the end, or part only at a near-tie —
+//! where the CPU's own top-two log-probabilities are within the tolerance, so rounding
+//! may legitimately pick either. Tolerances: unquantized, the device runs bf16 weights and
+//! activations (8-bit mantissa, ~0.4 % per rounding, a few dozen roundings deep, on logits
+//! of standard deviation ~8): 0.5 nats. With Q4K both sides use the same 4-bit weights but
+//! quantize activations differently (Q8_1 on CUDA, Q8_K on the CPU): 1.5 nats. A divergence
+//! where the CPU was surer than that means the kernels are wrong, not the rounding.
+//! Logits are not read on the device: mistral.rs 0.8.1 fails ("dtype mismatch in mul, lhs:
+//! BF16, rhs: F32", retried forever) when a bf16 CUDA model is asked for raw logits or
+//! log-probabilities, as seen on an H100; so the tolerance is applied to the reference's
+//! distribution, and each case has a deadline.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::cli::Preset;
 use crate::engine::{Backend, MistralBackend, Prompt, Sampling, Step};
 use crate::settings::{Isq, ModelSettings, ModelSource};
 
 const PROMPT: &str = "The quick brown fox jumps over the lazy dog";
-const GREEDY_TOKENS: usize = 8;
+const GREEDY_TOKENS: usize = 12;
+/// Longest one case may take on the device before the self-test gives up on it.
+const CASE_DEADLINE: Duration = Duration::from_secs(60);
+const CASES: [(Option<Isq>, &str, f64); 2] = [(None, "none", 0.5), (Some(Isq::Q4K), "q4k", 1.5)];
 
 /// One comparison.
 #[derive(Debug, Clone, Serialize)]
 pub struct Case {
     pub isq: &'static str,
-    pub argmax_agrees: bool,
-    /// max |device − cpu| / std(cpu logits).
-    pub normalized_error: f64,
+    /// Steps where device and CPU picked the same token, out of `steps`.
+    pub agreeing_steps: usize,
+    pub steps: usize,
+    /// At the first divergence, the CPU's top-1 minus top-2 log-probability (nats).
+    pub tie_gap_at_divergence: Option<f64>,
     pub tolerance: f64,
     pub greedy_device: String,
     pub greedy_cpu: String,
-    pub greedy_agrees: bool,
     pub passed: bool,
 }
 
@@ -43,6 +52,16 @@ pub struct SelfTest {
     pub passed: bool,
     pub cases: Vec<Case>,
     pub seconds: f64,
+}
+
+/// What the CPU reference computed for one case.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Reference {
+    pub isq: String,
+    /// The text of each greedy step.
+    pub steps: Vec<String>,
+    /// Top-1 minus top-2 log-probability at each step.
+    pub gaps: Vec<f64>,
 }
 
 fn tiny(cpu: bool, isq: Option<Isq>) -> ModelSettings {
@@ -61,7 +80,9 @@ fn tiny(cpu: bool, isq: Option<Isq>) -> ModelSettings {
     }
 }
 
-async fn greedy(b: &MistralBackend, ids: Vec<u32>) -> anyhow::Result<String> {
+/// Greedy steps through the serving path (temperature 0, streamed).
+async fn greedy_steps(b: &MistralBackend) -> anyhow::Result<Vec<String>> {
+    let ids = b.tokenize(Prompt::Text(PROMPT.into())).await?;
     let mut rx = b
         .start(
             ids,
@@ -73,11 +94,11 @@ async fn greedy(b: &MistralBackend, ids: Vec<u32>) -> anyhow::Result<String> {
             },
         )
         .await?;
-    let mut text = String::new();
+    let mut steps = Vec::new();
     while let Some(step) = rx.recv().await {
         match step {
-            Step::Text { text: t, finish } => {
-                text.push_str(&t);
+            Step::Text { text, finish } => {
+                steps.push(text);
                 if finish.is_some() {
                     break;
                 }
@@ -85,62 +106,88 @@ async fn greedy(b: &MistralBackend, ids: Vec<u32>) -> anyhow::Result<String> {
             Step::Failed(e) => anyhow::bail!(e),
         }
     }
-    Ok(text)
+    Ok(steps)
 }
 
-fn compare(device: &[f32], cpu: &[f32]) -> (bool, f64) {
-    let argmax = |v: &[f32]| {
-        v.iter()
-            .enumerate()
-            .max_by(|a, b| a.1.total_cmp(b.1))
-            .map(|(i, _)| i)
-    };
-    let n = cpu.len().min(device.len());
-    let (d, c) = (&device[device.len() - n..], &cpu[cpu.len() - n..]);
-    let mean = c.iter().map(|x| *x as f64).sum::<f64>() / n as f64;
-    let std = (c.iter().map(|x| (*x as f64 - mean).powi(2)).sum::<f64>() / n as f64).sqrt();
-    let max_err = d
+/// The CPU reference (f32): greedy steps and the top-two gap of each.
+pub async fn reference() -> anyhow::Result<Vec<Reference>> {
+    let mut out = Vec::new();
+    for (isq, name, _) in CASES {
+        let b = MistralBackend::load(&tiny(true, isq)).await?;
+        let steps = greedy_steps(&b).await?;
+        let ids = b.tokenize(Prompt::Text(PROMPT.into())).await?;
+        let (_, top) = b.greedy_logprobs(ids, GREEDY_TOKENS, 2).await?;
+        let gaps = top
+            .iter()
+            .map(|t| match t.as_slice() {
+                [a, b, ..] => (a.1 - b.1) as f64,
+                _ => f64::INFINITY,
+            })
+            .collect();
+        out.push(Reference {
+            isq: name.into(),
+            steps,
+            gaps,
+        });
+    }
+    Ok(out)
+}
+
+async fn reference_from_child() -> anyhow::Result<Vec<Reference>> {
+    let exe = std::env::current_exe()?;
+    let out = tokio::process::Command::new(exe)
+        .args(["selftest", "--reference"])
+        .output()
+        .await?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "the CPU reference failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+                .lines()
+                .last()
+                .unwrap_or("")
+        );
+    }
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+/// Judges one case: agreement until the end, or a divergence at a near-tie.
+fn judge(device: &[String], r: &Reference, tolerance: f64) -> (usize, Option<f64>, bool) {
+    let agreeing = device
         .iter()
-        .zip(c)
-        .map(|(a, b)| (*a as f64 - *b as f64).abs())
-        .fold(0.0, f64::max);
-    (argmax(d) == argmax(c), max_err / std.max(1e-9))
+        .zip(&r.steps)
+        .take_while(|(d, c)| d == c)
+        .count();
+    if agreeing == r.steps.len() && device.len() == r.steps.len() {
+        return (agreeing, None, true);
+    }
+    let gap = r.gaps.get(agreeing).copied();
+    (agreeing, gap, gap.is_some_and(|g| g <= tolerance))
 }
 
-/// Runs the self-test on the GPU, or on the CPU against itself with `cpu`.
+/// Runs the self-test on the GPU, or with `cpu` on the CPU (proving the pipeline only).
 pub async fn run(cpu: bool) -> anyhow::Result<SelfTest> {
     let started = Instant::now();
+    let references = reference_from_child().await?;
     let mut cases = Vec::new();
-    for (isq, name, tolerance) in [(None, "none", 0.05), (Some(Isq::Q4K), "q4k", 0.25)] {
-        let reference = MistralBackend::load(&tiny(true, isq)).await?;
-        let device = if cpu {
-            None
-        } else {
-            Some(MistralBackend::load(&tiny(false, isq)).await?)
-        };
-        let subject = device.as_ref().unwrap_or(&reference);
-        let ids = reference.tokenize(Prompt::Text(PROMPT.into())).await?;
-        let (argmax_agrees, normalized_error) = compare(
-            &subject.prompt_logits(ids.clone()).await?,
-            &reference.prompt_logits(ids.clone()).await?,
-        );
-        let greedy_device = greedy(subject, ids.clone()).await?;
-        let greedy_cpu = greedy(&reference, ids).await?;
-        // Q4K may drift once tokens pass, but never on the first few characters.
-        let greedy_agrees = if isq.is_none() {
-            greedy_device == greedy_cpu
-        } else {
-            greedy_device.chars().take(4).eq(greedy_cpu.chars().take(4))
-        };
-        let passed = argmax_agrees && normalized_error <= tolerance && greedy_agrees;
+    for ((isq, name, tolerance), reference) in CASES.into_iter().zip(references) {
+        let device = tokio::time::timeout(CASE_DEADLINE, async {
+            let subject = MistralBackend::load(&tiny(cpu, isq)).await?;
+            greedy_steps(&subject).await
+        })
+        .await
+        .map_err(|_| {
+            anyhow::anyhow!("the {name} case did not finish within {CASE_DEADLINE:?}")
+        })??;
+        let (agreeing_steps, tie_gap_at_divergence, passed) = judge(&device, &reference, tolerance);
         cases.push(Case {
             isq: name,
-            argmax_agrees,
-            normalized_error,
+            agreeing_steps,
+            steps: reference.steps.len(),
+            tie_gap_at_divergence,
             tolerance,
-            greedy_device,
-            greedy_cpu,
-            greedy_agrees,
+            greedy_device: device.concat(),
+            greedy_cpu: reference.steps.concat(),
             passed,
         });
     }
@@ -150,4 +197,30 @@ pub async fn run(cpu: bool) -> anyhow::Result<SelfTest> {
         cases,
         seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn r(steps: &[&str], gaps: &[f64]) -> Reference {
+        Reference {
+            isq: "none".into(),
+            steps: steps.iter().map(|s| s.to_string()).collect(),
+            gaps: gaps.to_vec(),
+        }
+    }
+
+    #[test]
+    fn divergence_passes_only_at_a_near_tie() {
+        let reference = r(&["a", "b", "c"], &[3.0, 0.2, 4.0]);
+        let same: Vec<String> = ["a", "b", "c"].map(String::from).to_vec();
+        assert_eq!(judge(&same, &reference, 0.5), (3, None, true));
+        let at_tie: Vec<String> = ["a", "x", "y"].map(String::from).to_vec();
+        assert_eq!(judge(&at_tie, &reference, 0.5), (1, Some(0.2), true));
+        let sure: Vec<String> = ["z", "b", "c"].map(String::from).to_vec();
+        assert_eq!(judge(&sure, &reference, 0.5), (0, Some(3.0), false));
+        let short: Vec<String> = ["a"].map(String::from).to_vec();
+        assert!(!judge(&short, &reference, 0.5).2);
+    }
 }

@@ -275,29 +275,39 @@ fn response_kind(r: &Response) -> &'static str {
 }
 
 impl MistralBackend {
-    /// The logits of the last prompt position (for the self-test's comparison).
-    pub async fn prompt_logits(&self, prompt: Vec<u32>) -> Result<Vec<f32>, EngineError> {
+    /// Greedy-decodes `n` tokens and returns the text with the `top` log-probabilities of
+    /// every step (for the self-test's comparison; mistral.rs' raw-logits path fails on
+    /// CUDA with bf16 in 0.8.1: "dtype mismatch in mul, lhs: BF16, rhs: F32").
+    pub async fn greedy_logprobs(
+        &self,
+        prompt: Vec<u32>,
+        n: usize,
+        top: usize,
+    ) -> Result<(String, Vec<Vec<(u32, f32)>>), EngineError> {
         let sender = self
             .model
             .inner()
             .get_sender(None)
             .map_err(|e| EngineError::Internal(e.to_string()))?;
-        let (tx, mut rx) = mpsc::channel::<Response>(4);
-        let mut sampling = SamplingParams::deterministic();
-        sampling.max_len = Some(1);
+        let (tx, mut rx) = mpsc::channel::<Response>(64);
+        // No temperature is argmax; unlike `deterministic()` (top_k = 1) it leaves the
+        // other tokens' log-probabilities finite.
+        let mut sampling = SamplingParams::neutral();
+        sampling.max_len = Some(n);
+        sampling.top_n_logprobs = top;
         let request = Request::Normal(Box::new(NormalRequest {
             messages: RequestMessage::CompletionTokens(prompt),
             sampling_params: sampling,
             response: tx,
-            return_logprobs: false,
-            is_streaming: false,
+            return_logprobs: true,
+            is_streaming: true,
             id: 0,
             constraint: Constraint::None,
             suffix: None,
             tools: None,
             tool_choice: None,
             logits_processors: None,
-            return_raw_logits: true,
+            return_raw_logits: false,
             web_search_options: None,
             model_id: None,
             truncate_sequence: false,
@@ -306,24 +316,43 @@ impl MistralBackend {
             .send(request)
             .await
             .map_err(|_| EngineError::Internal("the engine has stopped".into()))?;
-        match rx.recv().await {
-            Some(Response::Raw { logits_chunks, .. }) => {
-                let last = logits_chunks
-                    .last()
-                    .ok_or_else(|| EngineError::Internal("no logits returned".into()))?;
-                let flat = last
-                    .to_dtype(mistralrs::DType::F32)
-                    .and_then(|t| t.flatten_all())
-                    .and_then(|t| t.to_vec1::<f32>())
-                    .map_err(|e| EngineError::Internal(e.to_string()))?;
-                Ok(flat)
+        let (mut text, mut steps) = (String::new(), Vec::new());
+        while let Some(resp) = rx.recv().await {
+            match resp {
+                Response::CompletionChunk(c) => {
+                    let Some(choice) = c.choices.into_iter().next() else {
+                        continue;
+                    };
+                    text.push_str(&choice.text);
+                    if let Some(lp) = choice.logprobs {
+                        // -inf (a token the model rules out) has no JSON form; -1e30 compares the same.
+                        steps.push(
+                            lp.top_logprobs
+                                .iter()
+                                .map(|t| {
+                                    (
+                                        t.token,
+                                        if t.logprob.is_finite() {
+                                            t.logprob
+                                        } else {
+                                            -1e30
+                                        },
+                                    )
+                                })
+                                .collect(),
+                        );
+                    }
+                    if choice.finish_reason.is_some() {
+                        break;
+                    }
+                }
+                Response::InternalError(e) | Response::ValidationError(e) => {
+                    return Err(EngineError::Internal(e.to_string()));
+                }
+                Response::CompletionModelError(m, _) => return Err(EngineError::Internal(m)),
+                _ => {}
             }
-            Some(Response::InternalError(e)) | Some(Response::ValidationError(e)) => {
-                Err(EngineError::Internal(e.to_string()))
-            }
-            _ => Err(EngineError::Internal(
-                "unexpected answer to a raw-logits request".into(),
-            )),
         }
+        Ok((text, steps))
     }
 }
