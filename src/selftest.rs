@@ -161,6 +161,10 @@ fn judge(device: &[String], r: &Reference, tolerance: f64) -> (usize, Option<f64
     if agreeing == r.steps.len() && device.len() == r.steps.len() {
         return (agreeing, None, true);
     }
+    if agreeing >= device.len() || agreeing >= r.steps.len() {
+        // One side stopped early: no divergence to excuse.
+        return (agreeing, None, false);
+    }
     let gap = r.gaps.get(agreeing).copied();
     (agreeing, gap, gap.is_some_and(|g| g <= tolerance))
 }
