@@ -90,6 +90,10 @@ fn build_stub(out: &Path) -> PathBuf {
         .status()
         .expect("running the C compiler");
     assert!(status.success(), "building the libcuda stub failed");
+    // `-lcuda` at link time finds the stub too, so no toolkit stub directory is needed.
+    let dev = dir.join("libcuda.so");
+    let _ = std::fs::remove_file(&dev);
+    std::os::unix::fs::symlink("libcuda.so.1", &dev).expect("libcuda.so link");
     dir
 }
 

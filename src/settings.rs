@@ -10,6 +10,8 @@ use crate::cli::{ModelArgs, Preset, ServeArgs, WorkerArgs};
 
 /// The model served when neither `--model` nor RunPod's `MODEL_NAME` says otherwise.
 pub const DEFAULT_MODEL: &str = "mistralai/Mixtral-8x7B-Instruct-v0.1";
+/// Where RunPod mounts a network volume.
+pub const RUNPOD_VOLUME: &str = "/runpod-volume";
 /// Context length used when neither `--max-model-len` nor `MAX_MODEL_LEN` is given.
 pub const DEFAULT_MAX_MODEL_LEN: usize = 8192;
 
@@ -205,7 +207,13 @@ impl ModelSettings {
             kv_cache_tokens,
             cpu: a.cpu,
             hf_token: non_empty(&a.hf_token),
-            hf_home: a.hf_home.clone(),
+            // RunPod mounts network volumes at /runpod-volume: weights kept there survive
+            // worker restarts, so that is the default cache when it exists.
+            hf_home: a.hf_home.clone().or_else(|| {
+                Path::new(RUNPOD_VOLUME)
+                    .is_dir()
+                    .then(|| Path::new(RUNPOD_VOLUME).join("huggingface"))
+            }),
             served_model_name,
             log_json: a.log_json,
         })
