@@ -27,6 +27,47 @@ struct Sample {
     gaps: Vec<f64>,
 }
 
+/// Token arrival times of one request, as they happen.
+struct Clock {
+    start: Instant,
+    first: Option<Instant>,
+    last: Instant,
+    gaps: Vec<f64>,
+}
+
+impl Clock {
+    fn new() -> Self {
+        let now = Instant::now();
+        Clock {
+            start: now,
+            first: None,
+            last: now,
+            gaps: Vec::new(),
+        }
+    }
+
+    /// A token arrived now.
+    fn token(&mut self) {
+        let now = Instant::now();
+        if self.first.is_some() {
+            self.gaps.push((now - self.last).as_secs_f64());
+        }
+        self.first.get_or_insert(now);
+        self.last = now;
+    }
+
+    fn finish(self, tokens: usize, prompt_tokens: usize) -> Sample {
+        Sample {
+            start: self.start,
+            first: self.first.unwrap_or(self.last),
+            end: self.last,
+            tokens,
+            prompt_tokens,
+            gaps: self.gaps,
+        }
+    }
+}
+
 /// Percentiles of a list of seconds, reported in milliseconds.
 #[derive(Debug, Clone, Serialize)]
 pub struct Percentiles {
@@ -134,7 +175,7 @@ async fn one_in_process(
     prompt: Vec<u32>,
     max_tokens: usize,
 ) -> Result<Sample> {
-    let start = Instant::now();
+    let mut clock = Clock::new();
     let prompt_tokens = prompt.len();
     let req = GenRequest {
         prompt: Prompt::Tokens(prompt),
@@ -145,29 +186,15 @@ async fn one_in_process(
         stop: vec![],
     };
     let mut g = engine.generate(req).await?;
-    let (mut first, mut last, mut gaps, mut tokens) = (None, start, Vec::new(), 0);
+    let mut tokens = 0;
     while let Some(ev) = g.events.recv().await {
         match ev {
-            Event::Text(_) => {
-                let now = Instant::now();
-                if first.is_some() {
-                    gaps.push((now - last).as_secs_f64());
-                }
-                first.get_or_insert(now);
-                last = now;
-            }
+            Event::Text(_) => clock.token(),
             Event::Done { usage, .. } => tokens = usage.completion_tokens,
             Event::Error(e) => return Err(e.into()),
         }
     }
-    Ok(Sample {
-        start,
-        first: first.unwrap_or(last),
-        end: last,
-        tokens,
-        prompt_tokens,
-        gaps,
-    })
+    Ok(clock.finish(tokens, prompt_tokens))
 }
 
 /// One streamed `/v1/completions` request over HTTP.
@@ -178,7 +205,7 @@ async fn one_http(
     prompt: Vec<u32>,
     max_tokens: usize,
 ) -> Result<Sample> {
-    let start = Instant::now();
+    let mut clock = Clock::new();
     let body = serde_json::json!({"prompt": prompt_text(&prompt), "max_tokens": max_tokens, "temperature": 0, "stream": true,
                                   "stream_options": {"include_usage": true}});
     let mut req = client.post(format!("{url}/v1/completions")).json(&body);
@@ -187,8 +214,7 @@ async fn one_http(
     }
     let resp = req.send().await?.error_for_status()?;
     let mut stream = resp.bytes_stream();
-    let (mut first, mut last, mut gaps, mut tokens, mut prompt_tokens, mut buf) =
-        (None, start, Vec::new(), 0, 0, String::new());
+    let (mut tokens, mut prompt_tokens, mut buf) = (0, 0, String::new());
     while let Some(chunk) = stream.next().await {
         buf.push_str(&String::from_utf8_lossy(&chunk?));
         while let Some(i) = buf.find("\n\n") {
@@ -207,23 +233,11 @@ async fn one_http(
                 .as_str()
                 .is_some_and(|t| !t.is_empty())
             {
-                let now = Instant::now();
-                if first.is_some() {
-                    gaps.push((now - last).as_secs_f64());
-                }
-                first.get_or_insert(now);
-                last = now;
+                clock.token();
             }
         }
     }
-    Ok(Sample {
-        start,
-        first: first.unwrap_or(last),
-        end: last,
-        tokens,
-        prompt_tokens,
-        gaps,
-    })
+    Ok(clock.finish(tokens, prompt_tokens))
 }
 
 /// Over HTTP the prompt travels as text of about the same length; the server's own count

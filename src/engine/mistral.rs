@@ -119,6 +119,32 @@ fn to_mistral_messages(messages: Vec<super::ChatMessage>) -> Vec<TemplateMessage
         .collect()
 }
 
+/// A streamed completion of token ids: how every generation reaches mistral.rs.
+fn completion_request(
+    prompt: Vec<u32>,
+    sampling: SamplingParams,
+    tx: mpsc::Sender<Response>,
+    logprobs: bool,
+) -> Request {
+    Request::Normal(Box::new(NormalRequest {
+        messages: RequestMessage::CompletionTokens(prompt),
+        sampling_params: sampling,
+        response: tx,
+        return_logprobs: logprobs,
+        is_streaming: true,
+        id: 0,
+        constraint: Constraint::None,
+        suffix: None,
+        tools: None,
+        tool_choice: None,
+        logits_processors: None,
+        return_raw_logits: false,
+        web_search_options: None,
+        model_id: None,
+        truncate_sequence: false,
+    }))
+}
+
 fn finish_of(reason: &str) -> FinishReason {
     match reason {
         "length" => FinishReason::Length,
@@ -202,23 +228,7 @@ impl Backend for MistralBackend {
             sampling.top_p = s.top_p;
             sampling.top_k = s.top_k;
             sampling.max_len = Some(s.max_tokens);
-            let request = Request::Normal(Box::new(NormalRequest {
-                messages: RequestMessage::CompletionTokens(prompt),
-                sampling_params: sampling,
-                response: tx,
-                return_logprobs: false,
-                is_streaming: true,
-                id: 0,
-                constraint: Constraint::None,
-                suffix: None,
-                tools: None,
-                tool_choice: None,
-                logits_processors: None,
-                return_raw_logits: false,
-                web_search_options: None,
-                model_id: None,
-                truncate_sequence: false,
-            }));
+            let request = completion_request(prompt, sampling, tx, false);
             sender
                 .send(request)
                 .await
@@ -295,23 +305,7 @@ impl MistralBackend {
         let mut sampling = SamplingParams::neutral();
         sampling.max_len = Some(n);
         sampling.top_n_logprobs = top;
-        let request = Request::Normal(Box::new(NormalRequest {
-            messages: RequestMessage::CompletionTokens(prompt),
-            sampling_params: sampling,
-            response: tx,
-            return_logprobs: true,
-            is_streaming: true,
-            id: 0,
-            constraint: Constraint::None,
-            suffix: None,
-            tools: None,
-            tool_choice: None,
-            logits_processors: None,
-            return_raw_logits: false,
-            web_search_options: None,
-            model_id: None,
-            truncate_sequence: false,
-        }));
+        let request = completion_request(prompt, sampling, tx, true);
         sender
             .send(request)
             .await
