@@ -18,6 +18,8 @@ use crate::support::binary;
 #[derive(Default)]
 struct Emulator {
     queue: VecDeque<Value>,
+    /// Takes whose connection is dropped without an answer.
+    take_drops: usize,
     take_failures: usize,
     take_rate_limits: usize,
     /// Result posts refused (500) before one is accepted, per job.
@@ -34,6 +36,12 @@ type Shared = Arc<Mutex<Emulator>>;
 
 async fn take_one(State(s): State<Shared>) -> Response {
     let mut e = s.lock().unwrap();
+    if e.take_drops > 0 {
+        e.take_drops -= 1;
+        drop(e);
+        // Unwinding out of the handler makes the server close the connection unanswered.
+        std::panic::resume_unwind(Box::new("emulated dropped connection"));
+    }
     if e.take_failures > 0 {
         e.take_failures -= 1;
         return StatusCode::INTERNAL_SERVER_ERROR.into_response();
@@ -253,6 +261,11 @@ fn every_job_is_answered_exactly_once_through_faults() {
         "exactly one accepted answer each"
     );
     assert_eq!(e.refused_done, 2, "the refused posts were retried");
+    assert_eq!(
+        (e.take_drops, e.take_failures, e.take_rate_limits),
+        (0, 0, 0),
+        "every take fault was met"
+    );
     for (id, _, _, request_id, auth) in &e.done {
         assert_eq!(request_id, id);
         assert_eq!(auth, "rp-key", "raw key, no Bearer");
