@@ -90,7 +90,7 @@ craneLib.buildPackage (
     '';
     # Build-only CUDA parts must never reach the runtime closure (or the image).
     disallowedReferences = lib.optionals cudaSupport [
-      cudaPackages.cuda_nvcc
+      (lib.getBin cudaPackages.cuda_nvcc)
       cudaRoot
     ];
     passthru = {

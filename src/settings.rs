@@ -424,6 +424,47 @@ mod tests {
     }
 
     #[test]
+    fn worker_without_runpod_variables_names_the_missing_one() {
+        let cli = crate::cli::Cli::try_parse_from([
+            "zopilot-gpu",
+            "worker",
+            "--model",
+            "synthetic:tiny",
+            "--get-job",
+            "http://h/job-take/$ID?x=1",
+        ])
+        .unwrap();
+        let Some(crate::cli::Command::Worker(a)) = cli.command else {
+            unreachable!()
+        };
+        if std::env::var_os("RUNPOD_WEBHOOK_POST_OUTPUT").is_none() {
+            let e = WorkerSettings::from_args(&a).unwrap_err().to_string();
+            assert!(
+                e.contains("RUNPOD_WEBHOOK_POST_OUTPUT") && e.contains("--test-input"),
+                "{e}"
+            );
+        }
+        let cli = crate::cli::Cli::try_parse_from([
+            "zopilot-gpu",
+            "worker",
+            "--model",
+            "synthetic:tiny",
+            "--test-input",
+            "{not json",
+        ])
+        .unwrap();
+        let Some(crate::cli::Command::Worker(a)) = cli.command else {
+            unreachable!()
+        };
+        assert!(
+            WorkerSettings::from_args(&a)
+                .unwrap_err()
+                .to_string()
+                .contains("--test-input")
+        );
+    }
+
+    #[test]
     fn health_port_equal_to_port_is_off() {
         let s = serve(&[
             "--model",
