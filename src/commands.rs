@@ -94,17 +94,39 @@ fn serve(args: ServeArgs) -> Result<ExitCode> {
     settings.model.export_hf_home();
     init_logging(settings.model.log_json);
     // Before anything is downloaded or loaded: every version and device fact, with fixes.
-    let report = preflight::run(&settings.model);
-    for line in report.render().lines() {
-        tracing::info!(target: "zopilot_gpu::preflight", "{line}");
-    }
-    if report.failed() {
-        eprint!("{}", report.render());
-        eprintln!("error: start-up checks failed; nothing was loaded");
-        return Ok(ExitCode::from(EXIT_PREFLIGHT));
+    if let Some(stop) = start_checks(&settings.model) {
+        return Ok(stop);
     }
     runtime()?.block_on(serve_async(settings))?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// The start-up checks every long-running mode runs before anything is downloaded or
+/// loaded; `Some(exit code)` when the start must stop.
+fn start_checks(model: &ModelSettings) -> Option<ExitCode> {
+    let report = preflight::run(model);
+    for line in report.render().lines() {
+        tracing::info!(target: "zopilot_gpu::preflight", "{line}");
+    }
+    if !report.failed() {
+        return None;
+    }
+    eprint!("{}", report.render());
+    eprintln!("error: start-up checks failed; nothing was loaded");
+    Some(ExitCode::from(EXIT_PREFLIGHT))
+}
+
+/// On SIGTERM/SIGINT: stop admitting work, then cancel `token` (listeners and loops).
+fn drain_on_signal(engine: Arc<Engine>, token: CancellationToken) {
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        tracing::info!(
+            in_flight = engine.in_flight(),
+            "shutdown requested; draining"
+        );
+        engine.drain();
+        token.cancel();
+    });
 }
 
 fn check(a: CheckArgs) -> Result<ExitCode> {
@@ -182,18 +204,7 @@ async fn serve_async(s: Settings) -> Result<()> {
     let listener = bind(s.server.listen).await?;
     tracing::info!(addr = %listener.local_addr()?, model = %engine.model_name, "listening; loading the model");
     let token = CancellationToken::new();
-    {
-        let (token, engine) = (token.clone(), engine.clone());
-        tokio::spawn(async move {
-            shutdown_signal().await;
-            tracing::info!(
-                in_flight = engine.in_flight(),
-                "shutdown requested; draining"
-            );
-            engine.drain();
-            token.cancel();
-        });
-    }
+    drain_on_signal(engine.clone(), token.clone());
     let mut servers = tokio::task::JoinSet::new();
     if let Some(addr) = s.server.health_listen {
         let health = bind(addr).await?;
@@ -308,10 +319,8 @@ fn worker(a: WorkerArgs) -> Result<ExitCode> {
     if let Some(endpoint) = &s.endpoint_id {
         tracing::info!(endpoint_id = %endpoint, "RunPod endpoint");
     }
-    let report = preflight::run(&s.model);
-    if report.failed() {
-        eprint!("{}", report.render());
-        return Ok(ExitCode::from(EXIT_PREFLIGHT));
+    if let Some(stop) = start_checks(&s.model) {
+        return Ok(stop);
     }
     runtime()?.block_on(async move {
         let engine = Arc::new(Engine::new(
@@ -325,15 +334,7 @@ fn worker(a: WorkerArgs) -> Result<ExitCode> {
             body_limit: 64 << 20,
         };
         let token = CancellationToken::new();
-        {
-            let (token, engine) = (token.clone(), engine.clone());
-            tokio::spawn(async move {
-                shutdown_signal().await;
-                tracing::info!("SIGTERM: finishing running jobs");
-                engine.drain();
-                token.cancel();
-            });
-        }
+        drain_on_signal(engine.clone(), token.clone());
         if let Some(addr) = s.health_listen {
             let listener = bind(addr).await?;
             let router = api::health_app(state.clone());
