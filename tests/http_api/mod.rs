@@ -468,3 +468,48 @@ async fn metrics_and_openapi_describe_the_server() {
     assert_eq!(status, 404);
     assert!(body.contains("/nope"));
 }
+
+#[tokio::test]
+async fn a_request_past_its_timeout_is_cancelled_with_504() {
+    let s = support::start(&["--request-timeout", "1", "--max-model-len", "2048"], true);
+    let started = std::time::Instant::now();
+    let (status, body) = post(
+        &s,
+        "/prompt",
+        json!({"prompt": "on and on", "max_tokens": 2000}),
+    )
+    .await;
+    assert_eq!(status, 504, "{body}");
+    assert_eq!(body["error"]["type"], "timeout");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "cancelled at the deadline, not at the end"
+    );
+    assert!(eventually(Duration::from_secs(5), async || s.engine.in_flight() == 0).await);
+}
+
+#[tokio::test]
+async fn a_non_streaming_client_that_leaves_cancels_too() {
+    let s = support::narrow();
+    let _g = s.exclusive.lock().await;
+    let before = get(s, "/metrics").await.1;
+    let c = support::client();
+    let req = c
+        .post(format!("{}/prompt", s.url))
+        .json(&json!({"prompt": "long", "max_tokens": 1900}))
+        .send();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), req)
+            .await
+            .is_err(),
+        "still generating"
+    );
+    assert!(eventually(Duration::from_secs(10), async || s.engine.in_flight() == 0).await);
+    let after = get(s, "/metrics").await.1;
+    let generated = metric(&after, "zopilot_generated_tokens_total")
+        - metric(&before, "zopilot_generated_tokens_total");
+    assert!(
+        generated < 1900.0,
+        "the sequence stopped when the client left: {generated} tokens"
+    );
+}
