@@ -200,6 +200,15 @@ pub struct ModelArgs {
     #[arg(long, env = "HF_HOME")]
     pub hf_home: Option<PathBuf>,
 
+    /// Hugging Face endpoint (a mirror, or a local emulator in tests).
+    #[arg(
+        long,
+        env = "HF_ENDPOINT",
+        default_value = "https://huggingface.co",
+        hide = true
+    )]
+    pub hf_endpoint: String,
+
     /// Name the model is served as on /v1/models and in responses (default: --model).
     #[arg(long, env = "ZOPILOT_SERVED_MODEL_NAME")]
     pub served_model_name: Option<String>,

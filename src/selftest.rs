@@ -75,6 +75,7 @@ fn tiny(cpu: bool, isq: Option<Isq>) -> ModelSettings {
         cpu,
         hf_token: None,
         hf_home: None,
+        hf_endpoint: String::new(),
         served_model_name: "selftest".into(),
         log_json: false,
     }

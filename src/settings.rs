@@ -94,6 +94,8 @@ pub struct ModelSettings {
     pub cpu: bool,
     pub hf_token: Option<String>,
     pub hf_home: Option<PathBuf>,
+    /// Where config.json comes from (mistral.rs' downloader reads HF_ENDPOINT itself).
+    pub hf_endpoint: String,
     /// Name reported on /v1/models and in every response.
     pub served_model_name: String,
     pub log_json: bool,
@@ -215,6 +217,7 @@ impl ModelSettings {
                     .then(|| Path::new(RUNPOD_VOLUME).join("huggingface"))
             }),
             served_model_name,
+            hf_endpoint: a.hf_endpoint.clone(),
             log_json: a.log_json,
         })
     }

@@ -4,6 +4,7 @@
 //! a failure. The JSON schema (`zopilot-gpu/check/v1`) is documented in README.md.
 
 pub mod driver;
+pub mod hub;
 pub mod rules;
 
 use std::path::{Path, PathBuf};
@@ -181,41 +182,57 @@ pub fn hf_cache_dir(m: &ModelSettings) -> PathBuf {
         })
 }
 
-/// The model's shapes: from a local config.json, the HF cache, or built-in tables.
-fn model_shapes(m: &ModelSettings, cache: &Path) -> Option<Shapes> {
-    let from_config = |p: &Path| -> Option<Shapes> {
-        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(p).ok()?).ok()?;
-        let n = |k: &str| v[k].as_u64().map(|x| x as usize);
-        Some(Shapes {
-            vocab: n("vocab_size")?,
-            hidden: n("hidden_size")?,
-            intermediate: n("intermediate_size")?,
-            layers: n("num_hidden_layers")?,
-            heads: n("num_attention_heads")?,
-            kv_heads: n("num_key_value_heads").or(n("num_attention_heads"))?,
-            experts: n("num_local_experts").unwrap_or(1),
-            experts_per_tok: n("num_experts_per_tok").unwrap_or(1),
-            max_positions: n("max_position_embeddings").unwrap_or(4096),
-        })
-    };
+/// Shapes from a config.json's fields.
+fn shapes_from_config(v: &serde_json::Value) -> Option<Shapes> {
+    let n = |k: &str| v[k].as_u64().map(|x| x as usize);
+    Some(Shapes {
+        vocab: n("vocab_size")?,
+        hidden: n("hidden_size")?,
+        intermediate: n("intermediate_size")?,
+        layers: n("num_hidden_layers")?,
+        heads: n("num_attention_heads")?,
+        kv_heads: n("num_key_value_heads").or(n("num_attention_heads"))?,
+        experts: n("num_local_experts").unwrap_or(1),
+        experts_per_tok: n("num_experts_per_tok").unwrap_or(1),
+        max_positions: n("max_position_embeddings").unwrap_or(4096),
+    })
+}
+
+fn read_config(p: &Path) -> Option<serde_json::Value> {
+    serde_json::from_slice(&std::fs::read(p).ok()?).ok()
+}
+
+/// A Hub model's config.json already in the download cache, if any.
+fn cached_config(id: &str, cache: &Path) -> Option<serde_json::Value> {
+    let snapshots = cache
+        .join("hub")
+        .join(format!("models--{}", id.replace('/', "--")))
+        .join("snapshots");
+    std::fs::read_dir(snapshots)
+        .ok()?
+        .flatten()
+        .find_map(|e| read_config(&e.path().join("config.json")))
+}
+
+/// The model's shapes: from a local or cached config.json, the one fetched from the Hub,
+/// or the built-in Mixtral table.
+fn model_shapes(m: &ModelSettings, cache: &Path, remote: Option<&hub::Remote>) -> Option<Shapes> {
     match &m.source {
         ModelSource::Synthetic(p) => Some(Shapes::of(*p, None)),
-        ModelSource::Local(dir) => from_config(&dir.join("config.json")),
-        ModelSource::Hub(id) => {
-            let snapshots = cache
-                .join("hub")
-                .join(format!("models--{}", id.replace('/', "--")))
-                .join("snapshots");
-            let cached = std::fs::read_dir(snapshots).ok().and_then(|entries| {
-                entries
-                    .flatten()
-                    .find_map(|e| from_config(&e.path().join("config.json")))
-            });
-            cached.or_else(|| {
+        ModelSource::Local(dir) => read_config(&dir.join("config.json"))
+            .as_ref()
+            .and_then(shapes_from_config),
+        ModelSource::Hub(id) => cached_config(id, cache)
+            .or_else(|| match remote {
+                Some(hub::Remote::Config(v)) => Some(v.clone()),
+                _ => None,
+            })
+            .as_ref()
+            .and_then(shapes_from_config)
+            .or_else(|| {
                 id.starts_with("mistralai/Mixtral-8x7B")
                     .then(|| Shapes::of(Preset::Mixtral8x7b, None))
-            })
-        }
+            }),
     }
 }
 
@@ -246,7 +263,13 @@ pub fn memory_plan(s: &Shapes, isq: Option<Isq>, kv_tokens: usize) -> MemoryPlan
     }
 }
 
-fn model_checks(m: &ModelSettings, shapes: Option<&Shapes>, host: &HostFacts, report: &mut Report) {
+fn model_checks(
+    m: &ModelSettings,
+    shapes: Option<&Shapes>,
+    remote: Option<&hub::Remote>,
+    host: &HostFacts,
+    report: &mut Report,
+) {
     let bf16_bytes = shapes.map(|s| s.parameters() * 2);
     match &m.source {
         ModelSource::Synthetic(_) => report.push(Check::new(
@@ -292,35 +315,7 @@ fn model_checks(m: &ModelSettings, shapes: Option<&Shapes>, host: &HostFacts, re
             }
         }
         ModelSource::Hub(id) => {
-            let token_file = host.cache_dir.join("token");
-            let gated = id.starts_with("mistralai/") || id.starts_with("meta-llama/");
-            if gated && m.hf_token.is_none() && !token_file.exists() {
-                report.push(
-                    Check::new(
-                        "model",
-                        Verdict::Fail,
-                        format!("{id} is gated and no Hugging Face token is set"),
-                    )
-                    .fix("accept the licence on huggingface.co, then set HF_TOKEN (or --hf-token)"),
-                );
-            } else if !host.cache_writable {
-                report.push(Check::new("model", Verdict::Fail, format!("cannot write to the model cache {}", host.cache_dir.display()))
-                    .fix("set HF_HOME (or --hf-home) to a writable directory, e.g. /runpod-volume/huggingface"));
-            } else {
-                report.push(Check::new(
-                    "model",
-                    Verdict::Pass,
-                    format!(
-                        "{id}: token {}, cache {} writable",
-                        if m.hf_token.is_some() {
-                            "set"
-                        } else {
-                            "not needed or cached"
-                        },
-                        host.cache_dir.display()
-                    ),
-                ));
-            }
+            report.push(hub_model_check(id, m, remote, host));
             match (bf16_bytes, host.cache_free_bytes) {
                 (Some(need), Some(free)) if free < need => report.push(
                     Check::new("disk", Verdict::Fail, format!("the download needs up to {:.1} GiB; {} has {:.1} GiB free", rules::gib(need), host.cache_dir.display(), rules::gib(free)))
@@ -355,6 +350,82 @@ fn model_checks(m: &ModelSettings, shapes: Option<&Shapes>, host: &HostFacts, re
             c
         });
     }
+}
+
+/// Access to a Hub model: a token for gated repositories, what the Hub said of its
+/// config.json, and a writable cache.
+fn hub_model_check(
+    id: &str,
+    m: &ModelSettings,
+    remote: Option<&hub::Remote>,
+    host: &HostFacts,
+) -> Check {
+    let gated = id.starts_with("mistralai/") || id.starts_with("meta-llama/");
+    if gated && m.hf_token.is_none() && !host.cache_dir.join("token").exists() {
+        return Check::new(
+            "model",
+            Verdict::Fail,
+            format!("{id} is gated and no Hugging Face token is set"),
+        )
+        .fix("accept the licence on huggingface.co, then set HF_TOKEN (or --hf-token)");
+    }
+    match remote {
+        Some(hub::Remote::NoAccess(status)) => {
+            return Check::new(
+                "model",
+                Verdict::Fail,
+                format!("the Hub refused {id} ({status}): this token has no access"),
+            )
+            .fix(format!(
+                "accept the licence at {}/{id} with the token's account, or use a token that has",
+                m.hf_endpoint
+            ));
+        }
+        Some(hub::Remote::NotFound) => {
+            let rev = m.revision.as_deref().unwrap_or("main");
+            return Check::new(
+                "model",
+                Verdict::Fail,
+                format!("{id} at revision {rev} does not exist on the Hub"),
+            )
+            .fix("check --model and --revision");
+        }
+        _ => {}
+    }
+    if !host.cache_writable {
+        return Check::new(
+            "model",
+            Verdict::Fail,
+            format!(
+                "cannot write to the model cache {}",
+                host.cache_dir.display()
+            ),
+        )
+        .fix(
+            "set HF_HOME (or --hf-home) to a writable directory, e.g. /runpod-volume/huggingface",
+        );
+    }
+    if let Some(hub::Remote::Unreachable(why)) = remote {
+        return Check::new(
+            "model",
+            Verdict::Warn,
+            format!("could not read {id}'s config.json: {why}"),
+        )
+        .fix("check the network (or HF_ENDPOINT); the download will fail the same way");
+    }
+    let token = if m.hf_token.is_some() {
+        "set"
+    } else {
+        "not needed or cached"
+    };
+    Check::new(
+        "model",
+        Verdict::Pass,
+        format!(
+            "{id}: token {token}, cache {} writable",
+            host.cache_dir.display()
+        ),
+    )
 }
 
 /// Runs every check. `cpu` skips the GPU ones.
@@ -392,7 +463,24 @@ pub fn run(m: &ModelSettings) -> Report {
     } else {
         report.push(Check::new("driver", Verdict::Skip, "running on the CPU"));
     }
-    let shapes = model_shapes(m, &host.cache_dir);
+    // Before any weight: the model's own config.json, from the cache or fetched alone.
+    let remote = match &m.source {
+        ModelSource::Hub(id) if cached_config(id, &host.cache_dir).is_none() => {
+            let cached_token = std::fs::read_to_string(host.cache_dir.join("token")).ok();
+            let token = m
+                .hf_token
+                .clone()
+                .or_else(|| cached_token.map(|t| t.trim().to_owned()));
+            Some(hub::fetch_config(
+                &m.hf_endpoint,
+                id,
+                m.revision.as_deref(),
+                token.as_deref(),
+            ))
+        }
+        _ => None,
+    };
+    let shapes = model_shapes(m, &host.cache_dir, remote.as_ref());
     match &shapes {
         Some(s) if gpu => {
             let plan = memory_plan(s, m.isq, m.kv_cache_tokens);
@@ -412,7 +500,7 @@ pub fn run(m: &ModelSettings) -> Report {
             .fix("none needed; the plan is checked against the real config after download"),
         ),
     }
-    model_checks(m, shapes.as_ref(), &host, &mut report);
+    model_checks(m, shapes.as_ref(), remote.as_ref(), &host, &mut report);
     report.duration_ms = started.elapsed().as_secs_f64() * 1e3;
     report
 }

@@ -425,3 +425,91 @@ fn bench_json_on_the_tiny_model_emits_the_documented_fields() {
         }
     }
 }
+
+/// A Hugging Face endpoint on loopback: one open model, one gated, nothing else.
+async fn hub_emulator() -> String {
+    use axum::extract::Path;
+    use axum::http::StatusCode;
+    use axum::response::IntoResponse;
+    async fn config(Path((owner, name)): Path<(String, String)>) -> axum::response::Response {
+        match (owner.as_str(), name.as_str()) {
+            ("org", "moe") => axum::Json(json!({
+                "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 4,
+                "num_attention_heads": 32, "num_key_value_heads": 8, "num_local_experts": 8, "num_experts_per_tok": 2
+            }))
+            .into_response(),
+            ("mistralai", _) => StatusCode::FORBIDDEN.into_response(),
+            _ => StatusCode::NOT_FOUND.into_response(),
+        }
+    }
+    let app = axum::Router::new().route(
+        "/{owner}/{name}/resolve/main/config.json",
+        axum::routing::get(config),
+    );
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", l.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(l, app).await });
+    url
+}
+
+async fn check_json(endpoint: &str, args: &[&str], token: Option<&str>) -> (i32, Value) {
+    let cache = tempfile::tempdir().unwrap();
+    let mut cmd = tokio::process::Command::from(binary());
+    cmd.args(["check", "--json"])
+        .args(args)
+        .env("HF_ENDPOINT", endpoint)
+        .env("HF_HOME", cache.path());
+    match token {
+        Some(t) => cmd.env("HF_TOKEN", t),
+        None => cmd.env_remove("HF_TOKEN"),
+    };
+    let out = cmd.output().await.unwrap();
+    (
+        out.status.code().unwrap(),
+        serde_json::from_slice(&out.stdout).unwrap(),
+    )
+}
+
+fn check_of<'a>(r: &'a Value, id: &str) -> &'a Value {
+    r["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["id"] == id)
+        .unwrap_or_else(|| panic!("no {id} check in {r}"))
+}
+
+#[tokio::test]
+async fn check_reads_a_hub_models_config_before_any_weight() {
+    let hub = hub_emulator().await;
+    let (code, r) = check_json(&hub, &["--model", "org/moe"], None).await;
+    assert_eq!(code, 0, "{r}");
+    assert_eq!(check_of(&r, "model")["verdict"], "pass");
+    // The shapes came from the fetched config.json: 4 layers of Mixtral ≈ 6.2 B parameters.
+    let hm = check_of(&r, "host_memory")["summary"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        hm.contains("11.") || hm.contains("12."),
+        "bf16 size of 4 Mixtral layers in {hm}"
+    );
+
+    let (code, r) = check_json(&hub, &[], Some("hf_without_access")).await;
+    assert_eq!(code, 3);
+    let model = check_of(&r, "model");
+    assert!(
+        model["summary"].as_str().unwrap().contains("no access"),
+        "{model}"
+    );
+    assert!(model["fix"].as_str().unwrap().contains("licence"));
+
+    let (code, r) = check_json(&hub, &["--model", "org/missing"], None).await;
+    assert_eq!(code, 3);
+    assert!(
+        check_of(&r, "model")["summary"]
+            .as_str()
+            .unwrap()
+            .contains("does not exist")
+    );
+}
