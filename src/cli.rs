@@ -79,6 +79,16 @@ pub struct WorkerArgs {
     )]
     pub ping_interval_ms: u64,
 
+    /// Timeout of result, stream and heartbeat calls, in milliseconds (the long-polls
+    /// take 90 s).
+    #[arg(
+        long,
+        env = "ZOPILOT_RUNPOD_CALL_TIMEOUT_MS",
+        default_value_t = 30_000,
+        hide = true
+    )]
+    pub call_timeout_ms: u64,
+
     /// Endpoint id, added to JSON logs.
     #[arg(long, env = "RUNPOD_ENDPOINT_ID", hide = true)]
     pub endpoint_id: Option<String>,

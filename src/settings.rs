@@ -283,6 +283,8 @@ pub struct JobServer {
     pub api_key: String,
     pub worker_id: String,
     pub ping_interval: Duration,
+    /// Timeout of every call but the long-polls.
+    pub call_timeout: Duration,
 }
 
 /// How the worker runs: against a job server, or one local test job.
@@ -346,6 +348,7 @@ impl WorkerSettings {
                 worker_id: non_empty(&a.pod_id)
                     .unwrap_or_else(|| format!("local-{}", std::process::id())),
                 ping_interval: Duration::from_millis(a.ping_interval_ms),
+                call_timeout: Duration::from_millis(a.call_timeout_ms.max(100)),
             })
         };
         Ok(Self {

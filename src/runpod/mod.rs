@@ -23,8 +23,6 @@ use crate::settings::JobServer;
 const VERSION: &str = concat!("zopilot-gpu/", env!("CARGO_PKG_VERSION"));
 /// The SDK's long-poll client timeout.
 const TAKE_TIMEOUT: Duration = Duration::from_secs(90);
-/// Every other call's timeout.
-const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// Attempts at posting one result before giving up (and logging it).
 const POST_ATTEMPTS: u32 = 6;
 
@@ -88,6 +86,8 @@ struct Worker {
     http: reqwest::Client,
     urls: Urls,
     key: String,
+    /// Timeout of result, stream and heartbeat calls.
+    call_timeout: Duration,
     router: Router,
     in_progress: InProgress,
     aggregate_stream: bool,
@@ -108,6 +108,7 @@ pub async fn run(
             .build()?,
         urls: Urls::new(&server),
         key: server.api_key.clone(),
+        call_timeout: server.call_timeout,
         router,
         in_progress: Arc::default(),
         aggregate_stream,
@@ -307,7 +308,7 @@ impl Worker {
                 .header("Content-Type", "application/x-www-form-urlencoded")
                 .header("X-Request-ID", id)
                 .header("Authorization", &self.key)
-                .timeout(CALL_TIMEOUT)
+                .timeout(self.call_timeout)
                 .body(text.clone())
                 .send()
                 .await;
@@ -341,7 +342,7 @@ impl Worker {
                 .http
                 .get(url)
                 .header("Authorization", &self.key)
-                .timeout(CALL_TIMEOUT)
+                .timeout(self.call_timeout)
                 .send()
                 .await
             {
@@ -433,6 +434,7 @@ mod tests {
             api_key: "k".into(),
             worker_id: "w1".into(),
             ping_interval: Duration::from_secs(10),
+            call_timeout: Duration::from_secs(30),
         };
         let u = Urls::new(&s);
         assert_eq!(

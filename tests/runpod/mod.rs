@@ -24,6 +24,8 @@ struct Emulator {
     take_rate_limits: usize,
     /// Result posts refused (500) before one is accepted, per job.
     done_failures: std::collections::HashMap<String, usize>,
+    /// Result posts recorded but answered after the worker's timeout, per job.
+    done_slow: std::collections::HashMap<String, usize>,
     stop: Vec<String>,
     /// (job, isStream, body, X-Request-ID, Authorization) of accepted result posts.
     done: Vec<(String, String, Value, String, String)>,
@@ -90,25 +92,38 @@ async fn done(
     h: HeaderMap,
     body: String,
 ) -> StatusCode {
-    let mut e = s.lock().unwrap();
-    if let Some(n) = e.done_failures.get_mut(&job).filter(|n| **n > 0) {
-        *n -= 1;
-        e.refused_done += 1;
-        return StatusCode::INTERNAL_SERVER_ERROR;
-    }
-    let header = |k: &str| {
-        h.get(k)
-            .map(|v| v.to_str().unwrap().to_owned())
-            .unwrap_or_default()
+    let slow = {
+        let mut e = s.lock().unwrap();
+        if let Some(n) = e.done_failures.get_mut(&job).filter(|n| **n > 0) {
+            *n -= 1;
+            e.refused_done += 1;
+            return StatusCode::INTERNAL_SERVER_ERROR;
+        }
+        let header = |k: &str| {
+            h.get(k)
+                .map(|v| v.to_str().unwrap().to_owned())
+                .unwrap_or_default()
+        };
+        let slow = e
+            .done_slow
+            .get_mut(&job)
+            .filter(|n| **n > 0)
+            .map(|n| *n -= 1)
+            .is_some();
+        let record = (
+            job,
+            q.get("isStream").cloned().unwrap_or_default(),
+            serde_json::from_str(&body).unwrap(),
+            header("x-request-id"),
+            header("authorization"),
+        );
+        e.done.push(record);
+        slow
     };
-    let record = (
-        job,
-        q.get("isStream").cloned().unwrap_or_default(),
-        serde_json::from_str(&body).unwrap(),
-        header("x-request-id"),
-        header("authorization"),
-    );
-    e.done.push(record);
+    if slow {
+        // Processed, but the answer comes after the worker has given up waiting.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+    }
     StatusCode::OK
 }
 
@@ -168,6 +183,10 @@ impl Drop for Worker {
 }
 
 fn spawn_worker(base: &str, seqs: &str) -> Worker {
+    spawn_worker_with(base, seqs, &[])
+}
+
+fn spawn_worker_with(base: &str, seqs: &str, env: &[(&str, &str)]) -> Worker {
     Worker(
         binary()
             .args([
@@ -199,6 +218,7 @@ fn spawn_worker(base: &str, seqs: &str) -> Worker {
             .env("RUNPOD_AI_API_KEY", "rp-key")
             .env("RUNPOD_POD_ID", "worker-1")
             .env("RUNPOD_PING_INTERVAL", "100")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -389,4 +409,39 @@ fn sigterm_mid_job_finishes_posts_and_exits_zero() {
         e.done[0].2["output"]["usage"]["completion_tokens"], 1500,
         "the running job finished"
     );
+}
+
+#[test]
+fn a_result_answered_too_late_is_posted_again_unchanged() {
+    let mut e = Emulator::default();
+    e.done_slow.insert("slow".into(), 1);
+    e.queue.extend([
+        job("slow", json!({"prompt": "x", "max_tokens": 3})),
+        job("after", json!({"prompt": "y", "max_tokens": 2})),
+    ]);
+    let (state, base) = emulator(e);
+    let _w = spawn_worker_with(&base, "1", &[("ZOPILOT_RUNPOD_CALL_TIMEOUT_MS", "300")]);
+    assert!(wait_for(Duration::from_secs(30), || state
+        .lock()
+        .unwrap()
+        .done
+        .iter()
+        .any(|d| d.0 == "after")));
+    let e = state.lock().unwrap();
+    let slow: Vec<&Value> = e
+        .done
+        .iter()
+        .filter(|d| d.0 == "slow")
+        .map(|d| &d.2)
+        .collect();
+    assert!(
+        slow.len() >= 2,
+        "the timed-out post was retried: {} posts",
+        slow.len()
+    );
+    assert!(
+        slow.iter().all(|b| *b == slow[0]),
+        "every post of a job carries the same result"
+    );
+    assert_eq!(slow[0]["output"]["usage"]["completion_tokens"], 3);
 }
