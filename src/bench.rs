@@ -13,7 +13,7 @@ use serde::Serialize;
 
 use crate::engine::{Engine, Event, GenRequest, Prompt};
 use crate::metrics::Metrics;
-use crate::settings::{ModelSettings, ModelSource};
+use crate::settings::ModelSettings;
 
 /// What one request saw.
 #[derive(Debug, Clone)]
@@ -105,6 +105,8 @@ pub struct Level {
     pub aggregate_tokens_per_second: f64,
     /// Prompt tokens / mean TTFT, per stream.
     pub prompt_tokens_per_second: f64,
+    /// Per-stream decode rate / floor_tokens_per_second.
+    pub fraction_of_floor: Option<f64>,
 }
 
 /// The whole run.
@@ -123,6 +125,14 @@ pub struct BenchReport {
     pub load_seconds: Option<f64>,
     pub peak_gpu_memory_bytes: Option<u64>,
     pub peak_host_rss_bytes: Option<u64>,
+    /// GPU 0's name (CUDA builds).
+    pub device_name: Option<String>,
+    /// Weight bytes one decode step reads at this ISQ type.
+    pub bytes_per_token: Option<u64>,
+    /// Memory bandwidth used for the floor (datasheet, or --bandwidth-gbs).
+    pub bandwidth_bytes_per_second: Option<f64>,
+    /// bandwidth / bytes_per_token: the decode rate if only weight traffic counted.
+    pub floor_tokens_per_second: Option<f64>,
     pub levels: Vec<Level>,
 }
 
@@ -133,6 +143,8 @@ pub struct BenchOptions {
     pub concurrency: Vec<usize>,
     pub url: Option<String>,
     pub api_key: Option<String>,
+    /// Overrides the datasheet bandwidth, GB/s.
+    pub bandwidth_gbs: Option<f64>,
 }
 
 fn peak_rss() -> Option<u64> {
@@ -147,16 +159,29 @@ fn peak_rss() -> Option<u64> {
     Some(kib * 1024)
 }
 
-fn layers_of(m: &ModelSettings) -> Option<usize> {
-    match &m.source {
-        ModelSource::Synthetic(p) => Some(crate::synth::Shapes::of(*p, None).layers),
-        ModelSource::Local(dir) => {
-            let v: serde_json::Value =
-                serde_json::from_slice(&std::fs::read(dir.join("config.json")).ok()?).ok()?;
-            v["num_hidden_layers"].as_u64().map(|n| n as usize)
-        }
-        ModelSource::Hub(_) => None,
-    }
+/// Memory bandwidth of known cards, bytes per second (NVIDIA's datasheets).
+fn bandwidth_of(name: &str) -> Option<f64> {
+    let n = name.to_ascii_uppercase();
+    let gbs = if n.contains("H200") {
+        4800.0
+    } else if n.contains("H100") && n.contains("PCIE") {
+        2000.0
+    } else if n.contains("H100") {
+        3350.0
+    } else if n.contains("5090") {
+        1792.0
+    } else if n.contains("4090") {
+        1008.0
+    } else if n.contains("L40S") {
+        864.0
+    } else if n.contains("A100") && n.contains("80GB") {
+        2039.0
+    } else if n.contains("A100") {
+        1555.0
+    } else {
+        return None;
+    };
+    Some(gbs * 1e9)
 }
 
 /// A prompt of exactly `n` tokens: the tokenization of a long text, cut to length.
@@ -278,6 +303,7 @@ fn summarize(concurrency: usize, samples: &[Sample]) -> Level {
             / per_stream.len().max(1) as f64,
         aggregate_tokens_per_second: samples.iter().map(|s| s.tokens).sum::<usize>() as f64
             / (t1 - t0).as_secs_f64().max(1e-9),
+        fraction_of_floor: None,
         prompt_tokens_per_second: if mean_ttft > 0.0 {
             prompt_tokens as f64 / mean_ttft
         } else {
@@ -306,6 +332,26 @@ pub async fn run(mut model: ModelSettings, o: BenchOptions) -> Result<BenchRepor
     };
     let client = reqwest::Client::new();
     let mut gpu_peak = crate::preflight::driver::gpu_used_bytes();
+    // The memory floor: weight bytes per decode step against the card's bandwidth.
+    let shapes =
+        crate::preflight::model_shapes(&model, &crate::preflight::hf_cache_dir(&model), None);
+    let bits = model
+        .isq
+        .map_or(16.0, crate::settings::Isq::bits_per_weight);
+    let bytes_per_token = shapes.map(|s| (s.active_weights_per_token() as f64 * bits / 8.0) as u64);
+    let device_name = if cfg!(feature = "cuda") && !model.cpu {
+        crate::preflight::driver::probe()
+            .1
+            .first()
+            .map(|d| d.name.clone())
+    } else {
+        None
+    };
+    let bandwidth = o
+        .bandwidth_gbs
+        .map(|g| g * 1e9)
+        .or_else(|| device_name.as_deref().and_then(bandwidth_of));
+    let floor = bandwidth.zip(bytes_per_token).map(|(bw, b)| bw / b as f64);
     let mut levels = Vec::new();
     for &c in &o.concurrency {
         // Warm-up: one request of the same shape, not measured.
@@ -346,7 +392,8 @@ pub async fn run(mut model: ModelSettings, o: BenchOptions) -> Result<BenchRepor
             samples.push(t.await??);
         }
         gpu_peak = gpu_peak.max(crate::preflight::driver::gpu_used_bytes());
-        let level = summarize(c, &samples);
+        let mut level = summarize(c, &samples);
+        level.fraction_of_floor = floor.map(|f| level.decode_tokens_per_second_per_stream / f);
         tracing::info!(
             concurrency = c,
             aggregate = level.aggregate_tokens_per_second,
@@ -357,7 +404,7 @@ pub async fn run(mut model: ModelSettings, o: BenchOptions) -> Result<BenchRepor
     Ok(BenchReport {
         schema: "zopilot-gpu/bench/v1",
         model: model.served_model_name.clone(),
-        layers: layers_of(&model),
+        layers: shapes.map(|s| s.layers),
         isq: model.isq.map_or("none", |i| i.name()).to_owned(),
         device: if model.cpu || !cfg!(feature = "cuda") {
             "cpu".into()
@@ -370,6 +417,10 @@ pub async fn run(mut model: ModelSettings, o: BenchOptions) -> Result<BenchRepor
         load_seconds,
         peak_gpu_memory_bytes: gpu_peak,
         peak_host_rss_bytes: peak_rss(),
+        device_name,
+        bytes_per_token,
+        bandwidth_bytes_per_second: bandwidth,
+        floor_tokens_per_second: floor,
         levels,
     })
 }
@@ -396,10 +447,19 @@ impl BenchReport {
                 b as f64 / (1u64 << 30) as f64
             )),
         );
-        out.push_str("conc  ttft p50/p90/p99 ms      itl p50/p99 ms   tok/s/stream  aggregate tok/s  prompt tok/s\n");
-        for l in &self.levels {
+        if let (Some(b), Some(f)) = (self.bytes_per_token, self.floor_tokens_per_second) {
             out.push_str(&format!(
-                "{:>4}  {:>7.1}/{:>7.1}/{:>7.1}  {:>6.2}/{:>6.2}  {:>12.1}  {:>15.1}  {:>12.1}\n",
+                "{:.2} GB of weights per token; bandwidth floor {f:.0} tok/s per stream\n",
+                b as f64 / 1e9
+            ));
+        }
+        out.push_str("conc  ttft p50/p90/p99 ms      itl p50/p99 ms   tok/s/stream  aggregate tok/s  prompt tok/s  of floor\n");
+        for l in &self.levels {
+            let of_floor = l
+                .fraction_of_floor
+                .map_or("     -".into(), |f| format!("{:>5.1}%", f * 100.0));
+            out.push_str(&format!(
+                "{:>4}  {:>7.1}/{:>7.1}/{:>7.1}  {:>6.2}/{:>6.2}  {:>12.1}  {:>15.1}  {:>12.1}  {of_floor:>8}\n",
                 l.concurrency,
                 l.ttft.p50_ms,
                 l.ttft.p90_ms,

@@ -128,6 +128,10 @@ pub struct BenchArgs {
     #[arg(long, env = "ZOPILOT_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
 
+    /// Memory bandwidth in GB/s for the floor (default: the card's datasheet figure).
+    #[arg(long)]
+    pub bandwidth_gbs: Option<f64>,
+
     /// Print the report as JSON (schema `zopilot-gpu/bench/v1`).
     #[arg(long)]
     pub json: bool,

@@ -393,6 +393,7 @@ fn bench(a: BenchArgs) -> Result<ExitCode> {
         concurrency: a.concurrency,
         url: a.url,
         api_key: a.api_key,
+        bandwidth_gbs: a.bandwidth_gbs,
     };
     let report = runtime()?.block_on(crate::bench::run(model, opts))?;
     if a.json {

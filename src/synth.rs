@@ -111,6 +111,20 @@ impl Shapes {
         t
     }
 
+    /// Weights one decode step reads: attention, the router, `experts_per_tok` of the
+    /// experts in every layer, and the output head (one embedding row is negligible).
+    pub fn active_weights_per_token(&self) -> u64 {
+        let (h, i, hd) = (
+            self.hidden as u64,
+            self.intermediate as u64,
+            self.head_dim() as u64,
+        );
+        let attention = 2 * h * self.heads as u64 * hd + 2 * h * self.kv_heads as u64 * hd;
+        let experts = self.experts_per_tok as u64 * 3 * h * i;
+        let router = self.experts as u64 * h;
+        self.layers as u64 * (attention + experts + router) + self.vocab as u64 * h
+    }
+
     /// Total parameter count.
     pub fn parameters(&self) -> u64 {
         self.tensors()
@@ -475,5 +489,8 @@ mod tests {
             s.parameters()
         );
         assert_eq!(Shapes::of(Preset::Mixtral8x7b, Some(8)).layers, 8);
+        // 8 layers × (41.9 M attention + 352.3 M experts + router) + 131 M head ≈ 3.28 G.
+        let active = Shapes::of(Preset::Mixtral8x7b, Some(8)).active_weights_per_token();
+        assert!((3_270_000_000..3_290_000_000).contains(&active), "{active}");
     }
 }

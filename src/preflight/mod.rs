@@ -216,7 +216,11 @@ fn cached_config(id: &str, cache: &Path) -> Option<serde_json::Value> {
 
 /// The model's shapes: from a local or cached config.json, the one fetched from the Hub,
 /// or the built-in Mixtral table.
-fn model_shapes(m: &ModelSettings, cache: &Path, remote: Option<&hub::Remote>) -> Option<Shapes> {
+pub(crate) fn model_shapes(
+    m: &ModelSettings,
+    cache: &Path,
+    remote: Option<&hub::Remote>,
+) -> Option<Shapes> {
     match &m.source {
         ModelSource::Synthetic(p) => Some(Shapes::of(*p, None)),
         ModelSource::Local(dir) => read_config(&dir.join("config.json"))

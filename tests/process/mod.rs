@@ -391,6 +391,8 @@ fn bench_json_on_the_tiny_model_emits_the_documented_fields() {
             "8",
             "--concurrency",
             "1,2",
+            "--bandwidth-gbs",
+            "100",
         ])
         .output()
         .unwrap();
@@ -405,6 +407,12 @@ fn bench_json_on_the_tiny_model_emits_the_documented_fields() {
     assert_eq!(r["prompt_tokens"], 32);
     assert!(r["load_seconds"].as_f64().unwrap() > 0.0);
     assert!(r["peak_host_rss_bytes"].as_u64().unwrap() > 0);
+    // Tiny at Q4K: 2 layers × (attention 196,608 + 2 experts 786,432 + router 1,024)
+    // + head 131,072 = 2,099,200 weights × 4.5 bits.
+    assert_eq!(r["bytes_per_token"], 1_180_800);
+    assert_eq!(r["bandwidth_bytes_per_second"], 1e11);
+    let floor = r["floor_tokens_per_second"].as_f64().unwrap();
+    assert!((floor - 1e11 / 1_180_800.0).abs() < 1.0, "{floor}");
     let levels = r["levels"].as_array().unwrap();
     assert_eq!(levels.len(), 2);
     for (l, c) in levels.iter().zip([1, 2]) {
