@@ -256,8 +256,8 @@ pub struct ServeArgs {
     pub api_key: Option<String>,
 
     /// Longest a request may run, in seconds, before it is cancelled.
-    #[arg(long, env = "ZOPILOT_REQUEST_TIMEOUT", default_value_t = 600)]
-    pub request_timeout: u64,
+    #[arg(long, env = "ZOPILOT_REQUEST_TIMEOUT", default_value_t = 600.0)]
+    pub request_timeout: f64,
 
     /// Largest request body accepted, in bytes.
     #[arg(long, env = "ZOPILOT_BODY_LIMIT", default_value_t = 1 << 20)]

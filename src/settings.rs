@@ -242,8 +242,11 @@ impl Settings {
                 a.host
             ))
         })?;
-        if a.request_timeout == 0 {
-            return Err(bad("--request-timeout must be >= 1 second. Given: 0"));
+        if !(a.request_timeout > 0.0 && a.request_timeout.is_finite()) {
+            return Err(bad(format!(
+                "--request-timeout must be > 0 seconds. Given: {}",
+                a.request_timeout
+            )));
         }
         const MIN_BODY: usize = 1024;
         const MAX_BODY: usize = 64 << 20;
@@ -264,7 +267,7 @@ impl Settings {
                 listen: SocketAddr::new(host, a.port),
                 health_listen,
                 api_key: non_empty(&a.api_key),
-                request_timeout: Duration::from_secs(a.request_timeout),
+                request_timeout: Duration::from_secs_f64(a.request_timeout),
                 body_limit: a.body_limit,
                 shutdown_grace: Duration::from_secs(a.shutdown_grace),
                 selftest,
