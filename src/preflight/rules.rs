@@ -147,6 +147,15 @@ pub fn driver_check(build: &BuildTarget, d: &DriverFacts) -> Check {
         cuda.0,
         cuda.1
     );
+    if d.stub_loaded {
+        // The probe found the driver, but this process runs on the stand-in: the re-exec
+        // that switches to the real driver did not happen (src/preflight/driver.rs).
+        return Check::new("driver", Verdict::Fail, format!("{summary}; but this process loaded the stand-in libcuda, not the driver"))
+            .fix(format!(
+                "put {} on LD_LIBRARY_PATH, or make $XDG_RUNTIME_DIR or /tmp writable so the binary can switch to it",
+                path.parent().map_or_else(|| path.display().to_string(), |p| p.display().to_string())
+            ));
+    }
     if too_old {
         return Check::new("driver", Verdict::Fail, summary).fix(format!(
             "upgrade the NVIDIA driver to >= {min}, or use a build made with an older CUDA toolkit"
@@ -379,6 +388,17 @@ mod tests {
                 B5090,
                 driver("570.86.15", (12, 8)),
                 vec![gpu((12, 0), 32, 31)],
+                Verdict::Fail,
+                Verdict::Skip,
+            ),
+            (
+                "driver found, but the process runs on the stand-in",
+                BH100,
+                DriverFacts {
+                    stub_loaded: true,
+                    ..driver("580.95.05", (13, 0))
+                },
+                vec![gpu((9, 0), 80, 79)],
                 Verdict::Fail,
                 Verdict::Skip,
             ),
