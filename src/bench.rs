@@ -333,8 +333,7 @@ pub async fn run(mut model: ModelSettings, o: BenchOptions) -> Result<BenchRepor
     let client = reqwest::Client::new();
     let mut gpu_peak = crate::preflight::driver::gpu_used_bytes();
     // The memory floor: weight bytes per decode step against the card's bandwidth.
-    let shapes =
-        crate::preflight::model_shapes(&model, &crate::preflight::hf_cache_dir(&model), None);
+    let shapes = crate::preflight::known_shapes(&model);
     let bits = model
         .isq
         .map_or(16.0, crate::settings::Isq::bits_per_weight);

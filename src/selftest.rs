@@ -82,8 +82,7 @@ fn tiny(cpu: bool, isq: Option<Isq>) -> ModelSettings {
 }
 
 /// Greedy steps through the serving path (temperature 0, streamed).
-async fn greedy_steps(b: &MistralBackend) -> anyhow::Result<Vec<String>> {
-    let ids = b.tokenize(Prompt::Text(PROMPT.into())).await?;
+async fn greedy_steps(b: &MistralBackend, ids: Vec<u32>) -> anyhow::Result<Vec<String>> {
     let mut rx = b
         .start(
             ids,
@@ -110,13 +109,17 @@ async fn greedy_steps(b: &MistralBackend) -> anyhow::Result<Vec<String>> {
     Ok(steps)
 }
 
+async fn prompt_ids(b: &MistralBackend) -> anyhow::Result<Vec<u32>> {
+    Ok(b.tokenize(Prompt::Text(PROMPT.into())).await?)
+}
+
 /// The CPU reference (f32): greedy steps and the top-two gap of each.
 pub async fn reference() -> anyhow::Result<Vec<Reference>> {
     let mut out = Vec::new();
     for (isq, name, _) in CASES {
         let b = MistralBackend::load(&tiny(true, isq)).await?;
-        let steps = greedy_steps(&b).await?;
-        let ids = b.tokenize(Prompt::Text(PROMPT.into())).await?;
+        let ids = prompt_ids(&b).await?;
+        let steps = greedy_steps(&b, ids.clone()).await?;
         let (_, top) = b.greedy_logprobs(ids, GREEDY_TOKENS, 2).await?;
         let gaps = top
             .iter()
@@ -178,7 +181,7 @@ pub async fn run(cpu: bool) -> anyhow::Result<SelfTest> {
     for ((isq, name, tolerance), reference) in CASES.into_iter().zip(references) {
         let device = tokio::time::timeout(CASE_DEADLINE, async {
             let subject = MistralBackend::load(&tiny(cpu, isq)).await?;
-            greedy_steps(&subject).await
+            greedy_steps(&subject, prompt_ids(&subject).await?).await
         })
         .await
         .map_err(|_| {

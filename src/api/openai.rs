@@ -11,6 +11,23 @@ use super::types::{ChatRequest, CompletionRequest, OpenAiUsage, check_model};
 use super::{ApiError, AppState, error::ApiJson};
 use crate::engine::Event;
 
+/// Builds the OpenAI objects of one response: `choices` and an optional `usage` wrapped in
+/// the id, object type, creation time and model they all share.
+fn chunker(
+    id: String,
+    object: &'static str,
+    created: u64,
+    model: String,
+) -> impl Fn(Value, Option<Value>) -> Value + Send + 'static {
+    move |choices, usage| {
+        let mut c = json!({"id": id, "object": object, "created": created, "model": model, "choices": choices});
+        if let Some(u) = usage {
+            c["usage"] = u;
+        }
+        c
+    }
+}
+
 /// `POST /v1/chat/completions`
 pub async fn chat(
     State(s): State<AppState>,
@@ -27,13 +44,7 @@ pub async fn chat(
         s.engine.model_name.clone(),
         unix_now(),
     );
-    let chunk = move |choices: Value, usage: Option<Value>| {
-        let mut c = json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model, "choices": choices});
-        if let Some(u) = usage {
-            c["usage"] = u;
-        }
-        c
-    };
+    let chunk = chunker(id, "chat.completion.chunk", created, model);
     if stream {
         let mut first = true;
         return Ok(sse(g, move |ev| match ev {
@@ -98,13 +109,7 @@ pub async fn completions(
         s.engine.model_name.clone(),
         unix_now(),
     );
-    let chunk = move |choices: Value, usage: Option<Value>| {
-        let mut c = json!({"id": id, "object": "text_completion", "created": created, "model": model, "choices": choices});
-        if let Some(u) = usage {
-            c["usage"] = u;
-        }
-        c
-    };
+    let chunk = chunker(id, "text_completion", created, model);
     if stream {
         return Ok(sse(g, move |ev| match ev {
             Event::Text(t) => vec![chunk(

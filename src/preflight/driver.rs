@@ -330,13 +330,10 @@ pub fn gpu_used_bytes() -> Option<u64> {
     if !cfg!(feature = "cuda") {
         return None;
     }
-    let dirs = driver_dirs();
-    let (lib, _) = open_real_libcuda(&dirs);
-    let (_, path) = lib?;
-    let (_, free) = nvml_facts(path.parent(), &dirs)?;
+    // `probe` already reads free memory from NVML.
     let (_, devices) = probe();
-    let total = devices.first()?.total_bytes;
-    Some(total.saturating_sub((*free.first()?)?))
+    let d = devices.first()?;
+    Some(d.total_bytes.saturating_sub(d.free_bytes?))
 }
 
 /// The kernel module's version, readable even when user-space libraries are missing.

@@ -214,30 +214,28 @@ fn cached_config(id: &str, cache: &Path) -> Option<serde_json::Value> {
         .find_map(|e| read_config(&e.path().join("config.json")))
 }
 
-/// The model's shapes: from a local or cached config.json, the one fetched from the Hub,
-/// or the built-in Mixtral table.
-pub(crate) fn model_shapes(
-    m: &ModelSettings,
-    cache: &Path,
-    remote: Option<&hub::Remote>,
-) -> Option<Shapes> {
+/// The model's shapes: from a local config.json, a Hub model's config.json (cached or
+/// fetched: `hub_config`), or the built-in Mixtral table.
+fn model_shapes(m: &ModelSettings, hub_config: Option<&serde_json::Value>) -> Option<Shapes> {
     match &m.source {
         ModelSource::Synthetic(p) => Some(Shapes::of(*p, None)),
         ModelSource::Local(dir) => read_config(&dir.join("config.json"))
             .as_ref()
             .and_then(shapes_from_config),
-        ModelSource::Hub(id) => cached_config(id, cache)
-            .or_else(|| match remote {
-                Some(hub::Remote::Config(v)) => Some(v.clone()),
-                _ => None,
-            })
-            .as_ref()
-            .and_then(shapes_from_config)
-            .or_else(|| {
-                id.starts_with("mistralai/Mixtral-8x7B")
-                    .then(|| Shapes::of(Preset::Mixtral8x7b, None))
-            }),
+        ModelSource::Hub(id) => hub_config.and_then(shapes_from_config).or_else(|| {
+            id.starts_with("mistralai/Mixtral-8x7B")
+                .then(|| Shapes::of(Preset::Mixtral8x7b, None))
+        }),
     }
+}
+
+/// The shapes known without the network (for benchmarks).
+pub(crate) fn known_shapes(m: &ModelSettings) -> Option<Shapes> {
+    let cached = match &m.source {
+        ModelSource::Hub(id) => cached_config(id, &hf_cache_dir(m)),
+        _ => None,
+    };
+    model_shapes(m, cached.as_ref())
 }
 
 /// GPU bytes for weights at `isq`, KV cache and overhead.
@@ -468,8 +466,12 @@ pub fn run(m: &ModelSettings) -> Report {
         report.push(Check::new("driver", Verdict::Skip, "running on the CPU"));
     }
     // Before any weight: the model's own config.json, from the cache or fetched alone.
+    let cached = match &m.source {
+        ModelSource::Hub(id) => cached_config(id, &host.cache_dir),
+        _ => None,
+    };
     let remote = match &m.source {
-        ModelSource::Hub(id) if cached_config(id, &host.cache_dir).is_none() => {
+        ModelSource::Hub(id) if cached.is_none() => {
             let cached_token = std::fs::read_to_string(host.cache_dir.join("token")).ok();
             let token = m
                 .hf_token
@@ -484,7 +486,11 @@ pub fn run(m: &ModelSettings) -> Report {
         }
         _ => None,
     };
-    let shapes = model_shapes(m, &host.cache_dir, remote.as_ref());
+    let hub_config = cached.as_ref().or(match &remote {
+        Some(hub::Remote::Config(v)) => Some(v),
+        _ => None,
+    });
+    let shapes = model_shapes(m, hub_config);
     match &shapes {
         Some(s) if gpu => {
             let plan = memory_plan(s, m.isq, m.kv_cache_tokens);

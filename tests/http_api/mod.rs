@@ -385,26 +385,12 @@ async fn ping_goes_204_while_loading_then_200_and_health_reports_state() {
     assert_eq!(ping().await, 204);
     let (status, body) = post(&s, "/prompt", json!({"prompt": "x"})).await;
     assert_eq!(status, 503, "{body}");
-    let health: Value = c
-        .get(format!("{}/health", s.url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let health: Value = serde_json::from_str(&get(&s, "/health").await.1).unwrap();
     assert_eq!(health["readiness"]["state"], "loading");
     let settings = support::settings(&["--max-model-len", "512"]);
     s.engine.load(&settings.model).await.unwrap();
     assert_eq!(ping().await, 200);
-    let health: Value = c
-        .get(format!("{}/health", s.url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let health: Value = serde_json::from_str(&get(&s, "/health").await.1).unwrap();
     assert_eq!(health["readiness"]["state"], "ready");
     assert_eq!(health["context_len"], 512);
 }
