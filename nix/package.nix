@@ -38,6 +38,8 @@ let
     filter =
       path: type:
       (craneLib.filterCargoSources path type)
+      # The patched mistralrs-core whole: its CUDA and Metal kernels are not Cargo sources.
+      || lib.hasInfix "/vendor/mistralrs-core" (toString path)
       || lib.hasSuffix "libcuda-symbols.txt" path
       || lib.hasSuffix ".py" path;
   };

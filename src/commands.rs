@@ -63,11 +63,17 @@ fn init_logging(json: bool) {
     };
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
+/// Runs `f` on a fresh runtime. Its shutdown waits a few seconds at most: a blocking task
+/// stuck in an engine that never answers (a self-test that timed out, say) must not keep the
+/// process from exiting after SIGTERM.
+fn block_on<F: std::future::Future>(f: F) -> Result<F::Output> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-        .context("starting the async runtime")
+        .context("starting the async runtime")?;
+    let out = rt.block_on(f);
+    rt.shutdown_timeout(std::time::Duration::from_secs(3));
+    Ok(out)
 }
 
 /// Resolves on SIGTERM or SIGINT.
@@ -97,7 +103,7 @@ fn serve(args: ServeArgs) -> Result<ExitCode> {
     if let Some(stop) = start_checks(&settings.model) {
         return Ok(stop);
     }
-    runtime()?.block_on(serve_async(settings))?;
+    block_on(serve_async(settings))??;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -146,12 +152,12 @@ fn check(a: CheckArgs) -> Result<ExitCode> {
 
 fn selftest(a: SelftestArgs) -> Result<ExitCode> {
     if a.reference {
-        let r = runtime()?.block_on(crate::selftest::reference())?;
+        let r = block_on(crate::selftest::reference())??;
         println!("{}", serde_json::to_string(&r)?);
         return Ok(ExitCode::SUCCESS);
     }
     init_logging(false);
-    let result = runtime()?.block_on(crate::selftest::run(a.cpu))?;
+    let result = block_on(crate::selftest::run(a.cpu))??;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&result)?);
     } else {
@@ -261,7 +267,7 @@ fn generate(a: GenerateArgs) -> Result<ExitCode> {
     let model = ModelSettings::from_args(&a.model)?;
     model.export_hf_home();
     init_logging(model.log_json);
-    runtime()?.block_on(async move {
+    block_on(async move {
         let engine = Arc::new(Engine::new(
             &model,
             std::time::Duration::from_secs(24 * 3600),
@@ -309,7 +315,7 @@ fn generate(a: GenerateArgs) -> Result<ExitCode> {
             }
         }
         Ok(ExitCode::SUCCESS)
-    })
+    })?
 }
 
 fn worker(a: WorkerArgs) -> Result<ExitCode> {
@@ -322,7 +328,7 @@ fn worker(a: WorkerArgs) -> Result<ExitCode> {
     if let Some(stop) = start_checks(&s.model) {
         return Ok(stop);
     }
-    runtime()?.block_on(async move {
+    block_on(async move {
         let engine = Arc::new(Engine::new(
             &s.model,
             std::time::Duration::from_secs(3600),
@@ -370,7 +376,7 @@ fn worker(a: WorkerArgs) -> Result<ExitCode> {
                 Ok(ExitCode::SUCCESS)
             }
         }
-    })
+    })?
 }
 
 fn bench(a: BenchArgs) -> Result<ExitCode> {
@@ -395,7 +401,7 @@ fn bench(a: BenchArgs) -> Result<ExitCode> {
         api_key: a.api_key,
         bandwidth_gbs: a.bandwidth_gbs,
     };
-    let report = runtime()?.block_on(crate::bench::run(model, opts))?;
+    let report = block_on(crate::bench::run(model, opts))??;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

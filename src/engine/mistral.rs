@@ -285,68 +285,75 @@ fn response_kind(r: &Response) -> &'static str {
 }
 
 impl MistralBackend {
-    /// Greedy-decodes `n` tokens and returns the text with the `top` log-probabilities of
-    /// every step (for the self-test's comparison; mistral.rs' raw-logits path fails on
-    /// CUDA with bf16 in 0.8.1: "dtype mismatch in mul, lhs: BF16, rhs: F32").
+    /// Greedy-decodes `n` tokens, one request per step, and returns each step's `top`
+    /// (token, natural-log probability) pairs, best first; the greedy token is the first.
+    /// One step per request because mistral.rs 0.8.1 reports log-probabilities only where it
+    /// samples: its argmax path takes log10 of raw logits, and with top-k = 1 the runner-up
+    /// is zeroed first. At temperature 1 the reported top list is the model's softmax
+    /// distribution; the token it then samples is ignored and the argmax appended instead.
     pub async fn greedy_logprobs(
         &self,
         prompt: Vec<u32>,
         n: usize,
         top: usize,
-    ) -> Result<(String, Vec<Vec<(u32, f32)>>), EngineError> {
+    ) -> Result<Vec<Vec<(u32, f32)>>, EngineError> {
         let sender = self
             .model
             .inner()
             .get_sender(None)
             .map_err(|e| EngineError::Internal(e.to_string()))?;
-        let (tx, mut rx) = mpsc::channel::<Response>(64);
-        // No temperature is argmax; unlike `deterministic()` (top_k = 1) it leaves the
-        // other tokens' log-probabilities finite.
-        let mut sampling = SamplingParams::neutral();
-        sampling.max_len = Some(n);
-        sampling.top_n_logprobs = top;
-        let request = completion_request(prompt, sampling, tx, true);
-        sender
-            .send(request)
-            .await
-            .map_err(|_| EngineError::Internal("the engine has stopped".into()))?;
-        let (mut text, mut steps) = (String::new(), Vec::new());
-        while let Some(resp) = rx.recv().await {
-            match resp {
-                Response::CompletionChunk(c) => {
-                    let Some(choice) = c.choices.into_iter().next() else {
-                        continue;
-                    };
-                    text.push_str(&choice.text);
-                    if let Some(lp) = choice.logprobs {
-                        // -inf (a token the model rules out) has no JSON form; -1e30 compares the same.
-                        steps.push(
-                            lp.top_logprobs
-                                .iter()
-                                .map(|t| {
-                                    (
-                                        t.token,
-                                        if t.logprob.is_finite() {
-                                            t.logprob
-                                        } else {
-                                            -1e30
-                                        },
-                                    )
-                                })
-                                .collect(),
-                        );
+        let mut context = prompt;
+        let mut steps = Vec::with_capacity(n);
+        for _ in 0..n {
+            let (tx, mut rx) = mpsc::channel::<Response>(64);
+            let mut sampling = SamplingParams::neutral();
+            sampling.max_len = Some(1);
+            sampling.temperature = Some(1.0);
+            sampling.top_n_logprobs = top.max(1);
+            let request = completion_request(context.clone(), sampling, tx, true);
+            sender
+                .send(request)
+                .await
+                .map_err(|_| EngineError::Internal("the engine has stopped".into()))?;
+            let mut step = None;
+            while let Some(resp) = rx.recv().await {
+                match resp {
+                    Response::CompletionChunk(c) => {
+                        let Some(choice) = c.choices.into_iter().next() else {
+                            continue;
+                        };
+                        if let Some(lp) = choice.logprobs {
+                            // log10 → nats; -inf (ruled out) has no JSON form, -1e30 compares the same.
+                            step = Some(
+                                lp.top_logprobs
+                                    .iter()
+                                    .map(|t| {
+                                        let nats = t.logprob * std::f32::consts::LN_10;
+                                        (t.token, if nats.is_finite() { nats } else { -1e30 })
+                                    })
+                                    .collect::<Vec<_>>(),
+                            );
+                        }
+                        if choice.finish_reason.is_some() {
+                            break;
+                        }
                     }
-                    if choice.finish_reason.is_some() {
-                        break;
+                    Response::InternalError(e) | Response::ValidationError(e) => {
+                        return Err(EngineError::Internal(e.to_string()));
                     }
+                    Response::CompletionModelError(m, _) => return Err(EngineError::Internal(m)),
+                    _ => {}
                 }
-                Response::InternalError(e) | Response::ValidationError(e) => {
-                    return Err(EngineError::Internal(e.to_string()));
-                }
-                Response::CompletionModelError(m, _) => return Err(EngineError::Internal(m)),
-                _ => {}
             }
+            let step =
+                step.ok_or_else(|| EngineError::Internal("no log-probabilities returned".into()))?;
+            let best = step
+                .first()
+                .map(|&(id, _)| id)
+                .ok_or_else(|| EngineError::Internal("empty log-probabilities".into()))?;
+            context.push(best);
+            steps.push(step);
         }
-        Ok((text, steps))
+        Ok(steps)
     }
 }

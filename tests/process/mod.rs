@@ -220,6 +220,51 @@ fn generate_streams_to_stdout_and_reports_usage() {
     assert_eq!(report["finish_reason"], "length");
 }
 
+/// Greedy text of `generate` on the tiny model with the MoE path chosen by `env`.
+fn greedy_with(isq: &str, env: &[(&str, &str)]) -> String {
+    let mut c = binary();
+    c.args([
+        "generate",
+        "--model",
+        "synthetic:tiny",
+        "--cpu",
+        "--isq",
+        isq,
+        "--prompt",
+        "The quick brown fox jumps over the lazy dog, and then over the sleeping cat",
+        "--max-tokens",
+        "24",
+    ]);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let out = c.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{env:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The patched Mixtral MoE (vendor/mistralrs-core: stacked experts, routing on the device)
+/// against upstream's per-expert loop, through both of its paths: the indexed one that decode
+/// batches take and the grouped one that prefill takes (the threshold moves which is which).
+#[test]
+fn stacked_experts_decode_exactly_like_upstreams_loop() {
+    let upstream = greedy_with("none", &[("ZOPILOT_MIXTRAL_MOE", "loop")]);
+    assert!(!upstream.is_empty());
+    for threshold in ["0", "4", "100000"] {
+        let stacked = greedy_with("none", &[("ZOPILOT_MOE_GATHER_MAX_TOKENS", threshold)]);
+        assert_eq!(stacked, upstream, "f32, gather threshold {threshold}");
+    }
+    // Q4K: the stacked path dequantizes the same 4-bit weights on the CPU for both of its
+    // paths, so they agree exactly with each other.
+    let gather = greedy_with("q4k", &[("ZOPILOT_MOE_GATHER_MAX_TOKENS", "100000")]);
+    let grouped = greedy_with("q4k", &[("ZOPILOT_MOE_GATHER_MAX_TOKENS", "0")]);
+    assert_eq!(gather, grouped, "q4k, indexed vs grouped");
+}
+
 #[test]
 fn synth_writes_a_complete_reproducible_model() {
     let a = tempfile::tempdir().unwrap();

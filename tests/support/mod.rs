@@ -197,6 +197,9 @@ pub fn binary() -> std::process::Command {
         "MAX_MODEL_LEN",
         "ZOPILOT_API_KEY",
         "ZOPILOT_MODEL",
+        "ZOPILOT_ISQ",
+        "ZOPILOT_MIXTRAL_MOE",
+        "ZOPILOT_MOE_GATHER_MAX_TOKENS",
     ] {
         c.env_remove(var);
     }

@@ -1,0 +1,332 @@
+//! zopilot-gpu patch: Mixtral's experts stacked per layer so routing never leaves the device.
+//!
+//! Upstream 0.8.1 (`SparseMoeBlock` in `mixtral.rs`, kept as the `loop` path) copies the router
+//! probabilities to the host in every layer, sorts there and loops over the experts. This module
+//! keeps the eight experts of a layer as one `[E, N, K]` weight per projection and routes on the
+//! device (softmax, top-k, renormalise in f32, as the reference implementation does):
+//! - few tokens (decode of up to `ZOPILOT_MOE_GATHER_MAX_TOKENS` sequences, default 4): one
+//!   indexed matmul per projection over the chosen experts (`GgufMatMul::gather_forward`, the
+//!   `indexed_moe_forward` CUDA kernel on GGUF-quantized weights), no host synchronisation.
+//!   The kernel reads an expert once per (token, expert) pair, so past E / top-k = 4 tokens it
+//!   reads more bytes than the experts hold (an H100 at 16 sequences: slower than upstream);
+//! - many tokens (prefill): one host read of the routing, then per expert a dense matmul over
+//!   the tokens routed to it, the expert dequantized alone (so the transient is one expert).
+//!
+//! In-situ quantization of the stacked weights is done here, expert by expert, into one GGUF
+//! tensor, because a stacked layer handed to the generic ISQ path comes back type-erased and
+//! the prefill path needs the quantized bytes. `ZOPILOT_MIXTRAL_MOE=loop` selects upstream's path.
+
+use std::sync::Arc;
+
+use candle_core::{
+    quantized::{GgmlDType, QTensor},
+    DType, Device, IndexOp, Result, Tensor, D,
+};
+use mistralrs_quant::{GgufMatMul, QuantMethod, QuantMethodConfig, ShardedVarBuilder};
+
+use crate::layers::Activation;
+
+/// Which MoE implementation Mixtral layers use (read once per model load).
+pub(crate) fn stacked_moe_enabled() -> bool {
+    !matches!(
+        std::env::var("ZOPILOT_MIXTRAL_MOE").as_deref(),
+        Ok("loop") | Ok("upstream")
+    )
+}
+
+/// `ZOPILOT_MOE_SKIP=1` replaces every MoE block by zeros: wrong text, but the benchmark then
+/// shows what a decode step costs without the experts (docs/performance.md). Read once.
+pub(crate) fn profile_skip_moe() -> bool {
+    static SKIP: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *SKIP.get_or_init(|| std::env::var("ZOPILOT_MOE_SKIP").is_ok_and(|v| v == "1"))
+}
+
+fn gather_max_tokens() -> usize {
+    std::env::var("ZOPILOT_MOE_GATHER_MAX_TOKENS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4)
+}
+
+/// One projection of all experts: `[E, N, K]`.
+enum StackedWeight {
+    /// Unquantized (the model's dtype).
+    Dense(Tensor),
+    /// GGUF-quantized; `mm` wraps the same tensor for the indexed kernel.
+    Quantized {
+        q: Arc<QTensor>,
+        mm: Arc<dyn QuantMethod>,
+    },
+}
+
+impl StackedWeight {
+    fn dims(&self) -> Result<(usize, usize, usize)> {
+        match self {
+            Self::Dense(t) => t.dims3(),
+            Self::Quantized { q, .. } => q.shape().dims3(),
+        }
+    }
+
+    /// `x`: `[n, 1 or k, K]`, `ids`: `[n, k]` u32 → `[n, k, N]` in f32.
+    fn gather(&self, x: &Tensor, ids: &Tensor) -> Result<Tensor> {
+        if let Self::Quantized { mm, .. } = self {
+            if x.device().is_cuda() {
+                return mm.gather_forward(&x.to_dtype(DType::F32)?.contiguous()?, ids);
+            }
+        }
+        let w = match self {
+            Self::Dense(t) => t.clone(),
+            Self::Quantized { q, .. } => q.dequantize(x.device())?,
+        };
+        let (n, k) = ids.dims2()?;
+        let (_, r, kdim) = x.dims3()?;
+        let (_, out, _) = w.dims3()?;
+        let x = if r == 1 {
+            x.broadcast_as((n, k, kdim))?
+        } else {
+            x.clone()
+        };
+        let x = x.to_dtype(w.dtype())?.contiguous()?.reshape((n * k, 1, kdim))?;
+        let w_sel = w.index_select(&ids.flatten_all()?, 0)?;
+        x.matmul(&w_sel.transpose(1, 2)?)?
+            .reshape((n, k, out))?
+            .to_dtype(DType::F32)
+    }
+
+    /// Per-expert dense weights for the grouped (prefill) path.
+    fn grouped(&self, device: &Device) -> Result<Grouped> {
+        Ok(match self {
+            Self::Dense(t) => Grouped::Dense(t.clone()),
+            Self::Quantized { q, .. } if device.is_cuda() && per_expert_dequant(q.dtype()) => {
+                Grouped::PerExpert(q.clone())
+            }
+            Self::Quantized { q, .. } if device.is_cuda() => Grouped::Dense(q.dequantize_f16(device)?),
+            Self::Quantized { q, .. } => Grouped::Dense(q.dequantize(device)?),
+        })
+    }
+}
+
+fn per_expert_dequant(dtype: GgmlDType) -> bool {
+    cfg!(feature = "cuda")
+        && matches!(
+            dtype,
+            GgmlDType::Q2K
+                | GgmlDType::Q3K
+                | GgmlDType::Q4K
+                | GgmlDType::Q5K
+                | GgmlDType::Q6K
+                | GgmlDType::Q8K
+        )
+}
+
+enum Grouped {
+    Dense(Tensor),
+    PerExpert(Arc<QTensor>),
+}
+
+impl Grouped {
+    fn expert(&self, e: usize) -> Result<Tensor> {
+        match self {
+            Self::Dense(t) => t.i(e),
+            Self::PerExpert(q) => dequantize_expert_f16(q, e),
+        }
+    }
+}
+
+/// Dequantizes expert `e` of a stacked k-quant tensor on the GPU (candle's own kernel, pointed
+/// at the expert's bytes), so prefill holds one expert in f16, not the whole layer.
+#[cfg(feature = "cuda")]
+fn dequantize_expert_f16(q: &QTensor, e: usize) -> Result<Tensor> {
+    use candle_core::cuda::cudarc::driver::{LaunchConfig, PushKernelArg};
+    use candle_core::{CudaStorage, Shape, Storage};
+
+    let Device::Cuda(dev) = q.device() else {
+        candle_core::bail!("dequantize_expert_f16 needs a CUDA tensor");
+    };
+    let (experts, n, k) = q.shape().dims3()?;
+    if e >= experts {
+        candle_core::bail!("expert {e} out of {experts}");
+    }
+    let dtype = q.dtype();
+    let elems = n * k;
+    let bytes = elems / dtype.block_size() * dtype.type_size();
+    let (name, block_dim) = match dtype {
+        GgmlDType::Q2K => ("dequantize_block_q2_K_f16", 64),
+        GgmlDType::Q3K => ("dequantize_block_q3_K_f16", 64),
+        GgmlDType::Q4K => ("dequantize_block_q4_K_f16", 32),
+        GgmlDType::Q5K => ("dequantize_block_q5_K_f16", 64),
+        GgmlDType::Q6K => ("dequantize_block_q6_K_f16", 64),
+        GgmlDType::Q8K => ("dequantize_block_q8_K_f16", 32),
+        other => candle_core::bail!("no per-expert dequantization for {other:?}"),
+    };
+    let func = dev.get_or_load_func(name, &candle_kernels::QUANTIZED)?;
+    let dst = unsafe { dev.alloc::<half::f16>(elems)? };
+    let src = q.device_ptr()? as u64 + (e * bytes) as u64;
+    let cfg = LaunchConfig {
+        grid_dim: ((elems / 256) as u32, 1, 1),
+        block_dim: (block_dim, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut builder = func.builder();
+    builder.arg(&src);
+    builder.arg(&dst);
+    unsafe { builder.launch(cfg) }.map_err(|err| candle_core::Error::Msg(err.to_string()))?;
+    let storage = CudaStorage::wrap_cuda_slice(dst, dev.clone());
+    Ok(Tensor::from((Storage::Cuda(storage), Shape::from((n, k)))))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn dequantize_expert_f16(_q: &QTensor, _e: usize) -> Result<Tensor> {
+    candle_core::bail!("per-expert dequantization needs a CUDA build")
+}
+
+/// The experts of one Mixtral layer, stacked.
+pub(crate) struct StackedExperts {
+    w1: StackedWeight,
+    w3: StackedWeight,
+    w2: StackedWeight,
+    act: Activation,
+    gather_max_tokens: usize,
+}
+
+impl StackedExperts {
+    /// Loads `experts.{i}.w1|w3|w2.weight`; `None` when this layer must take upstream's path
+    /// (pre-quantized checkpoints, ISQ types that are not GGUF, weights absent for UQFF).
+    pub(crate) fn load(
+        vb: &ShardedVarBuilder,
+        num_experts: usize,
+        hidden: usize,
+        intermediate: usize,
+        act: Activation,
+    ) -> Result<Option<Self>> {
+        if !vb.pp(0).contains_tensor("w1.weight") {
+            return Ok(None);
+        }
+        let mut stacked = Vec::with_capacity(3);
+        for (name, shape) in [
+            ("w1", (intermediate, hidden)),
+            ("w3", (intermediate, hidden)),
+            ("w2", (hidden, intermediate)),
+        ] {
+            let isq = mistralrs_quant::immediate_isq_match(&vb.pp(0).pp(name));
+            let weight = match isq {
+                None => {
+                    let parts = (0..num_experts)
+                        .map(|i| vb.pp(i).get(shape, &format!("{name}.weight")))
+                        .collect::<Result<Vec<_>>>()?;
+                    StackedWeight::Dense(Tensor::stack(&parts, 0)?)
+                }
+                Some(m) => {
+                    let Ok(dtype) = GgmlDType::try_from(m.ty) else {
+                        return Ok(None);
+                    };
+                    let target = m.device.unwrap_or_else(|| vb.device().clone());
+                    let cpu = vb.clone().set_device(Device::Cpu);
+                    // Experts in parallel on rayon's global pool (not the ISQ pool, whose
+                    // backpressure may be waiting on this thread): quantizing a layer's 24
+                    // expert matrices one by one added minutes to an 8-layer load.
+                    let quantize = || {
+                        use rayon::prelude::*;
+                        (0..num_experts)
+                            .into_par_iter()
+                            .map(|i| {
+                                let w = cpu
+                                    .pp(i)
+                                    .get(shape, &format!("{name}.weight"))?
+                                    .to_dtype(DType::F32)?;
+                                Ok(QTensor::quantize(&w, dtype)?.data()?.into_owned())
+                            })
+                            .collect::<Result<Vec<Vec<u8>>>>()
+                    };
+                    let bytes = quantize()?.concat();
+                    let dims = vec![num_experts, shape.0, shape.1];
+                    let q = Arc::new(candle_core::quantized::ggml_file::qtensor_from_ggml(
+                        dtype, &bytes, dims, &target,
+                    )?);
+                    let mm: Arc<dyn QuantMethod> =
+                        Arc::new(GgufMatMul::new(QuantMethodConfig::Gguf {
+                            q_weight: q.clone(),
+                            b: None,
+                        })?);
+                    StackedWeight::Quantized { q, mm }
+                }
+            };
+            stacked.push(weight);
+        }
+        let w2 = stacked.pop().expect("three projections");
+        let w3 = stacked.pop().expect("three projections");
+        let w1 = stacked.pop().expect("three projections");
+        Ok(Some(Self {
+            w1,
+            w3,
+            w2,
+            act,
+            gather_max_tokens: gather_max_tokens(),
+        }))
+    }
+
+    /// `xs`: `[n, hidden]`; `router_logits`: `[n, E]`. Returns `[n, hidden]` in `xs`' dtype.
+    pub(crate) fn forward(&self, xs: &Tensor, router_logits: &Tensor, top_k: usize) -> Result<Tensor> {
+        let routing = candle_nn::ops::softmax_last_dim(&router_logits.to_dtype(DType::F32)?)?;
+        let ids = routing
+            .arg_sort_last_dim(false)?
+            .narrow(D::Minus1, 0, top_k)?
+            .contiguous()?;
+        let weights = routing.gather(&ids, D::Minus1)?;
+        let weights = weights.broadcast_div(&weights.sum_keepdim(D::Minus1)?)?;
+        let n = xs.dim(0)?;
+        let ys = if n <= self.gather_max_tokens {
+            self.forward_gather(xs, &ids, &weights)?
+        } else {
+            self.forward_grouped(xs, &ids, &weights)?
+        };
+        ys.to_dtype(xs.dtype())
+    }
+
+    fn forward_gather(&self, xs: &Tensor, ids: &Tensor, weights: &Tensor) -> Result<Tensor> {
+        let (n, hidden) = xs.dims2()?;
+        let x = xs.reshape((n, 1, hidden))?;
+        let gate = self.w1.gather(&x, ids)?;
+        let up = self.w3.gather(&x, ids)?;
+        let act = crate::ops::mul_and_act(&gate, &up, self.act)?;
+        let down = self.w2.gather(&act, ids)?;
+        down.broadcast_mul(&weights.unsqueeze(D::Minus1)?)?.sum(1)
+    }
+
+    fn forward_grouped(&self, xs: &Tensor, ids: &Tensor, weights: &Tensor) -> Result<Tensor> {
+        let (n, hidden) = xs.dims2()?;
+        let (experts, _, _) = self.w1.dims()?;
+        let ids_host = ids.to_vec2::<u32>()?;
+        let weights_host = weights.to_vec2::<f32>()?;
+        let mut rows = vec![Vec::<u32>::new(); experts];
+        let mut scale = vec![Vec::<f32>::new(); experts];
+        for (row, (ids, ws)) in ids_host.iter().zip(&weights_host).enumerate() {
+            for (&e, &w) in ids.iter().zip(ws) {
+                rows[e as usize].push(row as u32);
+                scale[e as usize].push(w);
+            }
+        }
+        let device = xs.device();
+        let (w1, w3, w2) = (
+            self.w1.grouped(device)?,
+            self.w3.grouped(device)?,
+            self.w2.grouped(device)?,
+        );
+        let mut ys = Tensor::zeros((n, hidden), DType::F32, device)?;
+        for e in 0..experts {
+            if rows[e].is_empty() {
+                continue;
+            }
+            let idx = Tensor::new(rows[e].as_slice(), device)?;
+            let scale = Tensor::new(scale[e].as_slice(), device)?.reshape(((), 1))?;
+            let w1e = w1.expert(e)?;
+            let x = xs.index_select(&idx, 0)?.to_dtype(w1e.dtype())?;
+            let gate = x.matmul(&w1e.t()?)?;
+            let up = x.matmul(&w3.expert(e)?.t()?)?;
+            let act = crate::ops::mul_and_act(&gate, &up, self.act)?;
+            let down = act.matmul(&w2.expert(e)?.t()?)?;
+            ys = ys.index_add(&idx, &down.to_dtype(DType::F32)?.broadcast_mul(&scale)?, 0)?;
+        }
+        Ok(ys)
+    }
+}
