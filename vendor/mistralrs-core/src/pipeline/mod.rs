@@ -682,6 +682,8 @@ pub trait Pipeline:
                 Ok(exec_duration)
             }
             CacheBackendMetadata::PagedAttention { metadata } => {
+                let trace_start = Instant::now();
+                let mut forward_duration = Duration::ZERO;
                 // For hybrid models, build state_indices tensor from sequences'
                 // recurrent_state_idx so recurrent layers are active during forward.
                 // Paged attention manages KV caches separately, but recurrent state
@@ -740,8 +742,12 @@ pub trait Pipeline:
 
                     let start = Instant::now();
                     let raw_logits = self.forward_inputs(inputs, return_raw_logits)?;
+                    if std::env::var_os("ZOPILOT_STEP_TRACE").is_some() {
+                        self.device().synchronize()?;
+                    }
                     let end = Instant::now();
                     exec_duration += end.duration_since(start);
+                    forward_duration += end.duration_since(start);
 
                     for (logit_idx, seq_idx) in seq_indices.into_iter().enumerate() {
                         if let ForwardInputsResult::RawLogits { logits } = &raw_logits {
@@ -898,6 +904,10 @@ pub trait Pipeline:
                 let end = Instant::now();
                 exec_duration += end.duration_since(start);
 
+                // zopilot-gpu patch: ZOPILOT_STEP_TRACE=1 prints one line per paged step (profiling).
+                if std::env::var_os("ZOPILOT_STEP_TRACE").is_some() {
+                    eprintln!("zopilot-step seqs={} prompt={is_prompt} forward_us={} total_us={}", input_seqs.len(), forward_duration.as_micros(), trace_start.elapsed().as_micros());
+                }
                 Ok(exec_duration)
             }
         }
