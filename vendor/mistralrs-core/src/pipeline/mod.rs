@@ -458,6 +458,8 @@ pub trait Pipeline:
     ) -> Result<Duration, candle_core::Error> {
         match backend_metadata {
             CacheBackendMetadata::DefaultInstructions { pre_op, post_op } => {
+                let trace_start = Instant::now();
+                let mut forward_duration = Duration::ZERO;
                 let inputs_iter =
                     std::iter::once(self.get_processor().inputs_processor().process_inputs(
                         self.tokenizer(),
@@ -504,8 +506,12 @@ pub trait Pipeline:
 
                     let start = Instant::now();
                     let raw_logits = self.forward_inputs(inputs, return_raw_logits)?;
+                    if std::env::var_os("ZOPILOT_STEP_TRACE").is_some() {
+                        self.device().synchronize()?;
+                    }
                     let end = Instant::now();
                     exec_duration += end.duration_since(start);
+                    forward_duration += end.duration_since(start);
 
                     for (logit_idx, seq_idx) in seq_indices.into_iter().enumerate() {
                         if let ForwardInputsResult::RawLogits { logits } = &raw_logits {
@@ -679,6 +685,10 @@ pub trait Pipeline:
                 let end = Instant::now();
                 exec_duration += end.duration_since(start);
 
+                // zopilot-gpu patch: ZOPILOT_STEP_TRACE=1 prints one line per step (profiling).
+                if std::env::var_os("ZOPILOT_STEP_TRACE").is_some() {
+                    eprintln!("zopilot-step seqs={} prompt={is_prompt} forward_us={} total_us={}", input_seqs.len(), forward_duration.as_micros(), trace_start.elapsed().as_micros());
+                }
                 Ok(exec_duration)
             }
             CacheBackendMetadata::PagedAttention { metadata } => {

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# One traced benchmark on a GPU machine: where a decode step's time goes at 1 and 32 streams.
+# ZOPILOT_STEP_TRACE=1 (vendor/ patch) prints one line per engine step: sequences in the
+# batch, forward time (with a device sync, so GPU time included) and the whole step; the
+# difference is sampling, responses and host work. Results in $OUT (default ./gpu-profile).
+#
+#   scripts/gpu-profile.sh path/to/zopilot-gpu [extra env, e.g. ZOPILOT_MIXTRAL_MOE=loop]
+set -u
+B=${1:?usage: gpu-profile.sh BINARY [VAR=value ...]}
+shift
+OUT=${OUT:-./gpu-profile}
+mkdir -p "$OUT"
+[ -d /tmp/mx8 ] || "$B" synth --preset mixtral-8x7b --layers 8 --out /tmp/mx8 > "$OUT/synth.log" 2>&1
+env "$@" ZOPILOT_STEP_TRACE=1 timeout 300 "$B" bench --model /tmp/mx8 --prompt-tokens 512 \
+  --max-tokens 128 --concurrency 1,32 --json > "$OUT/bench.json" 2> "$OUT/bench.log"
+echo "bench exit $?"
+grep zopilot-step "$OUT/bench.log" > "$OUT/steps.txt"
+python3 - "$OUT/steps.txt" <<'PY'
+import collections, re, sys
+g = collections.defaultdict(list)
+for line in open(sys.argv[1]):
+    m = re.search(r'seqs=(\d+) prompt=(\w+) forward_us=(\d+) total_us=(\d+)', line)
+    if m:
+        g[(int(m[1]), m[2])].append((int(m[3]), int(m[4])))
+for (seqs, prompt), v in sorted(g.items()):
+    v.sort(key=lambda x: x[1])
+    f, t = v[len(v) // 2]
+    print(f"seqs={seqs} prompt={prompt} steps={len(v)} median forward_us={f} total_us={t} "
+          f"(host work {t - f} us)")
+PY
