@@ -26,6 +26,9 @@ use mistralrs_quant::{GgufMatMul, QuantMethod, QuantMethodConfig, ShardedVarBuil
 
 use crate::layers::Activation;
 
+/// Rows of one expert matrix quantized per task while loading.
+const QUANT_ROWS_PER_TASK: usize = 2048;
+
 /// Which MoE implementation Mixtral layers use (read once per model load).
 pub(crate) fn stacked_moe_enabled() -> bool {
     !matches!(
@@ -222,19 +225,28 @@ impl StackedExperts {
                     };
                     let target = m.device.unwrap_or_else(|| vb.device().clone());
                     let cpu = vb.clone().set_device(Device::Cpu);
-                    // Experts in parallel on rayon's global pool (not the ISQ pool, whose
-                    // backpressure may be waiting on this thread): quantizing a layer's 24
-                    // expert matrices one by one added minutes to an 8-layer load.
+                    // On rayon's global pool (not the ISQ pool, whose backpressure may be
+                    // waiting on this thread), experts in parallel and each in row blocks:
+                    // mistral.rs loads layers one after another, so a layer's quantization
+                    // must fill the machine by itself. GGUF blocks run along a row, so row
+                    // blocks quantized apart concatenate to the same bytes.
                     let quantize = || {
                         use rayon::prelude::*;
                         (0..num_experts)
                             .into_par_iter()
                             .map(|i| {
-                                let w = cpu
-                                    .pp(i)
-                                    .get(shape, &format!("{name}.weight"))?
-                                    .to_dtype(DType::F32)?;
-                                Ok(QTensor::quantize(&w, dtype)?.data()?.into_owned())
+                                let w = cpu.pp(i).get(shape, &format!("{name}.weight"))?;
+                                let blocks = shape.0.div_ceil(QUANT_ROWS_PER_TASK);
+                                let parts = (0..blocks)
+                                    .into_par_iter()
+                                    .map(|b| {
+                                        let r0 = b * QUANT_ROWS_PER_TASK;
+                                        let rows = QUANT_ROWS_PER_TASK.min(shape.0 - r0);
+                                        let part = w.narrow(0, r0, rows)?.to_dtype(DType::F32)?;
+                                        Ok(QTensor::quantize(&part, dtype)?.data()?.into_owned())
+                                    })
+                                    .collect::<Result<Vec<Vec<u8>>>>()?;
+                                Ok(parts.concat())
                             })
                             .collect::<Result<Vec<Vec<u8>>>>()
                     };
