@@ -89,19 +89,15 @@ fn tiny(cpu: bool, isq: Option<Isq>) -> ModelSettings {
     }
 }
 
-/// Greedy steps through the serving path (temperature 0, streamed).
-async fn greedy_steps(b: &MistralBackend, ids: Vec<u32>) -> anyhow::Result<Vec<String>> {
-    let mut rx = b
-        .start(
-            ids,
-            Sampling {
-                max_tokens: GREEDY_TOKENS,
-                temperature: 0.0,
-                top_p: None,
-                top_k: None,
-            },
-        )
-        .await?;
+/// `n` greedy steps through the serving path (temperature 0, streamed), one text per step.
+async fn greedy_steps(b: &MistralBackend, ids: Vec<u32>, n: usize) -> anyhow::Result<Vec<String>> {
+    let greedy = Sampling {
+        max_tokens: n,
+        temperature: 0.0,
+        top_p: None,
+        top_k: None,
+    };
+    let mut rx = b.start(ids, greedy).await?;
     let mut steps = Vec::new();
     while let Some(step) = rx.recv().await {
         match step {
@@ -125,30 +121,8 @@ async fn forced_steps(
 ) -> anyhow::Result<Vec<String>> {
     let mut steps = Vec::new();
     for i in 0..reference.len() {
-        let mut rx = b
-            .start(
-                [prompt, &reference[..i]].concat(),
-                Sampling {
-                    max_tokens: 1,
-                    temperature: 0.0,
-                    top_p: None,
-                    top_k: None,
-                },
-            )
-            .await?;
-        let mut text = String::new();
-        while let Some(step) = rx.recv().await {
-            match step {
-                Step::Text { text: t, finish } => {
-                    text.push_str(&t);
-                    if finish.is_some() {
-                        break;
-                    }
-                }
-                Step::Failed(e) => anyhow::bail!(e),
-            }
-        }
-        steps.push(text);
+        let step = greedy_steps(b, [prompt, &reference[..i]].concat(), 1).await?;
+        steps.push(step.concat());
     }
     Ok(steps)
 }
@@ -163,7 +137,7 @@ pub async fn reference() -> anyhow::Result<Vec<Reference>> {
     for (isq, name, _) in CASES {
         let b = MistralBackend::load(&tiny(true, isq)).await?;
         let ids = prompt_ids(&b).await?;
-        let steps = greedy_steps(&b, ids.clone()).await?;
+        let steps = greedy_steps(&b, ids.clone(), GREEDY_TOKENS).await?;
         let top = b.greedy_logprobs(ids, GREEDY_TOKENS, 2).await?;
         let greedy_ids = top
             .iter()
@@ -231,7 +205,7 @@ pub async fn run(cpu: bool) -> anyhow::Result<SelfTest> {
         let (device, forced) = tokio::time::timeout(CASE_DEADLINE, async {
             let subject = MistralBackend::load(&tiny(cpu, isq)).await?;
             let prompt = prompt_ids(&subject).await?;
-            let free = greedy_steps(&subject, prompt.clone()).await?;
+            let free = greedy_steps(&subject, prompt.clone(), GREEDY_TOKENS).await?;
             let forced = forced_steps(&subject, &prompt, &reference.ids).await?;
             anyhow::Ok((free, forced))
         })
