@@ -128,12 +128,112 @@ enum Grouped {
 }
 
 impl Grouped {
-    fn expert(&self, e: usize) -> Result<Tensor> {
-        match self {
-            Self::Dense(t) => t.i(e),
-            Self::PerExpert(q) => dequantize_expert_f16(q, e),
+    /// `x @ W[e]^T` for the `m` tokens routed to expert `e`; the result in f32.
+    fn matmul(&self, e: usize, x: &Tensor) -> Result<Tensor> {
+        if let Self::PerExpert(q) = self {
+            if x.dim(0)? <= 8 && mmvq_enabled() {
+                return expert_mmvq(q, e, x);
+            }
         }
+        let w = match self {
+            Self::Dense(t) => t.i(e)?,
+            Self::PerExpert(q) => dequantize_expert_f16(q, e)?,
+        };
+        x.to_dtype(w.dtype())?.matmul(&w.t()?)?.to_dtype(DType::F32)
     }
+}
+
+/// `ZOPILOT_MOE_MMVQ=1` (experimental, off by default, not yet run on a GPU): experts with
+/// at most 8 tokens in the grouped path use candle's mat-vec kernel (`mul_mat_vec_*_q8_1`)
+/// pointed at the expert's bytes, reading the expert once instead of dequantizing it.
+fn mmvq_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("ZOPILOT_MOE_MMVQ").is_ok_and(|v| v == "1"))
+}
+
+/// `x` `[m, K]` (m ≤ 8) times expert `e` of a stacked k-quant tensor, as candle's own
+/// `mul_mat_vec_via_q8_1` does it for a whole tensor: quantize `x` to Q8_1, then mat-vec.
+#[cfg(feature = "cuda")]
+fn expert_mmvq(q: &QTensor, e: usize, x: &Tensor) -> Result<Tensor> {
+    use candle_core::cuda::cudarc::driver::{LaunchConfig, PushKernelArg};
+    use candle_core::{CudaStorage, Shape, Storage};
+
+    let Device::Cuda(dev) = q.device() else {
+        candle_core::bail!("expert_mmvq needs a CUDA tensor");
+    };
+    let (experts, n, k) = q.shape().dims3()?;
+    let (m, kx) = x.dims2()?;
+    if e >= experts || kx != k || m == 0 || m > 8 {
+        candle_core::bail!("expert_mmvq: expert {e}/{experts}, x [{m}, {kx}], weight K {k}");
+    }
+    let dtype = q.dtype();
+    let name = match dtype {
+        GgmlDType::Q2K => "mul_mat_vec_q2_K_q8_1_cuda",
+        GgmlDType::Q3K => "mul_mat_vec_q3_K_q8_1_cuda",
+        GgmlDType::Q4K => "mul_mat_vec_q4_K_q8_1_cuda",
+        GgmlDType::Q5K => "mul_mat_vec_q5_K_q8_1_cuda",
+        GgmlDType::Q6K => "mul_mat_vec_q6_K_q8_1_cuda",
+        other => candle_core::bail!("no mat-vec kernel for {other:?}"),
+    };
+    let launch_err = |err: candle_core::cuda::cudarc::driver::DriverError| {
+        candle_core::Error::Msg(err.to_string())
+    };
+    // Quantize x to Q8_1: rows padded to 512 values, 36 bytes per 32 values.
+    let k_padded = k.div_ceil(512) * 512;
+    let y_q8_1 = dev.alloc_zeros::<u8>(m * k_padded / 32 * 36)?;
+    let x = x.to_dtype(DType::F32)?.contiguous()?;
+    let (x_storage, x_layout) = x.storage_and_layout();
+    let Storage::Cuda(x_cuda) = &*x_storage else {
+        candle_core::bail!("expert_mmvq needs x on the GPU");
+    };
+    let start = x_layout.start_offset();
+    let x_view = x_cuda.as_cuda_slice::<f32>()?.slice(start..start + m * k);
+    let quantize = dev.get_or_load_func("quantize_q8_1", &candle_kernels::QUANTIZED)?;
+    let cfg = LaunchConfig {
+        grid_dim: (k_padded.div_ceil(256) as u32, m as u32, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let (k_i32, k_padded_i32) = (k as i32, k_padded as i32);
+    let mut builder = quantize.builder();
+    builder.arg(&x_view);
+    builder.arg(&y_q8_1);
+    builder.arg(&k_i32);
+    builder.arg(&k_padded_i32);
+    unsafe { builder.launch(cfg) }.map_err(launch_err)?;
+    // Mat-vec over the expert's rows; dst[token * n + row].
+    let func = dev.get_or_load_func(&format!("{name}{m}"), &candle_kernels::QUANTIZED)?;
+    let dst = dev.alloc_zeros::<f32>(m * n)?;
+    let (blocks, warps) = match m {
+        1 => (n as u32, 4),
+        2..=4 => ((n as u32).div_ceil(2), 4),
+        _ => ((n as u32).div_ceil(2), 2),
+    };
+    let weights =
+        q.device_ptr()? as u64 + (e * n * k / dtype.block_size() * dtype.type_size()) as u64;
+    let cfg = LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (32, warps, 1),
+        shared_mem_bytes: 0,
+    };
+    let (n_i32, n_dst) = (n as i32, n as i32);
+    let mut builder = func.builder();
+    builder.arg(&weights);
+    builder.arg(&y_q8_1);
+    builder.arg(&dst);
+    builder.arg(&k_i32);
+    builder.arg(&n_i32);
+    builder.arg(&k_padded_i32);
+    builder.arg(&n_dst);
+    unsafe { builder.launch(cfg) }.map_err(launch_err)?;
+    drop(x_storage);
+    let storage = CudaStorage::wrap_cuda_slice(dst, dev.clone());
+    Ok(Tensor::from((Storage::Cuda(storage), Shape::from((m, n)))))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn expert_mmvq(_q: &QTensor, _e: usize, _x: &Tensor) -> Result<Tensor> {
+    candle_core::bail!("the expert mat-vec path needs a CUDA build")
 }
 
 /// Dequantizes expert `e` of a stacked k-quant tensor on the GPU (candle's own kernel, pointed
@@ -331,13 +431,12 @@ impl StackedExperts {
             }
             let idx = Tensor::new(rows[e].as_slice(), device)?;
             let scale = Tensor::new(scale[e].as_slice(), device)?.reshape(((), 1))?;
-            let w1e = w1.expert(e)?;
-            let x = xs.index_select(&idx, 0)?.to_dtype(w1e.dtype())?;
-            let gate = x.matmul(&w1e.t()?)?;
-            let up = x.matmul(&w3.expert(e)?.t()?)?;
+            let x = xs.index_select(&idx, 0)?;
+            let gate = w1.matmul(e, &x)?;
+            let up = w3.matmul(e, &x)?;
             let act = crate::ops::mul_and_act(&gate, &up, self.act)?;
-            let down = act.matmul(&w2.expert(e)?.t()?)?;
-            ys = ys.index_add(&idx, &down.to_dtype(DType::F32)?.broadcast_mul(&scale)?, 0)?;
+            let down = w2.matmul(e, &act)?;
+            ys = ys.index_add(&idx, &down.broadcast_mul(&scale)?, 0)?;
         }
         Ok(ys)
     }
