@@ -506,7 +506,7 @@ pub trait Pipeline:
 
                     let start = Instant::now();
                     let raw_logits = self.forward_inputs(inputs, return_raw_logits)?;
-                    if std::env::var_os("ZOPILOT_STEP_TRACE").is_some() {
+                    if zopilot_step_trace() {
                         self.device().synchronize()?;
                     }
                     let end = Instant::now();
@@ -686,7 +686,7 @@ pub trait Pipeline:
                 exec_duration += end.duration_since(start);
 
                 // zopilot-gpu patch: ZOPILOT_STEP_TRACE=1 prints one line per step (profiling).
-                if std::env::var_os("ZOPILOT_STEP_TRACE").is_some() {
+                if zopilot_step_trace() {
                     eprintln!("zopilot-step seqs={} prompt={is_prompt} forward_us={} total_us={}", input_seqs.len(), forward_duration.as_micros(), trace_start.elapsed().as_micros());
                 }
                 Ok(exec_duration)
@@ -752,7 +752,7 @@ pub trait Pipeline:
 
                     let start = Instant::now();
                     let raw_logits = self.forward_inputs(inputs, return_raw_logits)?;
-                    if std::env::var_os("ZOPILOT_STEP_TRACE").is_some() {
+                    if zopilot_step_trace() {
                         self.device().synchronize()?;
                     }
                     let end = Instant::now();
@@ -915,7 +915,7 @@ pub trait Pipeline:
                 exec_duration += end.duration_since(start);
 
                 // zopilot-gpu patch: ZOPILOT_STEP_TRACE=1 prints one line per paged step (profiling).
-                if std::env::var_os("ZOPILOT_STEP_TRACE").is_some() {
+                if zopilot_step_trace() {
                     eprintln!("zopilot-step seqs={} prompt={is_prompt} forward_us={} total_us={}", input_seqs.len(), forward_duration.as_micros(), trace_start.elapsed().as_micros());
                 }
                 Ok(exec_duration)
@@ -1198,4 +1198,10 @@ mod tests {
 
         test_with_inputs(&templates, &expected_outputs, inputs);
     }
+}
+
+/// zopilot-gpu patch: `ZOPILOT_STEP_TRACE=1` turns on the per-step trace (read once).
+fn zopilot_step_trace() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os("ZOPILOT_STEP_TRACE").is_some())
 }
