@@ -145,6 +145,9 @@ pub struct BenchOptions {
     pub api_key: Option<String>,
     /// Overrides the datasheet bandwidth, GB/s.
     pub bandwidth_gbs: Option<f64>,
+    /// Whether `--model` (or MODEL_NAME) named the model. With `--url` and no name, the
+    /// shapes (layers, bytes per token, floor) are unknown rather than the default model's.
+    pub model_named: bool,
 }
 
 fn peak_rss() -> Option<u64> {
@@ -312,6 +315,16 @@ fn summarize(concurrency: usize, samples: &[Sample]) -> Level {
     }
 }
 
+/// The first model id a server lists on /v1/models.
+async fn served_model(client: &reqwest::Client, url: &str, key: Option<&str>) -> Option<String> {
+    let mut req = client.get(format!("{}/v1/models", url.trim_end_matches('/')));
+    if let Some(k) = key {
+        req = req.bearer_auth(k);
+    }
+    let body: serde_json::Value = req.send().await.ok()?.json().await.ok()?;
+    Some(body["data"][0]["id"].as_str()?.to_owned())
+}
+
 /// Runs the benchmark.
 pub async fn run(mut model: ModelSettings, o: BenchOptions) -> Result<BenchReport> {
     let max_c = o.concurrency.iter().copied().max().unwrap_or(1);
@@ -332,8 +345,18 @@ pub async fn run(mut model: ModelSettings, o: BenchOptions) -> Result<BenchRepor
     };
     let client = reqwest::Client::new();
     let mut gpu_peak = crate::preflight::driver::gpu_used_bytes();
+    // Over HTTP with no model named, report what the server says it serves.
+    if let (Some(url), false) = (&o.url, o.model_named) {
+        if let Some(id) = served_model(&client, url, o.api_key.as_deref()).await {
+            model.served_model_name = id;
+        }
+    }
     // The memory floor: weight bytes per decode step against the card's bandwidth.
-    let shapes = crate::preflight::known_shapes(&model);
+    let shapes = if o.url.is_some() && !o.model_named {
+        None
+    } else {
+        crate::preflight::known_shapes(&model)
+    };
     let bits = model
         .isq
         .map_or(16.0, crate::settings::Isq::bits_per_weight);

@@ -400,6 +400,7 @@ fn bench(a: BenchArgs) -> Result<ExitCode> {
         url: a.url,
         api_key: a.api_key,
         bandwidth_gbs: a.bandwidth_gbs,
+        model_named: a.model.model.is_some() || a.model.model_name.is_some(),
     };
     let report = block_on(crate::bench::run(model, opts))??;
     if a.json {

@@ -421,6 +421,51 @@ fn selftest_on_the_cpu_passes() {
     );
 }
 
+/// `bench --url` measures a running server: it names the model the server lists and, not
+/// knowing the served shapes, leaves the floor fields empty instead of guessing them.
+#[tokio::test]
+async fn bench_over_http_reports_the_served_model_and_no_guessed_floor() {
+    let (server, _) = spawn_serve(&[]);
+    wait_ready(&server.url).await;
+    let url = server.url.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        binary()
+            .args([
+                "bench",
+                "--url",
+                &url,
+                "--prompt-tokens",
+                "8",
+                "--max-tokens",
+                "3",
+                "--concurrency",
+                "1,2",
+                "--json",
+            ])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["target"], server.url.as_str());
+    assert_eq!(r["model"], "synthetic:tiny");
+    assert_eq!(r["layers"], Value::Null);
+    assert_eq!(r["floor_tokens_per_second"], Value::Null);
+    assert_eq!(r["load_seconds"], Value::Null);
+    let levels = r["levels"].as_array().unwrap();
+    assert_eq!(levels.len(), 2);
+    for l in levels {
+        assert!(l["aggregate_tokens_per_second"].as_f64().unwrap() > 0.0);
+        assert_eq!(l["fraction_of_floor"], Value::Null);
+    }
+}
+
 #[test]
 fn bench_json_on_the_tiny_model_emits_the_documented_fields() {
     let out = binary()
