@@ -346,10 +346,10 @@ pub async fn run(mut model: ModelSettings, o: BenchOptions) -> Result<BenchRepor
     let client = reqwest::Client::new();
     let mut gpu_peak = crate::preflight::driver::gpu_used_bytes();
     // Over HTTP with no model named, report what the server says it serves.
-    if let (Some(url), false) = (&o.url, o.model_named) {
-        if let Some(id) = served_model(&client, url, o.api_key.as_deref()).await {
-            model.served_model_name = id;
-        }
+    if let (Some(url), false) = (&o.url, o.model_named)
+        && let Some(id) = served_model(&client, url, o.api_key.as_deref()).await
+    {
+        model.served_model_name = id;
     }
     // The memory floor: weight bytes per decode step against the card's bandwidth.
     let shapes = if o.url.is_some() && !o.model_named {

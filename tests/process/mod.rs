@@ -49,6 +49,16 @@ fn spawn_serve(extra: &[&str]) -> (Running, u16) {
     )
 }
 
+/// The JSON a successful command printed on stdout (its stderr in the failure message).
+fn json_stdout(out: &std::process::Output) -> Value {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 /// Polls /ping until 200, returning every status seen on the way.
 async fn wait_ready(url: &str) -> Vec<u16> {
     let c = client();
@@ -407,12 +417,7 @@ fn selftest_on_the_cpu_passes() {
         .args(["selftest", "--cpu", "--json"])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let r = json_stdout(&out);
     assert_eq!(r["passed"], true);
     assert_eq!(
         r["cases"].as_array().unwrap().len(),
@@ -447,12 +452,7 @@ async fn bench_over_http_reports_the_served_model_and_no_guessed_floor() {
     })
     .await
     .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let r = json_stdout(&out);
     assert_eq!(r["target"], server.url.as_str());
     assert_eq!(r["model"], "synthetic:tiny");
     assert_eq!(r["layers"], Value::Null);
@@ -486,12 +486,7 @@ fn bench_json_on_the_tiny_model_emits_the_documented_fields() {
         ])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let r = json_stdout(&out);
     assert_eq!(r["schema"], "zopilot-gpu/bench/v1");
     assert_eq!(r["layers"], 2);
     assert_eq!(r["prompt_tokens"], 32);
