@@ -9,12 +9,14 @@
 //!   `indexed_moe_forward` CUDA kernel on GGUF-quantized weights), no host synchronisation.
 //!   The kernel reads an expert once per (token, expert) pair, so past E / top-k = 4 tokens it
 //!   reads more bytes than the experts hold (an H100 at 16 sequences: slower than upstream);
-//! - many tokens (prefill): one host read of the routing, then per expert a dense matmul over
-//!   the tokens routed to it, the expert dequantized alone (so the transient is one expert).
+//! - more tokens (prefill, larger decode batches): one host read of the routing, then per
+//!   expert a dense matmul over the tokens routed to it, the expert dequantized alone (so the
+//!   transient is one expert); with `ZOPILOT_MOE_MMVQ=1` (experimental) an expert with at most
+//!   8 tokens uses candle's Q8_1 mat-vec kernel on its bytes instead.
 //!
-//! In-situ quantization of the stacked weights is done here, expert by expert, into one GGUF
-//! tensor, because a stacked layer handed to the generic ISQ path comes back type-erased and
-//! the prefill path needs the quantized bytes. `ZOPILOT_MIXTRAL_MOE=loop` selects upstream's path.
+//! In-situ quantization of the stacked weights is done here (experts in parallel, in row
+//! blocks) into one GGUF tensor per projection, because a stacked layer handed to the generic
+//! ISQ path comes back type-erased and the grouped path needs the quantized bytes. `ZOPILOT_MIXTRAL_MOE=loop` selects upstream's path.
 
 use std::sync::Arc;
 
