@@ -119,6 +119,27 @@ fn to_mistral_messages(messages: Vec<super::ChatMessage>) -> Vec<TemplateMessage
         .collect()
 }
 
+/// Hands one request to the model's engine.
+async fn send(model: &Model, request: Request) -> Result<(), EngineError> {
+    let sender = model
+        .inner()
+        .get_sender(None)
+        .map_err(|e| EngineError::Internal(e.to_string()))?;
+    sender
+        .send(request)
+        .await
+        .map_err(|_| EngineError::Internal("the engine has stopped".into()))
+}
+
+/// The message of a response that ends a request with an error.
+fn error_message(r: &Response) -> Option<String> {
+    match r {
+        Response::ValidationError(e) | Response::InternalError(e) => Some(e.to_string()),
+        Response::CompletionModelError(m, _) | Response::ModelError(m, _) => Some(m.clone()),
+        _ => None,
+    }
+}
+
 /// A streamed completion of token ids: how every generation reaches mistral.rs.
 fn completion_request(
     prompt: Vec<u32>,
@@ -165,10 +186,6 @@ impl Backend for MistralBackend {
         // Run to completion on its own task: mistral.rs panics its engine thread if the
         // receiver of a tokenization is dropped, as a handler is when its client leaves.
         let task = tokio::spawn(async move {
-            let sender = model
-                .inner()
-                .get_sender(None)
-                .map_err(|e| EngineError::Internal(e.to_string()))?;
             let (tx, mut rx) = mpsc::channel(1);
             let text = match prompt {
                 Prompt::Chat(m) => Either::Left(to_mistral_messages(m)),
@@ -176,18 +193,16 @@ impl Backend for MistralBackend {
                 Prompt::Tokens(_) => unreachable!("token prompts return early"),
             };
             let is_chat = text.is_left();
-            sender
-                .send(Request::Tokenize(mistralrs::core::TokenizationRequest {
-                    text,
-                    tools: None,
-                    add_generation_prompt: true,
-                    add_special_tokens: true,
-                    enable_thinking: None,
-                    reasoning_effort: None,
-                    response: tx,
-                }))
-                .await
-                .map_err(|_| EngineError::Internal("the engine has stopped".into()))?;
+            let request = Request::Tokenize(mistralrs::core::TokenizationRequest {
+                text,
+                tools: None,
+                add_generation_prompt: true,
+                add_special_tokens: true,
+                enable_thinking: None,
+                reasoning_effort: None,
+                response: tx,
+            });
+            send(&model, request).await?;
             match rx.recv().await {
                 Some(Ok(ids)) if ids.is_empty() => Err(EngineError::Invalid {
                     param: if is_chat { "messages" } else { "prompt" },
@@ -218,21 +233,13 @@ impl Backend for MistralBackend {
     ) -> BoxFuture<'static, Result<mpsc::Receiver<Step>, EngineError>> {
         let model = self.model.clone();
         async move {
-            let sender = model
-                .inner()
-                .get_sender(None)
-                .map_err(|e| EngineError::Internal(e.to_string()))?;
             let (tx, mut rx) = mpsc::channel::<Response>(64);
             let mut sampling = SamplingParams::neutral();
             sampling.temperature = Some(s.temperature);
             sampling.top_p = s.top_p;
             sampling.top_k = s.top_k;
             sampling.max_len = Some(s.max_tokens);
-            let request = completion_request(prompt, sampling, tx, false);
-            sender
-                .send(request)
-                .await
-                .map_err(|_| EngineError::Internal("the engine has stopped".into()))?;
+            send(&model, completion_request(prompt, sampling, tx, false)).await?;
             let (step_tx, step_rx) = mpsc::channel(64);
             tokio::spawn(async move {
                 loop {
@@ -251,16 +258,9 @@ impl Backend for MistralBackend {
                                 finish,
                             }
                         }
-                        Response::ValidationError(e) | Response::InternalError(e) => {
-                            Step::Failed(e.to_string())
-                        }
-                        Response::CompletionModelError(msg, _) | Response::ModelError(msg, _) => {
-                            Step::Failed(msg)
-                        }
-                        other => Step::Failed(format!(
-                            "unexpected engine response: {}",
-                            response_kind(&other)
-                        )),
+                        other => Step::Failed(error_message(&other).unwrap_or_else(|| {
+                            format!("unexpected engine response: {}", response_kind(&other))
+                        })),
                     };
                     let last = !matches!(step, Step::Text { finish: None, .. });
                     // A closed consumer means the request is gone: dropping `rx` cancels it.
@@ -297,11 +297,6 @@ impl MistralBackend {
         n: usize,
         top: usize,
     ) -> Result<Vec<Vec<(u32, f32)>>, EngineError> {
-        let sender = self
-            .model
-            .inner()
-            .get_sender(None)
-            .map_err(|e| EngineError::Internal(e.to_string()))?;
         let mut context = prompt;
         let mut steps = Vec::with_capacity(n);
         for _ in 0..n {
@@ -310,11 +305,11 @@ impl MistralBackend {
             sampling.max_len = Some(1);
             sampling.temperature = Some(1.0);
             sampling.top_n_logprobs = top.max(1);
-            let request = completion_request(context.clone(), sampling, tx, true);
-            sender
-                .send(request)
-                .await
-                .map_err(|_| EngineError::Internal("the engine has stopped".into()))?;
+            send(
+                &self.model,
+                completion_request(context.clone(), sampling, tx, true),
+            )
+            .await?;
             let mut step = None;
             while let Some(resp) = rx.recv().await {
                 match resp {
@@ -338,11 +333,11 @@ impl MistralBackend {
                             break;
                         }
                     }
-                    Response::InternalError(e) | Response::ValidationError(e) => {
-                        return Err(EngineError::Internal(e.to_string()));
+                    other => {
+                        if let Some(m) = error_message(&other) {
+                            return Err(EngineError::Internal(m));
+                        }
                     }
-                    Response::CompletionModelError(m, _) => return Err(EngineError::Internal(m)),
-                    _ => {}
                 }
             }
             let step =
