@@ -5,7 +5,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use serde_json::{Value, json};
 
-use crate::support::{self, KEY, MODEL, eventually, get, metric, post, post_sse};
+use crate::support::{self, KEY, MODEL, eventually, get, metric, metric_delta, post, post_sse};
 
 fn greedy_chat(max_tokens: usize) -> Value {
     json!({"model": MODEL, "messages": [{"role": "user", "content": "Tell me about mixtures of experts."}],
@@ -357,14 +357,13 @@ async fn client_disconnect_cancels_the_sequence() {
         "in-flight returns to 0"
     );
     let after = get(s, "/metrics").await.1;
-    let generated = metric(&after, "zopilot_generated_tokens_total")
-        - metric(&before, "zopilot_generated_tokens_total");
+    let generated = metric_delta(&after, &before, "zopilot_generated_tokens_total");
     assert!(
         generated < 1800.0,
         "the sequence stopped early: {generated} tokens"
     );
     assert_eq!(
-        metric(&after, "zopilot_cancelled_total") - metric(&before, "zopilot_cancelled_total"),
+        metric_delta(&after, &before, "zopilot_cancelled_total"),
         1.0
     );
     assert_eq!(metric(&after, "zopilot_in_flight_sequences"), 0.0);
@@ -496,8 +495,7 @@ async fn a_non_streaming_client_that_leaves_cancels_too() {
     );
     assert!(eventually(Duration::from_secs(10), async || s.engine.in_flight() == 0).await);
     let after = get(s, "/metrics").await.1;
-    let generated = metric(&after, "zopilot_generated_tokens_total")
-        - metric(&before, "zopilot_generated_tokens_total");
+    let generated = metric_delta(&after, &before, "zopilot_generated_tokens_total");
     assert!(
         generated < 1900.0,
         "the sequence stopped when the client left: {generated} tokens"

@@ -165,6 +165,11 @@ pub fn metric(text: &str, name: &str) -> f64 {
         .unwrap_or_else(|| panic!("metric {name} missing"))
 }
 
+/// How much a Prometheus counter grew between two /metrics texts.
+pub fn metric_delta(after: &str, before: &str, name: &str) -> f64 {
+    metric(after, name) - metric(before, name)
+}
+
 /// Polls `check` until it returns true or `limit` passes.
 pub async fn eventually<F: AsyncFnMut() -> bool>(limit: Duration, mut check: F) -> bool {
     let start = Instant::now();
