@@ -112,16 +112,40 @@ impl StackedWeight {
 }
 
 fn per_expert_dequant(dtype: GgmlDType) -> bool {
-    cfg!(feature = "cuda")
-        && matches!(
-            dtype,
-            GgmlDType::Q2K
-                | GgmlDType::Q3K
-                | GgmlDType::Q4K
-                | GgmlDType::Q5K
-                | GgmlDType::Q6K
-                | GgmlDType::Q8K
-        )
+    cfg!(feature = "cuda") && dequant_f16_kernel(dtype).is_some()
+}
+
+/// candle's f16 dequantize kernel for a k-quant type, with its threads per block.
+fn dequant_f16_kernel(dtype: GgmlDType) -> Option<(&'static str, u32)> {
+    Some(match dtype {
+        GgmlDType::Q2K => ("dequantize_block_q2_K_f16", 64),
+        GgmlDType::Q3K => ("dequantize_block_q3_K_f16", 64),
+        GgmlDType::Q4K => ("dequantize_block_q4_K_f16", 32),
+        GgmlDType::Q5K => ("dequantize_block_q5_K_f16", 64),
+        GgmlDType::Q6K => ("dequantize_block_q6_K_f16", 64),
+        GgmlDType::Q8K => ("dequantize_block_q8_K_f16", 32),
+        _ => return None,
+    })
+}
+
+/// The CUDA device, the device address of expert `e`'s bytes in a stacked tensor, and the
+/// expert's `(n, k)`.
+#[cfg(feature = "cuda")]
+fn expert_bytes(q: &QTensor, e: usize) -> Result<(candle_core::CudaDevice, u64, usize, usize)> {
+    let Device::Cuda(dev) = q.device() else {
+        candle_core::bail!("a stacked expert kernel needs a CUDA tensor");
+    };
+    let (experts, n, k) = q.shape().dims3()?;
+    if e >= experts {
+        candle_core::bail!("expert {e} out of {experts}");
+    }
+    let offset = e * n * k / q.dtype().block_size() * q.dtype().type_size();
+    Ok((dev, q.device_ptr()? as u64 + offset as u64, n, k))
+}
+
+#[cfg(feature = "cuda")]
+fn launch_error(err: candle_core::cuda::cudarc::driver::DriverError) -> candle_core::Error {
+    candle_core::Error::Msg(err.to_string())
 }
 
 enum Grouped {
@@ -160,13 +184,10 @@ fn expert_mmvq(q: &QTensor, e: usize, x: &Tensor) -> Result<Tensor> {
     use candle_core::cuda::cudarc::driver::{LaunchConfig, PushKernelArg};
     use candle_core::{CudaStorage, Shape, Storage};
 
-    let Device::Cuda(dev) = q.device() else {
-        candle_core::bail!("expert_mmvq needs a CUDA tensor");
-    };
-    let (experts, n, k) = q.shape().dims3()?;
+    let (dev, weights, n, k) = expert_bytes(q, e)?;
     let (m, kx) = x.dims2()?;
-    if e >= experts || kx != k || m == 0 || m > 8 {
-        candle_core::bail!("expert_mmvq: expert {e}/{experts}, x [{m}, {kx}], weight K {k}");
+    if kx != k || m == 0 || m > 8 {
+        candle_core::bail!("expert_mmvq: x [{m}, {kx}], weight K {k}");
     }
     let dtype = q.dtype();
     let name = match dtype {
@@ -176,9 +197,6 @@ fn expert_mmvq(q: &QTensor, e: usize, x: &Tensor) -> Result<Tensor> {
         GgmlDType::Q5K => "mul_mat_vec_q5_K_q8_1_cuda",
         GgmlDType::Q6K => "mul_mat_vec_q6_K_q8_1_cuda",
         other => candle_core::bail!("no mat-vec kernel for {other:?}"),
-    };
-    let launch_err = |err: candle_core::cuda::cudarc::driver::DriverError| {
-        candle_core::Error::Msg(err.to_string())
     };
     // Quantize x to Q8_1: rows padded to 512 values, 36 bytes per 32 values.
     let k_padded = k.div_ceil(512) * 512;
@@ -202,7 +220,7 @@ fn expert_mmvq(q: &QTensor, e: usize, x: &Tensor) -> Result<Tensor> {
     builder.arg(&y_q8_1);
     builder.arg(&k_i32);
     builder.arg(&k_padded_i32);
-    unsafe { builder.launch(cfg) }.map_err(launch_err)?;
+    unsafe { builder.launch(cfg) }.map_err(launch_error)?;
     // Mat-vec over the expert's rows; dst[token * n + row].
     let func = dev.get_or_load_func(&format!("{name}{m}"), &candle_kernels::QUANTIZED)?;
     let dst = dev.alloc_zeros::<f32>(m * n)?;
@@ -211,8 +229,6 @@ fn expert_mmvq(q: &QTensor, e: usize, x: &Tensor) -> Result<Tensor> {
         2..=4 => ((n as u32).div_ceil(2), 4),
         _ => ((n as u32).div_ceil(2), 2),
     };
-    let weights =
-        q.device_ptr()? as u64 + (e * n * k / dtype.block_size() * dtype.type_size()) as u64;
     let cfg = LaunchConfig {
         grid_dim: (blocks, 1, 1),
         block_dim: (32, warps, 1),
@@ -227,7 +243,7 @@ fn expert_mmvq(q: &QTensor, e: usize, x: &Tensor) -> Result<Tensor> {
     builder.arg(&n_i32);
     builder.arg(&k_padded_i32);
     builder.arg(&n_dst);
-    unsafe { builder.launch(cfg) }.map_err(launch_err)?;
+    unsafe { builder.launch(cfg) }.map_err(launch_error)?;
     drop(x_storage);
     let storage = CudaStorage::wrap_cuda_slice(dst, dev.clone());
     Ok(Tensor::from((Storage::Cuda(storage), Shape::from((m, n)))))
@@ -245,28 +261,13 @@ fn dequantize_expert_f16(q: &QTensor, e: usize) -> Result<Tensor> {
     use candle_core::cuda::cudarc::driver::{LaunchConfig, PushKernelArg};
     use candle_core::{CudaStorage, Shape, Storage};
 
-    let Device::Cuda(dev) = q.device() else {
-        candle_core::bail!("dequantize_expert_f16 needs a CUDA tensor");
+    let (dev, src, n, k) = expert_bytes(q, e)?;
+    let Some((name, block_dim)) = dequant_f16_kernel(q.dtype()) else {
+        candle_core::bail!("no per-expert dequantization for {:?}", q.dtype());
     };
-    let (experts, n, k) = q.shape().dims3()?;
-    if e >= experts {
-        candle_core::bail!("expert {e} out of {experts}");
-    }
-    let dtype = q.dtype();
     let elems = n * k;
-    let bytes = elems / dtype.block_size() * dtype.type_size();
-    let (name, block_dim) = match dtype {
-        GgmlDType::Q2K => ("dequantize_block_q2_K_f16", 64),
-        GgmlDType::Q3K => ("dequantize_block_q3_K_f16", 64),
-        GgmlDType::Q4K => ("dequantize_block_q4_K_f16", 32),
-        GgmlDType::Q5K => ("dequantize_block_q5_K_f16", 64),
-        GgmlDType::Q6K => ("dequantize_block_q6_K_f16", 64),
-        GgmlDType::Q8K => ("dequantize_block_q8_K_f16", 32),
-        other => candle_core::bail!("no per-expert dequantization for {other:?}"),
-    };
     let func = dev.get_or_load_func(name, &candle_kernels::QUANTIZED)?;
     let dst = unsafe { dev.alloc::<half::f16>(elems)? };
-    let src = q.device_ptr()? as u64 + (e * bytes) as u64;
     let cfg = LaunchConfig {
         grid_dim: ((elems / 256) as u32, 1, 1),
         block_dim: (block_dim, 1, 1),
@@ -275,7 +276,7 @@ fn dequantize_expert_f16(q: &QTensor, e: usize) -> Result<Tensor> {
     let mut builder = func.builder();
     builder.arg(&src);
     builder.arg(&dst);
-    unsafe { builder.launch(cfg) }.map_err(|err| candle_core::Error::Msg(err.to_string()))?;
+    unsafe { builder.launch(cfg) }.map_err(launch_error)?;
     let storage = CudaStorage::wrap_cuda_slice(dst, dev.clone());
     Ok(Tensor::from((Storage::Cuda(storage), Shape::from((n, k)))))
 }
