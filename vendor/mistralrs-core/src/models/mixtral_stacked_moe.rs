@@ -12,7 +12,7 @@
 //! - more tokens (prefill, larger decode batches): one host read of the routing, then per
 //!   expert a dense matmul over the tokens routed to it, the expert dequantized alone (so the
 //!   transient is one expert); with `ZOPILOT_MOE_MMVQ=1` (experimental) an expert with at most
-//!   8 tokens uses candle's Q8_1 mat-vec kernel on its bytes instead.
+//!   `MMVQ_MAX_TOKENS` tokens uses candle's Q8_1 mat-vec kernel on its bytes instead.
 //!
 //! In-situ quantization of the stacked weights is done here (experts in parallel, in row
 //! blocks) into one GGUF tensor per projection, because a stacked layer handed to the generic
@@ -157,8 +157,16 @@ impl Grouped {
     /// `x @ W[e]^T` for the `m` tokens routed to expert `e`; the result in f32.
     fn matmul(&self, e: usize, x: &Tensor) -> Result<Tensor> {
         if let Self::PerExpert(q) = self {
-            if x.dim(0)? <= 8 && mmvq_enabled() {
-                return expert_mmvq(q, e, x);
+            let m = x.dim(0)?;
+            if m <= MMVQ_MAX_TOKENS && mmvq_enabled() {
+                if m <= MMVQ_COLUMNS {
+                    return expert_mmvq(q, e, x);
+                }
+                let parts = (0..m)
+                    .step_by(MMVQ_COLUMNS)
+                    .map(|s| expert_mmvq(q, e, &x.narrow(0, s, MMVQ_COLUMNS.min(m - s))?))
+                    .collect::<Result<Vec<_>>>()?;
+                return Tensor::cat(&parts, 0);
             }
         }
         let w = match self {
@@ -169,9 +177,16 @@ impl Grouped {
     }
 }
 
-/// `ZOPILOT_MOE_MMVQ=1` (experimental, off by default, not yet run on a GPU): experts with
-/// at most 8 tokens in the grouped path use candle's mat-vec kernel (`mul_mat_vec_*_q8_1`)
-/// pointed at the expert's bytes, reading the expert once instead of dequantizing it.
+/// Tokens one mat-vec launch takes (candle's kernels go up to 8 columns).
+const MMVQ_COLUMNS: usize = 8;
+/// Up to this many tokens routed to one expert, the mat-vec path (in launches of
+/// `MMVQ_COLUMNS` tokens, each reading the expert's Q4K bytes once: ~33 MB for a Mixtral
+/// projection) beats dequantizing the expert to f16 for cuBLAS (~270 MB of traffic).
+const MMVQ_MAX_TOKENS: usize = 64;
+
+/// `ZOPILOT_MOE_MMVQ=1` (experimental, off by default): experts with at most
+/// `MMVQ_MAX_TOKENS` tokens in the grouped path use candle's mat-vec kernel
+/// (`mul_mat_vec_*_q8_1`) pointed at the expert's bytes instead of dequantizing it.
 fn mmvq_enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| std::env::var("ZOPILOT_MOE_MMVQ").is_ok_and(|v| v == "1"))
