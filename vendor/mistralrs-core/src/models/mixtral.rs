@@ -11,7 +11,7 @@ use mistralrs_quant::{
 use serde::{Deserialize, Serialize};
 use std::{collections::HashMap, sync::Arc};
 
-use super::mixtral_stacked_moe::{profile_skip_moe, stacked_moe_enabled, StackedExperts};
+use super::mixtral_stacked_moe::{profile_skip_moe, qmatmul, stacked_moe_enabled, StackedExperts};
 use crate::{
     amoe::AnyMoeBaseModelMixin,
     attention::SdpaParams,
@@ -156,9 +156,9 @@ impl Attention {
         if let Some(t) = self.q_proj.quantized_act_type() {
             xs = xs.to_dtype(t)?;
         }
-        let mut q = MatMul.qmethod_matmul(&xs, &*self.q_proj)?;
-        let mut k = MatMul.qmethod_matmul(&xs, &*self.k_proj)?;
-        let mut v = MatMul.qmethod_matmul(&xs, &*self.v_proj)?;
+        let mut q = qmatmul(&xs, &*self.q_proj)?;
+        let mut k = qmatmul(&xs, &*self.k_proj)?;
+        let mut v = qmatmul(&xs, &*self.v_proj)?;
         if self.q_proj.quantized_act_type().is_some() {
             q = q.to_dtype(original_dtype)?;
             k = k.to_dtype(original_dtype)?;
@@ -239,7 +239,7 @@ impl Attention {
         } else {
             attn_output.reshape((b_sz, q_len, ()))?
         };
-        let mut res = MatMul.qmethod_matmul(&attn_output, &*self.o_proj)?;
+        let mut res = qmatmul(&attn_output, &*self.o_proj)?;
         if self.q_proj.quantized_act_type().is_some() {
             res = res.to_dtype(original_dtype)?;
         }
@@ -377,7 +377,7 @@ impl Module for SparseMoeBlock {
         if let Some(t) = self.gate.quantized_act_type() {
             xs = xs.to_dtype(t)?;
         }
-        let mut router_logits = MatMul.qmethod_matmul(&xs, &*self.gate)?;
+        let mut router_logits = qmatmul(&xs, &*self.gate)?;
         if self.gate.quantized_act_type().is_some() {
             router_logits = router_logits.to_dtype(original_dtype)?;
         }
@@ -713,7 +713,7 @@ impl Model {
         if let Some(t) = self.lm_head.quantized_act_type() {
             xs = xs.to_dtype(t)?;
         }
-        MatMul.qmethod_matmul(&xs, &*self.lm_head)
+        qmatmul(&xs, &*self.lm_head)
     }
 }
 

@@ -10,9 +10,9 @@
 //!   The kernel reads an expert once per (token, expert) pair, so past E / top-k = 4 tokens it
 //!   reads more bytes than the experts hold (an H100 at 16 sequences: slower than upstream);
 //! - more tokens (prefill, larger decode batches): one host read of the routing, then per
-//!   expert a dense matmul over the tokens routed to it, the expert dequantized alone (so the
-//!   transient is one expert); with `ZOPILOT_MOE_MMVQ=1` (experimental) an expert with at most
-//!   `MMVQ_MAX_TOKENS` tokens uses candle's Q8_1 mat-vec kernel on its bytes instead.
+//!   expert one matmul over the tokens routed to it: up to 8 tokens candle's Q8_1 mat-vec
+//!   kernel on the expert's bytes, past that the expert dequantized alone (so the transient
+//!   is one expert) for cuBLAS (`GroupedKernel`).
 //!
 //! In-situ quantization of the stacked weights is done here (experts in parallel, in row
 //! blocks) into one GGUF tensor per projection, because a stacked layer handed to the generic
@@ -51,6 +51,45 @@ fn gather_max_tokens() -> usize {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(4)
+}
+
+/// Tokens candle's quantized mat-vec kernel takes in one launch.
+const VEC_TOKENS: usize = 8;
+/// Up to this many tokens, [`qmatmul`] splits a quantized matmul into mat-vec launches.
+const VEC_SPLIT_MAX_TOKENS: usize = 128;
+
+/// A quantized layer's matmul (`MatMul.qmethod_matmul`), with 9–128 tokens on the GPU split
+/// into launches of 8. candle sends more than 8 tokens to its tiled MMQ kernel, whose grid is
+/// one block per 128 output rows and 64 tokens: Mixtral's 1,024-row k/v projections get 8
+/// blocks, the 8-row router 1 block, on a 132-SM H100. Measured there with ncu at 32
+/// sequences, per call: q/o 189 µs, k/v 166 µs, router 156 µs — 7 ms of a 20 ms decode step
+/// for 8 layers. The mat-vec kernel fills the GPU and reads the weight once per 8 tokens
+/// (q_proj: 9 µs a launch). `ZOPILOT_QMATMUL_SPLIT=0` turns the split off (for comparison).
+pub(crate) fn qmatmul(xs: &Tensor, w: &dyn QuantMethod) -> Result<Tensor> {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let on = *ON.get_or_init(|| std::env::var("ZOPILOT_QMATMUL_SPLIT").map_or(true, |v| v != "0"));
+    let dims = xs.dims().to_vec();
+    let hidden = *dims.last().unwrap_or(&0);
+    let tokens = if hidden == 0 { 0 } else { xs.elem_count() / hidden };
+    if !on
+        || !xs.device().is_cuda()
+        || w.quantized_act_type().is_none()
+        || tokens <= VEC_TOKENS
+        || tokens > VEC_SPLIT_MAX_TOKENS
+    {
+        return w.forward(xs);
+    }
+    let flat = xs.reshape((tokens, hidden))?;
+    let parts = (0..tokens)
+        .step_by(VEC_TOKENS)
+        .map(|s| w.forward(&flat.narrow(0, s, VEC_TOKENS.min(tokens - s))?))
+        .collect::<Result<Vec<_>>>()?;
+    let out = Tensor::cat(&parts, 0)?;
+    let mut shape = dims;
+    if let Some(last) = shape.last_mut() {
+        *last = out.dim(1)?;
+    }
+    out.reshape(shape)
 }
 
 /// One projection of all experts: `[E, N, K]`.
@@ -158,10 +197,12 @@ impl Grouped {
     fn matmul(&self, e: usize, x: &Tensor) -> Result<Tensor> {
         if let Self::PerExpert(q) = self {
             let m = x.dim(0)?;
-            if m <= MMVQ_MAX_TOKENS && mmvq_enabled() {
-                if m <= MMVQ_COLUMNS {
-                    return expert_mmvq(q, e, x);
-                }
+            let limit = match grouped_kernel() {
+                GroupedKernel::Auto => MMVQ_COLUMNS,
+                GroupedKernel::Mmvq => MMVQ_MAX_TOKENS,
+                GroupedKernel::Dequant => 0,
+            };
+            if m <= limit {
                 let parts = (0..m)
                     .step_by(MMVQ_COLUMNS)
                     .map(|s| expert_mmvq(q, e, &x.narrow(0, s, MMVQ_COLUMNS.min(m - s))?))
@@ -179,17 +220,70 @@ impl Grouped {
 
 /// Tokens one mat-vec launch takes (candle's kernels go up to 8 columns).
 const MMVQ_COLUMNS: usize = 8;
-/// Up to this many tokens routed to one expert, the mat-vec path (in launches of
-/// `MMVQ_COLUMNS` tokens, each reading the expert's Q4K bytes once: ~33 MB for a Mixtral
-/// projection) beats dequantizing the expert to f16 for cuBLAS (~270 MB of traffic).
+
+/// How the grouped path multiplies the tokens routed to one quantized expert
+/// (`ZOPILOT_MOE_GROUPED`, read once). Measured on an H100 (docs/performance.md §8):
+/// - `auto` (default): up to 8 tokens candle's mat-vec kernel on the expert's bytes (reads
+///   the expert once), more tokens the expert dequantized alone to f16 for cuBLAS;
+/// - `dequant`: always dequantize (best at 32 sequences when experts get > 8 tokens);
+/// - `mmvq`: mat-vec in launches of 8 tokens up to 64 tokens per expert (best at 16).
+///
+/// candle's tiled MMQ kernel (`mul_mat_q4_K`) was tried here too and lost at every size
+/// (4 sequences: 19.4 ms per step against 5.8 ms).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum GroupedKernel {
+    Auto,
+    Dequant,
+    Mmvq,
+}
+
+fn grouped_kernel() -> GroupedKernel {
+    static K: std::sync::OnceLock<GroupedKernel> = std::sync::OnceLock::new();
+    *K.get_or_init(|| match std::env::var("ZOPILOT_MOE_GROUPED").as_deref() {
+        Ok("dequant") => GroupedKernel::Dequant,
+        Ok("mmvq") => GroupedKernel::Mmvq,
+        _ => GroupedKernel::Auto,
+    })
+}
+
+/// Most tokens per expert the `mmvq` choice takes before dequantizing instead.
 const MMVQ_MAX_TOKENS: usize = 64;
 
-/// `ZOPILOT_MOE_MMVQ=1` (experimental, off by default): experts with at most
-/// `MMVQ_MAX_TOKENS` tokens in the grouped path use candle's mat-vec kernel
-/// (`mul_mat_vec_*_q8_1`) pointed at the expert's bytes instead of dequantizing it.
-fn mmvq_enabled() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("ZOPILOT_MOE_MMVQ").is_ok_and(|v| v == "1"))
+/// `x` `[m, K]` in f32 on the GPU, quantized to Q8_1 the way candle's quantized matmuls
+/// want it: rows padded to 512 values, 36 bytes per 32 values. Returns the bytes and the
+/// padded row length.
+#[cfg(feature = "cuda")]
+fn quantize_rows_q8_1(
+    dev: &candle_core::CudaDevice,
+    x: &Tensor,
+) -> Result<(candle_core::cuda::cudarc::driver::CudaSlice<u8>, usize)> {
+    use candle_core::cuda::cudarc::driver::{LaunchConfig, PushKernelArg};
+    use candle_core::Storage;
+
+    let (m, k) = x.dims2()?;
+    let k_padded = k.div_ceil(512) * 512;
+    let y_q8_1 = dev.alloc_zeros::<u8>(m * k_padded / 32 * 36)?;
+    let x = x.to_dtype(DType::F32)?.contiguous()?;
+    let (x_storage, x_layout) = x.storage_and_layout();
+    let Storage::Cuda(x_cuda) = &*x_storage else {
+        candle_core::bail!("a quantized expert kernel needs x on the GPU");
+    };
+    let start = x_layout.start_offset();
+    let x_view = x_cuda.as_cuda_slice::<f32>()?.slice(start..start + m * k);
+    let quantize = dev.get_or_load_func("quantize_q8_1", &candle_kernels::QUANTIZED)?;
+    let cfg = LaunchConfig {
+        grid_dim: (k_padded.div_ceil(256) as u32, m as u32, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let (k_i32, k_padded_i32) = (k as i32, k_padded as i32);
+    let mut builder = quantize.builder();
+    builder.arg(&x_view);
+    builder.arg(&y_q8_1);
+    builder.arg(&k_i32);
+    builder.arg(&k_padded_i32);
+    unsafe { builder.launch(cfg) }.map_err(launch_error)?;
+    Ok((y_q8_1, k_padded))
 }
 
 /// `x` `[m, K]` (m ≤ 8) times expert `e` of a stacked k-quant tensor, as candle's own
@@ -213,29 +307,8 @@ fn expert_mmvq(q: &QTensor, e: usize, x: &Tensor) -> Result<Tensor> {
         GgmlDType::Q6K => "mul_mat_vec_q6_K_q8_1_cuda",
         other => candle_core::bail!("no mat-vec kernel for {other:?}"),
     };
-    // Quantize x to Q8_1: rows padded to 512 values, 36 bytes per 32 values.
-    let k_padded = k.div_ceil(512) * 512;
-    let y_q8_1 = dev.alloc_zeros::<u8>(m * k_padded / 32 * 36)?;
-    let x = x.to_dtype(DType::F32)?.contiguous()?;
-    let (x_storage, x_layout) = x.storage_and_layout();
-    let Storage::Cuda(x_cuda) = &*x_storage else {
-        candle_core::bail!("expert_mmvq needs x on the GPU");
-    };
-    let start = x_layout.start_offset();
-    let x_view = x_cuda.as_cuda_slice::<f32>()?.slice(start..start + m * k);
-    let quantize = dev.get_or_load_func("quantize_q8_1", &candle_kernels::QUANTIZED)?;
-    let cfg = LaunchConfig {
-        grid_dim: (k_padded.div_ceil(256) as u32, m as u32, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    let (y_q8_1, k_padded) = quantize_rows_q8_1(&dev, x)?;
     let (k_i32, k_padded_i32) = (k as i32, k_padded as i32);
-    let mut builder = quantize.builder();
-    builder.arg(&x_view);
-    builder.arg(&y_q8_1);
-    builder.arg(&k_i32);
-    builder.arg(&k_padded_i32);
-    unsafe { builder.launch(cfg) }.map_err(launch_error)?;
     // Mat-vec over the expert's rows; dst[token * n + row].
     let func = dev.get_or_load_func(&format!("{name}{m}"), &candle_kernels::QUANTIZED)?;
     let dst = dev.alloc_zeros::<f32>(m * n)?;
@@ -259,7 +332,6 @@ fn expert_mmvq(q: &QTensor, e: usize, x: &Tensor) -> Result<Tensor> {
     builder.arg(&k_padded_i32);
     builder.arg(&n_dst);
     unsafe { builder.launch(cfg) }.map_err(launch_error)?;
-    drop(x_storage);
     let storage = CudaStorage::wrap_cuda_slice(dst, dev.clone());
     Ok(Tensor::from((Storage::Cuda(storage), Shape::from((m, n)))))
 }
@@ -308,6 +380,26 @@ pub(crate) struct StackedExperts {
     w2: StackedWeight,
     act: Activation,
     gather_max_tokens: usize,
+}
+
+/// Top-k experts per token and their weights, softmax over all experts renormalised over the
+/// chosen ones — which equals a softmax over the chosen logits. On CUDA that is one kernel
+/// (mistral.rs' own `topk_softmax`, in f32), replacing seven small ones per layer (ncu: ~25 µs
+/// of a one-token layer); elsewhere the explicit steps.
+fn route(logits: &Tensor, top_k: usize) -> Result<(Tensor, Tensor)> {
+    #[cfg(feature = "cuda")]
+    if logits.device().is_cuda() {
+        let out = crate::ops::cuda_topk_softmax(logits, top_k)?;
+        return Ok((out.indices, out.values));
+    }
+    let routing = candle_nn::ops::softmax_last_dim(logits)?;
+    let ids = routing
+        .arg_sort_last_dim(false)?
+        .narrow(D::Minus1, 0, top_k)?
+        .contiguous()?;
+    let weights = routing.gather(&ids, D::Minus1)?;
+    let weights = weights.broadcast_div(&weights.sum_keepdim(D::Minus1)?)?;
+    Ok((ids, weights))
 }
 
 impl StackedExperts {
@@ -397,13 +489,7 @@ impl StackedExperts {
 
     /// `xs`: `[n, hidden]`; `router_logits`: `[n, E]`. Returns `[n, hidden]` in `xs`' dtype.
     pub(crate) fn forward(&self, xs: &Tensor, router_logits: &Tensor, top_k: usize) -> Result<Tensor> {
-        let routing = candle_nn::ops::softmax_last_dim(&router_logits.to_dtype(DType::F32)?)?;
-        let ids = routing
-            .arg_sort_last_dim(false)?
-            .narrow(D::Minus1, 0, top_k)?
-            .contiguous()?;
-        let weights = routing.gather(&ids, D::Minus1)?;
-        let weights = weights.broadcast_div(&weights.sum_keepdim(D::Minus1)?)?;
+        let (ids, weights) = route(&router_logits.to_dtype(DType::F32)?, top_k)?;
         let n = xs.dim(0)?;
         let ys = if n <= self.gather_max_tokens {
             self.forward_gather(xs, &ids, &weights)?
