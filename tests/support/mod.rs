@@ -205,6 +205,10 @@ pub fn binary() -> std::process::Command {
         "ZOPILOT_ISQ",
         "ZOPILOT_MIXTRAL_MOE",
         "ZOPILOT_MOE_GATHER_MAX_TOKENS",
+        "ZOPILOT_MOE_GROUPED",
+        "ZOPILOT_MOE_SKIP",
+        "ZOPILOT_QMATMUL_SPLIT",
+        "ZOPILOT_STEP_TRACE",
     ] {
         c.env_remove(var);
     }
