@@ -506,27 +506,30 @@ async fn a_non_streaming_client_that_leaves_cancels_too() {
 async fn concurrent_greedy_requests_answer_as_they_do_alone() {
     // Batched decode gives each sequence its own attention (mistral.rs' CPU decode kernel
     // shared its scratch across the batch, fixed in vendor/), logits row and rotary
-    // positions; a mix-up makes a batched answer continue another request's text.
-    let s = support::shared();
+    // positions; a mix-up makes a batched answer continue another request's text. Its own
+    // server: four requests at once would take every slot of the shared one.
+    let s = support::start(
+        &[
+            "--api-key",
+            KEY,
+            "--max-num-seqs",
+            "4",
+            "--max-model-len",
+            "2048",
+        ],
+        true,
+    );
     let prompts = [
         "dogs and cats",
         "one two three",
         "cats and dogs",
         "tell me more about it",
     ];
-    // The shared server has 4 slots and other tests use it too: retry a 429 as a client would.
-    let ask = async |p: &str| loop {
-        let (status, b) = post(
-            s,
-            "/prompt",
-            json!({"prompt": p, "max_tokens": 12, "temperature": 0}),
-        )
-        .await;
-        if status != 429 {
-            assert_eq!(status, 200, "{b}");
-            return b["text"].clone();
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    let ask = async |p: &str| {
+        let body = json!({"prompt": p, "max_tokens": 12, "temperature": 0});
+        let (status, b) = post(&s, "/prompt", body).await;
+        assert_eq!(status, 200, "{b}");
+        b["text"].clone()
     };
     let mut alone = Vec::new();
     for p in prompts {

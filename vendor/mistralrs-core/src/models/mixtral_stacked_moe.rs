@@ -201,8 +201,8 @@ impl Grouped {
         if let Self::PerExpert(q) = self {
             let m = x.dim(0)?;
             let limit = match grouped_kernel() {
-                GroupedKernel::Auto => MMVQ_COLUMNS,
-                GroupedKernel::Mmvq => MMVQ_MAX_TOKENS,
+                GroupedKernel::Auto => mmvq_max_tokens().unwrap_or(MMVQ_COLUMNS),
+                GroupedKernel::Mmvq => mmvq_max_tokens().unwrap_or(MMVQ_MAX_TOKENS),
                 GroupedKernel::Dequant => 0,
             };
             if m <= limit {
@@ -251,6 +251,16 @@ fn grouped_kernel() -> GroupedKernel {
 
 /// Most tokens per expert the `mmvq` choice takes before dequantizing instead.
 const MMVQ_MAX_TOKENS: usize = 64;
+
+/// `ZOPILOT_MOE_MMVQ_MAX_TOKENS` overrides the mat-vec limit of `auto` (8) or `mmvq` (64).
+fn mmvq_max_tokens() -> Option<usize> {
+    static N: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    *N.get_or_init(|| {
+        std::env::var("ZOPILOT_MOE_MMVQ_MAX_TOKENS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+    })
+}
 
 /// `x` `[m, K]` in f32 on the GPU, quantized to Q8_1 the way candle's quantized matmuls
 /// want it: rows padded to 512 values, 36 bytes per 32 values. Returns the bytes and the
@@ -463,7 +473,17 @@ impl StackedExperts {
                             })
                             .collect::<Result<Vec<Vec<u8>>>>()
                     };
+                    let started = std::time::Instant::now();
                     let bytes = quantize()?.concat();
+                    if std::env::var_os("ZOPILOT_STEP_TRACE").is_some() {
+                        let at = std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map_or(0, |d| d.as_millis());
+                        eprintln!(
+                            "zopilot-load {name} {num_experts}x{shape:?} {dtype:?} quantize_ms={} at_ms={at}",
+                            started.elapsed().as_millis()
+                        );
+                    }
                     let dims = vec![num_experts, shape.0, shape.1];
                     let q = Arc::new(candle_core::quantized::ggml_file::qtensor_from_ggml(
                         dtype, &bytes, dims, &target,
