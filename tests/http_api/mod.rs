@@ -508,17 +508,7 @@ async fn concurrent_greedy_requests_answer_as_they_do_alone() {
     // shared its scratch across the batch, fixed in vendor/), logits row and rotary
     // positions; a mix-up makes a batched answer continue another request's text. Its own
     // server: four requests at once would take every slot of the shared one.
-    let s = support::start(
-        &[
-            "--api-key",
-            KEY,
-            "--max-num-seqs",
-            "4",
-            "--max-model-len",
-            "2048",
-        ],
-        true,
-    );
+    let s = support::start_like_shared();
     let prompts = [
         "dogs and cats",
         "one two three",

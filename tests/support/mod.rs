@@ -72,22 +72,26 @@ pub fn start(extra: &[&str], load: bool) -> Server {
     }
 }
 
+/// A new server set up as the shared one (API key, four sequence slots), for a test that
+/// needs all its slots.
+pub fn start_like_shared() -> Server {
+    start(
+        &[
+            "--api-key",
+            KEY,
+            "--max-num-seqs",
+            "4",
+            "--max-model-len",
+            "2048",
+        ],
+        true,
+    )
+}
+
 /// The main shared server: API key set, four sequence slots.
 pub fn shared() -> &'static Server {
     static S: OnceLock<Server> = OnceLock::new();
-    S.get_or_init(|| {
-        start(
-            &[
-                "--api-key",
-                KEY,
-                "--max-num-seqs",
-                "4",
-                "--max-model-len",
-                "2048",
-            ],
-            true,
-        )
-    })
+    S.get_or_init(start_like_shared)
 }
 
 /// A server with a single sequence slot, for saturation and cancellation.

@@ -2301,7 +2301,7 @@ impl RotaryEmbedding {
         } else if seqlen_offsets.len() == b_sz
             && seqlen_offsets
                 .iter()
-                .all(|&o| o + seq_len <= self.cos.dim(0).unwrap_or(0))
+                .all(|&o| o + seq_len <= self.cos.dims()[0])
         {
             // zopilot-gpu patch: one rope over the batch with each sequence's own cos/sin rows
             // (`[b, t, d/2]`, which candle's kernel takes), instead of per sequence two copies

@@ -56,10 +56,20 @@ fn gather_max_tokens() -> usize {
         .unwrap_or(2)
 }
 
-/// Tokens candle's quantized mat-vec kernel takes in one launch.
+/// Tokens candle's quantized mat-vec kernels take in one launch (they go up to 8 columns).
 const VEC_TOKENS: usize = 8;
 /// Up to this many tokens, [`qmatmul`] splits a quantized matmul into mat-vec launches.
 const VEC_SPLIT_MAX_TOKENS: usize = 128;
+
+/// `f` applied to `x`'s rows `VEC_TOKENS` at a time, the results concatenated along rows.
+fn in_vec_launches(x: &Tensor, f: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
+    let m = x.dim(0)?;
+    let parts = (0..m)
+        .step_by(VEC_TOKENS)
+        .map(|s| f(&x.narrow(0, s, VEC_TOKENS.min(m - s))?))
+        .collect::<Result<Vec<_>>>()?;
+    Tensor::cat(&parts, 0)
+}
 
 /// A quantized layer's matmul (`MatMul.qmethod_matmul`), with 9–128 tokens on the GPU split
 /// into launches of 8. candle sends more than 8 tokens to its tiled MMQ kernel, whose grid is
@@ -82,12 +92,7 @@ pub(crate) fn qmatmul(xs: &Tensor, w: &dyn QuantMethod) -> Result<Tensor> {
     {
         return w.forward(xs);
     }
-    let flat = xs.reshape((tokens, hidden))?;
-    let parts = (0..tokens)
-        .step_by(VEC_TOKENS)
-        .map(|s| w.forward(&flat.narrow(0, s, VEC_TOKENS.min(tokens - s))?))
-        .collect::<Result<Vec<_>>>()?;
-    let out = Tensor::cat(&parts, 0)?;
+    let out = in_vec_launches(&xs.reshape((tokens, hidden))?, |x| w.forward(x))?;
     let mut shape = dims;
     if let Some(last) = shape.last_mut() {
         *last = out.dim(1)?;
@@ -206,11 +211,7 @@ impl Grouped {
                 GroupedKernel::Dequant => 0,
             };
             if m <= limit {
-                let parts = (0..m)
-                    .step_by(MMVQ_COLUMNS)
-                    .map(|s| expert_mmvq(q, e, &x.narrow(0, s, MMVQ_COLUMNS.min(m - s))?))
-                    .collect::<Result<Vec<_>>>()?;
-                return Tensor::cat(&parts, 0);
+                return in_vec_launches(x, |x| expert_mmvq(q, e, x));
             }
         }
         let w = match self {
@@ -221,11 +222,8 @@ impl Grouped {
     }
 }
 
-/// Tokens one mat-vec launch takes (candle's kernels go up to 8 columns).
-const MMVQ_COLUMNS: usize = 8;
-
 /// How the grouped path multiplies the tokens routed to one quantized expert
-/// (`ZOPILOT_MOE_GROUPED`, read once). Measured on an H100 (docs/performance.md §8):
+/// (`ZOPILOT_MOE_GROUPED`, read once). Measured on an H100 (docs/performance.md §9):
 /// - `auto` (default): up to 16 tokens candle's mat-vec kernel on the expert's bytes (one
 ///   read of the expert per 8 tokens), more tokens the expert dequantized alone to f16 for
 ///   cuBLAS;
@@ -256,7 +254,7 @@ const MMVQ_MAX_TOKENS: usize = 64;
 /// against a limit of 8, 32 streams 1,306 → 1,279 (within the run-to-run spread).
 const AUTO_MMVQ_MAX_TOKENS: usize = 16;
 
-/// `ZOPILOT_MOE_MMVQ_MAX_TOKENS` overrides the mat-vec limit of `auto` (8) or `mmvq` (64).
+/// `ZOPILOT_MOE_MMVQ_MAX_TOKENS` overrides the mat-vec limit of `auto` or `mmvq`.
 fn mmvq_max_tokens() -> Option<usize> {
     static N: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
     *N.get_or_init(|| {
@@ -303,7 +301,7 @@ fn quantize_rows_q8_1(
     Ok((y_q8_1, k_padded))
 }
 
-/// `x` `[m, K]` (m ≤ 8) times expert `e` of a stacked k-quant tensor, as candle's own
+/// `x` `[m, K]` (m ≤ `VEC_TOKENS`) times expert `e` of a stacked k-quant tensor, as candle's own
 /// `mul_mat_vec_via_q8_1` does it for a whole tensor: quantize `x` to Q8_1, then mat-vec.
 #[cfg(feature = "cuda")]
 fn expert_mmvq(q: &QTensor, e: usize, x: &Tensor) -> Result<Tensor> {
@@ -312,7 +310,7 @@ fn expert_mmvq(q: &QTensor, e: usize, x: &Tensor) -> Result<Tensor> {
 
     let (dev, weights, n, k) = expert_bytes(q, e)?;
     let (m, kx) = x.dims2()?;
-    if kx != k || m == 0 || m > 8 {
+    if kx != k || m == 0 || m > VEC_TOKENS {
         candle_core::bail!("expert_mmvq: x [{m}, {kx}], weight K {k}");
     }
     let dtype = q.dtype();
@@ -479,7 +477,7 @@ impl StackedExperts {
                     };
                     let started = std::time::Instant::now();
                     let bytes = quantize()?.concat();
-                    if std::env::var_os("ZOPILOT_STEP_TRACE").is_some() {
+                    if crate::pipeline::zopilot_step_trace() {
                         let at = std::time::SystemTime::now()
                             .duration_since(std::time::UNIX_EPOCH)
                             .map_or(0, |d| d.as_millis());

@@ -458,10 +458,7 @@ pub trait Pipeline:
     ) -> Result<Duration, candle_core::Error> {
         match backend_metadata {
             CacheBackendMetadata::DefaultInstructions { pre_op, post_op } => {
-                let trace_start = Instant::now();
-                let mut forward_duration = Duration::ZERO;
-                let mut inputs_duration = Duration::ZERO;
-                let mut copy_duration = Duration::ZERO;
+                let mut trace = ZopilotStepTrace::start();
                 let inputs_iter =
                     std::iter::once(self.get_processor().inputs_processor().process_inputs(
                         self.tokenizer(),
@@ -507,18 +504,16 @@ pub trait Pipeline:
                     }
 
                     let start = Instant::now();
-                    if i == 0 {
-                        inputs_duration = start.duration_since(trace_start);
-                    }
+                    trace.inputs_done(i, start);
                     let raw_logits = self.forward_inputs(inputs, return_raw_logits)?;
                     if zopilot_step_trace() {
                         self.device().synchronize()?;
                     }
                     let end = Instant::now();
                     exec_duration += end.duration_since(start);
-                    forward_duration += end.duration_since(start);
+                    trace.forward += end.duration_since(start);
                     let raw_logits = zopilot_batch_to_host(raw_logits, input_seqs.len())?;
-                    copy_duration += end.elapsed();
+                    trace.copy += end.elapsed();
 
                     for (logit_idx, seq_idx) in seq_indices.into_iter().enumerate() {
                         if let ForwardInputsResult::RawLogits { logits } = &raw_logits {
@@ -692,17 +687,11 @@ pub trait Pipeline:
                 let end = Instant::now();
                 exec_duration += end.duration_since(start);
 
-                // zopilot-gpu patch: ZOPILOT_STEP_TRACE=1 prints one line per step (profiling).
-                if zopilot_step_trace() {
-                    eprintln!("zopilot-step seqs={} prompt={is_prompt} inputs_us={} forward_us={} copy_us={} total_us={}", input_seqs.len(), inputs_duration.as_micros(), forward_duration.as_micros(), copy_duration.as_micros(), trace_start.elapsed().as_micros());
-                }
+                trace.report(input_seqs.len(), is_prompt);
                 Ok(exec_duration)
             }
             CacheBackendMetadata::PagedAttention { metadata } => {
-                let trace_start = Instant::now();
-                let mut forward_duration = Duration::ZERO;
-                let mut inputs_duration = Duration::ZERO;
-                let mut copy_duration = Duration::ZERO;
+                let mut trace = ZopilotStepTrace::start();
                 // For hybrid models, build state_indices tensor from sequences'
                 // recurrent_state_idx so recurrent layers are active during forward.
                 // Paged attention manages KV caches separately, but recurrent state
@@ -760,18 +749,16 @@ pub trait Pipeline:
                     } = inputs.map_err(candle_core::Error::msg)?;
 
                     let start = Instant::now();
-                    if i == 0 {
-                        inputs_duration = start.duration_since(trace_start);
-                    }
+                    trace.inputs_done(i, start);
                     let raw_logits = self.forward_inputs(inputs, return_raw_logits)?;
                     if zopilot_step_trace() {
                         self.device().synchronize()?;
                     }
                     let end = Instant::now();
                     exec_duration += end.duration_since(start);
-                    forward_duration += end.duration_since(start);
+                    trace.forward += end.duration_since(start);
                     let raw_logits = zopilot_batch_to_host(raw_logits, input_seqs.len())?;
-                    copy_duration += end.elapsed();
+                    trace.copy += end.elapsed();
 
                     for (logit_idx, seq_idx) in seq_indices.into_iter().enumerate() {
                         if let ForwardInputsResult::RawLogits { logits } = &raw_logits {
@@ -928,10 +915,7 @@ pub trait Pipeline:
                 let end = Instant::now();
                 exec_duration += end.duration_since(start);
 
-                // zopilot-gpu patch: ZOPILOT_STEP_TRACE=1 prints one line per paged step (profiling).
-                if zopilot_step_trace() {
-                    eprintln!("zopilot-step seqs={} prompt={is_prompt} inputs_us={} forward_us={} copy_us={} total_us={}", input_seqs.len(), inputs_duration.as_micros(), forward_duration.as_micros(), copy_duration.as_micros(), trace_start.elapsed().as_micros());
-                }
+                trace.report(input_seqs.len(), is_prompt);
                 Ok(exec_duration)
             }
         }
@@ -1235,8 +1219,47 @@ fn zopilot_batch_to_host(
     }
 }
 
+/// zopilot-gpu patch: where one engine step's time went, printed as one `zopilot-step` line
+/// on stderr when `ZOPILOT_STEP_TRACE=1` (profiling; scripts/gpu-profile.sh reads it).
+struct ZopilotStepTrace {
+    start: Instant,
+    inputs: Duration,
+    forward: Duration,
+    copy: Duration,
+}
+
+impl ZopilotStepTrace {
+    fn start() -> Self {
+        Self {
+            start: Instant::now(),
+            inputs: Duration::ZERO,
+            forward: Duration::ZERO,
+            copy: Duration::ZERO,
+        }
+    }
+
+    /// The first forward starts at `at`: everything before it built the inputs.
+    fn inputs_done(&mut self, chunk: usize, at: Instant) {
+        if chunk == 0 {
+            self.inputs = at.duration_since(self.start);
+        }
+    }
+
+    fn report(&self, seqs: usize, is_prompt: bool) {
+        if zopilot_step_trace() {
+            eprintln!(
+                "zopilot-step seqs={seqs} prompt={is_prompt} inputs_us={} forward_us={} copy_us={} total_us={}",
+                self.inputs.as_micros(),
+                self.forward.as_micros(),
+                self.copy.as_micros(),
+                self.start.elapsed().as_micros()
+            );
+        }
+    }
+}
+
 /// zopilot-gpu patch: `ZOPILOT_STEP_TRACE=1` turns on the per-step trace (read once).
-fn zopilot_step_trace() -> bool {
+pub(crate) fn zopilot_step_trace() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| std::env::var_os("ZOPILOT_STEP_TRACE").is_some())
 }
