@@ -208,9 +208,12 @@ pub fn binary() -> std::process::Command {
         "ZOPILOT_MODEL",
         "ZOPILOT_ISQ",
         "ZOPILOT_MIXTRAL_MOE",
+        "ZOPILOT_DEQUANT",
+        "ZOPILOT_MOE_FUSED",
         "ZOPILOT_MOE_GATHER_MAX_TOKENS",
         "ZOPILOT_MOE_GROUPED",
         "ZOPILOT_MOE_SKIP",
+        "ZOPILOT_Q4K_LINEAR",
         "ZOPILOT_QMATMUL_SPLIT",
         "ZOPILOT_STEP_TRACE",
     ] {

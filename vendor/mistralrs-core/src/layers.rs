@@ -254,6 +254,11 @@ impl RmsNorm {
     pub fn weight(&self) -> &Tensor {
         &self.weight
     }
+
+    /// zopilot-gpu patch: for the fused RMSNorm + quantization kernel.
+    pub fn eps(&self) -> f64 {
+        self.eps
+    }
 }
 
 impl Module for RmsNorm {

@@ -11,7 +11,8 @@ use mistralrs_quant::{
 use serde::{Deserialize, Serialize};
 use std::{collections::HashMap, sync::Arc};
 
-use super::mixtral_stacked_moe::{profile_skip_moe, qmatmul, stacked_moe_enabled, StackedExperts};
+use super::mixtral_stacked_moe::{profile_skip_moe, stacked_moe_enabled, StackedExperts};
+use super::zopilot_linear::QLinear;
 use crate::{
     amoe::AnyMoeBaseModelMixin,
     attention::SdpaParams,
@@ -52,10 +53,10 @@ pub struct Config {
 }
 
 struct Attention {
-    q_proj: Arc<dyn QuantMethod>,
-    k_proj: Arc<dyn QuantMethod>,
-    v_proj: Arc<dyn QuantMethod>,
-    o_proj: Arc<dyn QuantMethod>,
+    q_proj: QLinear,
+    k_proj: QLinear,
+    v_proj: QLinear,
+    o_proj: QLinear,
     num_heads: usize,
     num_kv_heads: usize,
     head_dim: usize,
@@ -76,45 +77,48 @@ impl Attention {
         let num_heads = cfg.num_attention_heads;
         let num_kv_heads = cfg.num_key_value_heads;
         let head_dim = hidden_sz / num_heads;
-        let q_proj = ColumnParallelLayer::new(
-            hidden_sz,
-            num_heads * head_dim,
-            &cfg.quantization_config,
-            false,
-            comm,
-            vb.pp("q_proj"),
-        )?;
+        // zopilot-gpu patch: layers keep their Q4K tensor for our decode mat-vec.
+        let own = cfg.quantization_config.is_none() && comm.world_size() == 1;
+        let q_proj = QLinear::load(hidden_sz, num_heads * head_dim, vb.pp("q_proj"), own, |vb| {
+            ColumnParallelLayer::new(
+                hidden_sz,
+                num_heads * head_dim,
+                &cfg.quantization_config,
+                false,
+                comm,
+                vb,
+            )
+        })?;
         let kv_shard = mistralrs_quant::compute_kv_shard(
             cfg.num_key_value_heads,
             cfg.hidden_size / cfg.num_attention_heads,
             comm,
         );
-        let k_proj = ColumnParallelLayer::new_with_shard(
-            hidden_sz,
-            num_kv_heads * head_dim,
-            &cfg.quantization_config,
-            false,
-            comm,
-            kv_shard,
-            vb.pp("k_proj"),
-        )?;
-        let v_proj = ColumnParallelLayer::new_with_shard(
-            hidden_sz,
-            num_kv_heads * head_dim,
-            &cfg.quantization_config,
-            false,
-            comm,
-            kv_shard,
-            vb.pp("v_proj"),
-        )?;
-        let o_proj = RowParallelLayer::new(
-            num_heads * head_dim,
-            hidden_sz,
-            &cfg.quantization_config,
-            false,
-            comm,
-            vb.pp("o_proj"),
-        )?;
+        let kv = |name: &str| {
+            QLinear::load(hidden_sz, num_kv_heads * head_dim, vb.pp(name), own, |vb| {
+                ColumnParallelLayer::new_with_shard(
+                    hidden_sz,
+                    num_kv_heads * head_dim,
+                    &cfg.quantization_config,
+                    false,
+                    comm,
+                    kv_shard,
+                    vb,
+                )
+            })
+        };
+        let k_proj = kv("k_proj")?;
+        let v_proj = kv("v_proj")?;
+        let o_proj = QLinear::load(num_heads * head_dim, hidden_sz, vb.pp("o_proj"), own, |vb| {
+            RowParallelLayer::new(
+                num_heads * head_dim,
+                hidden_sz,
+                &cfg.quantization_config,
+                false,
+                comm,
+                vb,
+            )
+        })?;
         Ok(Self {
             q_proj,
             k_proj,
@@ -152,18 +156,35 @@ impl Attention {
         let (b_sz, q_len, _) = xs.dims3()?;
 
         let original_dtype = xs.dtype();
-        let mut xs = xs.clone();
-        if let Some(t) = self.q_proj.quantized_act_type() {
-            xs = xs.to_dtype(t)?;
-        }
-        let mut q = qmatmul(&xs, &*self.q_proj)?;
-        let mut k = qmatmul(&xs, &*self.k_proj)?;
-        let mut v = qmatmul(&xs, &*self.v_proj)?;
-        if self.q_proj.quantized_act_type().is_some() {
-            q = q.to_dtype(original_dtype)?;
-            k = k.to_dtype(original_dtype)?;
-            v = v.to_dtype(original_dtype)?;
-        }
+        let [q, k, v]: [Tensor; 3] =
+            QLinear::forward_many(&[&self.q_proj, &self.k_proj, &self.v_proj], xs, original_dtype)?
+                .try_into()
+                .map_err(|_| candle_core::Error::Msg("three projections".into()))?;
+        self.attend(
+            (q, k, v),
+            (b_sz, q_len),
+            attention_mask,
+            seqlen_offsets,
+            kv_cache,
+            metadata,
+            flash_params,
+        )
+    }
+
+    /// zopilot-gpu patch: `forward` after the q/k/v projections (`[b, q_len, heads·dim]` each,
+    /// in the model's dtype): rope, attention, o_proj.
+    #[allow(clippy::too_many_arguments)]
+    fn attend(
+        &self,
+        (q, k, v): (Tensor, Tensor, Tensor),
+        (b_sz, q_len): (usize, usize),
+        attention_mask: Option<&Tensor>,
+        seqlen_offsets: &[usize],
+        kv_cache: &mut KvCache,
+        metadata: Option<((Tensor, Tensor), &PagedAttentionInputMetadata)>,
+        flash_params: &FlashParams,
+    ) -> Result<Tensor> {
+        let original_dtype = q.dtype();
 
         let (q, k, v) = if q_len != 1 {
             let q = q
@@ -231,19 +252,12 @@ impl Attention {
             }
         };
 
-        if let Some(t) = self.q_proj.quantized_act_type() {
-            attn_output = attn_output.to_dtype(t)?;
-        }
         attn_output = if attention_mask.is_some() {
             attn_output.transpose(1, 2)?.reshape((b_sz, q_len, ()))?
         } else {
             attn_output.reshape((b_sz, q_len, ()))?
         };
-        let mut res = qmatmul(&attn_output, &*self.o_proj)?;
-        if self.q_proj.quantized_act_type().is_some() {
-            res = res.to_dtype(original_dtype)?;
-        }
-        Ok(res)
+        self.o_proj.forward(&attn_output, original_dtype)
     }
 }
 
@@ -312,7 +326,7 @@ impl Module for BlockSparseTop2MLP {
 
 #[derive(Clone)]
 struct SparseMoeBlock {
-    gate: Arc<dyn QuantMethod>,
+    gate: QLinear,
     /// Upstream's per-expert layers; empty when `stacked` is used (zopilot-gpu patch).
     experts: Vec<BlockSparseTop2MLP>,
     stacked: Option<Arc<StackedExperts>>,
@@ -326,12 +340,15 @@ impl SparseMoeBlock {
         comm: &Arc<mistralrs_quant::Comm>,
         loading_isq: bool,
     ) -> Result<Self> {
-        let gate = mistralrs_quant::linear_no_bias(
-            cfg.hidden_size,
-            cfg.num_local_experts,
-            &cfg.quantization_config,
-            vb.pp("gate"),
-        )?;
+        let own = cfg.quantization_config.is_none() && comm.world_size() == 1;
+        let gate = QLinear::load(cfg.hidden_size, cfg.num_local_experts, vb.pp("gate"), own, |vb| {
+            mistralrs_quant::linear_no_bias(
+                cfg.hidden_size,
+                cfg.num_local_experts,
+                &cfg.quantization_config,
+                vb,
+            )
+        })?;
         let vb = vb.pp("experts");
         // zopilot-gpu patch: stacked experts with on-device routing unless the checkpoint is
         // pre-quantized, ISQ runs after loading, or ZOPILOT_MIXTRAL_MOE=loop.
@@ -372,15 +389,19 @@ impl Module for SparseMoeBlock {
         let (b_size, seq_len, hidden_dim) = xs.dims3()?;
         let xs = xs.reshape(((), hidden_dim))?;
 
+        if let Some(stacked) = self.stacked.as_ref().filter(|_| !profile_skip_moe()) {
+            // zopilot-gpu patch: decode through the fused Q4K kernels where they apply.
+            if let Some(ys) = stacked.forward_fused(&xs, &self.gate, self.num_experts_per_tok)? {
+                return ys.reshape((b_size, seq_len, hidden_dim));
+            }
+        }
         let original_dtype = xs.dtype();
-        let mut xs = xs.clone();
-        if let Some(t) = self.gate.quantized_act_type() {
-            xs = xs.to_dtype(t)?;
-        }
-        let mut router_logits = qmatmul(&xs, &*self.gate)?;
-        if self.gate.quantized_act_type().is_some() {
-            router_logits = router_logits.to_dtype(original_dtype)?;
-        }
+        let router_logits = self.gate.forward(&xs, original_dtype)?;
+        // As upstream: the experts below take the router's activation type (f32 when quantized).
+        let xs = match self.gate.mm.quantized_act_type() {
+            Some(t) => xs.to_dtype(t)?,
+            None => xs,
+        };
 
         if profile_skip_moe() {
             // Profiling only (ZOPILOT_MOE_SKIP=1): what a decode step costs without the experts.
@@ -508,6 +529,18 @@ impl DecoderLayer {
         metadata: Option<((Tensor, Tensor), &PagedAttentionInputMetadata)>,
         flash_params: &FlashParams,
     ) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if let Some(qkv) = self.fused_qkv(xs)? {
+            return self.forward_fused(
+                qkv,
+                xs,
+                attention_mask,
+                seqlen_offsets,
+                kv_cache,
+                metadata,
+                flash_params,
+            );
+        }
         let residual = xs;
         let xs = self.input_layernorm.forward(xs)?;
         let xs = self.self_attn.forward(
@@ -528,11 +561,97 @@ impl DecoderLayer {
     }
 }
 
+/// zopilot-gpu patch: a decode layer through our Q4K kernels (`cuda/zopilot_q4k.cu`).
+#[cfg(feature = "cuda")]
+impl DecoderLayer {
+    /// The q/k/v weights when this layer's decode of `xs` goes the fused way: every
+    /// projection and the MoE block Q4K on CUDA, few enough tokens for the fused MoE.
+    fn fused_qkv(&self, xs: &Tensor) -> Result<Option<[&candle_core::quantized::QTensor; 3]>> {
+        let (b, s, _) = xs.dims3()?;
+        let (n, device) = (b * s, xs.device());
+        let moe = &self.block_sparse_moe;
+        let Some(stacked) = moe.stacked.as_ref() else {
+            return Ok(None);
+        };
+        if profile_skip_moe()
+            || !stacked.fused_applies(n, &moe.gate, device)
+            || self.self_attn.o_proj.q4k_for(n, device).is_none()
+        {
+            return Ok(None);
+        }
+        let attn = &self.self_attn;
+        Ok(match (
+            attn.q_proj.q4k_for(n, device),
+            attn.k_proj.q4k_for(n, device),
+            attn.v_proj.q4k_for(n, device),
+        ) {
+            (Some(q), Some(k), Some(v)) => Some([q, k, v]),
+            _ => None,
+        })
+    }
+
+    /// RMSNorm fused with the quantization of its output, q/k/v in one mat-vec launch,
+    /// attention as upstream, then residual add + RMSNorm + quantization in one kernel and
+    /// the fused MoE adding the second residual itself: the same arithmetic as `forward`
+    /// (values rounded to the model's dtype where it rounds them) in about half the launches.
+    #[allow(clippy::too_many_arguments)]
+    fn forward_fused(
+        &self,
+        qkv: [&candle_core::quantized::QTensor; 3],
+        xs: &Tensor,
+        attention_mask: Option<&Tensor>,
+        seqlen_offsets: &[usize],
+        kv_cache: &mut KvCache,
+        metadata: Option<((Tensor, Tensor), &PagedAttentionInputMetadata)>,
+        flash_params: &FlashParams,
+    ) -> Result<Tensor> {
+        use crate::cuda::zopilot_q4k as zq;
+        let (b, s, hidden) = xs.dims3()?;
+        let dtype = xs.dtype();
+        let x = xs.reshape((b * s, hidden))?;
+        let norm = &self.input_layernorm;
+        let (_, xq) = zq::rmsnorm_quantize(&x, None, norm.weight(), norm.eps() as f32)?;
+        let mut proj = zq::matvec_many(&qkv, &xq, dtype, None)?.into_iter();
+        let mut next = || -> Result<Tensor> {
+            let t = proj
+                .next()
+                .ok_or_else(|| candle_core::Error::Msg("three projections".into()))?;
+            t.reshape((b, s, ()))
+        };
+        let (q, k, v) = (next()?, next()?, next()?);
+        let attn = self.self_attn.attend(
+            (q, k, v),
+            (b, s),
+            attention_mask,
+            seqlen_offsets,
+            kv_cache,
+            metadata,
+            flash_params,
+        )?;
+        let norm = &self.post_attention_layernorm;
+        let (h, mq) = zq::rmsnorm_quantize(
+            &attn.reshape((b * s, hidden))?,
+            Some(&x),
+            norm.weight(),
+            norm.eps() as f32,
+        )?;
+        let h = h.ok_or_else(|| candle_core::Error::Msg("fused RMSNorm: no residual".into()))?;
+        let moe = &self.block_sparse_moe;
+        let stacked = moe
+            .stacked
+            .as_ref()
+            .ok_or_else(|| candle_core::Error::Msg("fused layer without stacked experts".into()))?;
+        stacked
+            .forward_fused_q8(&mq, &moe.gate, moe.num_experts_per_tok, dtype, Some(&h))?
+            .reshape((b, s, hidden))
+    }
+}
+
 pub struct Model {
     embed_tokens: candle_nn::Embedding,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
-    lm_head: Arc<dyn QuantMethod>,
+    lm_head: QLinear,
     sliding_window: Option<usize>,
     device: Device,
     cache: EitherCache,
@@ -621,21 +740,25 @@ impl Model {
             mapper.set_nm_device(vb_m.pp("norm"), false),
         )?;
         let lm_head = if !cfg.tie_word_embeddings {
-            ReplicatedLayer::new(
-                cfg.hidden_size,
-                cfg.vocab_size,
-                &cfg.quantization_config,
-                false,
-                mapper.set_nm_device(vb.pp("lm_head"), normal_loading_metadata.loading_isq),
-            )?
+            let own = cfg.quantization_config.is_none();
+            let vb_head = mapper.set_nm_device(vb.pp("lm_head"), normal_loading_metadata.loading_isq);
+            QLinear::load(cfg.hidden_size, cfg.vocab_size, vb_head, own, |vb| {
+                ReplicatedLayer::new(
+                    cfg.hidden_size,
+                    cfg.vocab_size,
+                    &cfg.quantization_config,
+                    false,
+                    vb,
+                )
+            })?
         } else {
-            ReplicatedLayer::from_linear(candle_nn::Linear::new(
+            QLinear::from(ReplicatedLayer::from_linear(candle_nn::Linear::new(
                 mapper.cast_nm_device(
                     embed_tokens.embeddings(),
                     normal_loading_metadata.loading_isq,
                 )?,
                 None,
-            ))?
+            ))?)
         };
         Ok(Self {
             embed_tokens,
@@ -709,11 +832,9 @@ impl Model {
         }
         let xs = xs.to_device(&self.device)?;
         let xs = xs.apply(&self.norm)?;
-        let mut xs = extract_logits(&xs, context_lens)?;
-        if let Some(t) = self.lm_head.quantized_act_type() {
-            xs = xs.to_dtype(t)?;
-        }
-        qmatmul(&xs, &*self.lm_head)
+        let xs = extract_logits(&xs, context_lens)?;
+        let dtype = self.lm_head.mm.quantized_act_type().unwrap_or(xs.dtype());
+        self.lm_head.forward(&xs, dtype)
     }
 }
 
@@ -725,13 +846,13 @@ impl IsqModel for Model {
         &dyn DeviceMapper,
     ) {
         let mut tensors = Vec::new();
-        tensors.push((&mut self.lm_head, None));
+        tensors.push((&mut self.lm_head.mm, None));
         for (i, layer) in self.layers.iter_mut().enumerate() {
-            tensors.push((&mut layer.self_attn.q_proj, Some(i)));
-            tensors.push((&mut layer.self_attn.k_proj, Some(i)));
-            tensors.push((&mut layer.self_attn.v_proj, Some(i)));
-            tensors.push((&mut layer.self_attn.o_proj, Some(i)));
-            tensors.push((&mut layer.block_sparse_moe.gate, Some(i)));
+            tensors.push((&mut layer.self_attn.q_proj.mm, Some(i)));
+            tensors.push((&mut layer.self_attn.k_proj.mm, Some(i)));
+            tensors.push((&mut layer.self_attn.v_proj.mm, Some(i)));
+            tensors.push((&mut layer.self_attn.o_proj.mm, Some(i)));
+            tensors.push((&mut layer.block_sparse_moe.gate.mm, Some(i)));
             for expert in &mut layer.block_sparse_moe.experts {
                 tensors.push((&mut expert.w1, Some(i)));
                 tensors.push((&mut expert.w2, Some(i)));

@@ -26,10 +26,31 @@ use candle_core::{
 };
 use mistralrs_quant::{GgufMatMul, QuantMethod, QuantMethodConfig, ShardedVarBuilder};
 
+use super::zopilot_linear::QLinear;
 use crate::layers::Activation;
 
 /// Rows of one expert matrix quantized per task while loading.
 const QUANT_ROWS_PER_TASK: usize = 2048;
+
+/// A 2-D CPU weight quantized to GGUF `dtype` in row blocks on rayon's global pool (not the
+/// ISQ pool, whose backpressure may be waiting on this thread): mistral.rs loads layers one
+/// after another, so a layer's quantization must fill the machine by itself. GGUF blocks run
+/// along a row, so row blocks quantized apart concatenate to the same bytes.
+pub(crate) fn quantize_rows(w: &Tensor, dtype: GgmlDType) -> Result<Vec<u8>> {
+    use rayon::prelude::*;
+    let rows = w.dim(0)?;
+    let parts = (0..rows.div_ceil(QUANT_ROWS_PER_TASK))
+        .into_par_iter()
+        .map(|b| {
+            let r0 = b * QUANT_ROWS_PER_TASK;
+            let part = w
+                .narrow(0, r0, QUANT_ROWS_PER_TASK.min(rows - r0))?
+                .to_dtype(DType::F32)?;
+            Ok(QTensor::quantize(&part, dtype)?.data()?.into_owned())
+        })
+        .collect::<Result<Vec<Vec<u8>>>>()?;
+    Ok(parts.concat())
+}
 
 /// Which MoE implementation Mixtral layers use (read once per model load).
 pub(crate) fn stacked_moe_enabled() -> bool {
@@ -44,6 +65,13 @@ pub(crate) fn stacked_moe_enabled() -> bool {
 pub(crate) fn profile_skip_moe() -> bool {
     static SKIP: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *SKIP.get_or_init(|| std::env::var("ZOPILOT_MOE_SKIP").is_ok_and(|v| v == "1"))
+}
+
+/// `ZOPILOT_MOE_FUSED=0` turns the fused Q4K decode kernels off (for comparison). Read once.
+#[cfg(feature = "cuda")]
+fn fused_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("ZOPILOT_MOE_FUSED").map_or(true, |v| v != "0"))
 }
 
 /// Default 2, measured on an H100 (8 layers, same run): at 4 sequences the grouped path
@@ -112,6 +140,15 @@ enum StackedWeight {
 }
 
 impl StackedWeight {
+    /// The Q4K tensor the fused decode kernels take, if this is one.
+    #[cfg(feature = "cuda")]
+    fn fused_q4k(&self) -> Option<&QTensor> {
+        match self {
+            Self::Quantized { q, .. } if crate::cuda::zopilot_q4k::q4k_applies(q) => Some(q),
+            _ => None,
+        }
+    }
+
     fn dims(&self) -> Result<(usize, usize, usize)> {
         match self {
             Self::Dense(t) => t.dims3(),
@@ -356,14 +393,25 @@ fn expert_mmvq(_q: &QTensor, _e: usize, _x: &Tensor) -> Result<Tensor> {
     candle_core::bail!("the expert mat-vec path needs a CUDA build")
 }
 
-/// Dequantizes expert `e` of a stacked k-quant tensor on the GPU (candle's own kernel, pointed
-/// at the expert's bytes), so prefill holds one expert in f16, not the whole layer.
+/// `ZOPILOT_DEQUANT=candle` dequantizes Q4K experts with candle's kernel instead of ours.
+#[cfg(feature = "cuda")]
+fn zopilot_dequant_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("ZOPILOT_DEQUANT").map_or(true, |v| v != "candle"))
+}
+
+/// Dequantizes expert `e` of a stacked k-quant tensor on the GPU (ours for Q4K, else candle's
+/// own kernel, pointed at the expert's bytes), so prefill holds one expert in f16, not the
+/// whole layer.
 #[cfg(feature = "cuda")]
 fn dequantize_expert_f16(q: &QTensor, e: usize) -> Result<Tensor> {
     use candle_core::cuda::cudarc::driver::{LaunchConfig, PushKernelArg};
     use candle_core::{CudaStorage, Shape, Storage};
 
     let (dev, src, n, k) = expert_bytes(q, e)?;
+    if q.dtype() == GgmlDType::Q4K && zopilot_dequant_enabled() {
+        return crate::cuda::zopilot_q4k::dequant_q4k_f16(&dev, src, n, k);
+    }
     let Some((name, block_dim)) = dequant_f16_kernel(q.dtype()) else {
         candle_core::bail!("no per-expert dequantization for {:?}", q.dtype());
     };
@@ -450,28 +498,14 @@ impl StackedExperts {
                     };
                     let target = m.device.unwrap_or_else(|| vb.device().clone());
                     let cpu = vb.clone().set_device(Device::Cpu);
-                    // On rayon's global pool (not the ISQ pool, whose backpressure may be
-                    // waiting on this thread), experts in parallel and each in row blocks:
-                    // mistral.rs loads layers one after another, so a layer's quantization
-                    // must fill the machine by itself. GGUF blocks run along a row, so row
-                    // blocks quantized apart concatenate to the same bytes.
+                    // Experts in parallel, each in row blocks (`quantize_rows`).
                     let quantize = || {
                         use rayon::prelude::*;
                         (0..num_experts)
                             .into_par_iter()
                             .map(|i| {
                                 let w = cpu.pp(i).get(shape, &format!("{name}.weight"))?;
-                                let blocks = shape.0.div_ceil(QUANT_ROWS_PER_TASK);
-                                let parts = (0..blocks)
-                                    .into_par_iter()
-                                    .map(|b| {
-                                        let r0 = b * QUANT_ROWS_PER_TASK;
-                                        let rows = QUANT_ROWS_PER_TASK.min(shape.0 - r0);
-                                        let part = w.narrow(0, r0, rows)?.to_dtype(DType::F32)?;
-                                        Ok(QTensor::quantize(&part, dtype)?.data()?.into_owned())
-                                    })
-                                    .collect::<Result<Vec<Vec<u8>>>>()?;
-                                Ok(parts.concat())
+                                quantize_rows(&w, dtype)
                             })
                             .collect::<Result<Vec<Vec<u8>>>>()
                     };
@@ -522,6 +556,64 @@ impl StackedExperts {
             self.forward_grouped(xs, &ids, &weights)?
         };
         ys.to_dtype(xs.dtype())
+    }
+
+    /// Whether decode of `n` tokens goes through our fused Q4K kernels
+    /// (`cuda/zopilot_q4k.cu`): at most `ZOPILOT_MOE_GATHER_MAX_TOKENS` tokens, Q4K experts
+    /// and router on CUDA, SiLU, and not `ZOPILOT_MOE_FUSED=0`.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn fused_applies(&self, n: usize, gate: &QLinear, device: &Device) -> bool {
+        n <= self.gather_max_tokens
+            && fused_enabled()
+            && self.act == Activation::Silu
+            && self.w1.fused_q4k().is_some()
+            && self.w3.fused_q4k().is_some()
+            && self.w2.fused_q4k().is_some()
+            && gate.q4k_for(n, device).is_some()
+    }
+
+    /// The MoE block on an input already quantized (`x`, from the fused RMSNorm): the
+    /// router's mat-vec (logits rounded through `dtype`, as the unfused router returns them),
+    /// routing, w1‖w3 with SiLU·mul and the activation's quantization in one kernel, w2 with
+    /// the weighted sum (and `resid`, when given) in another, written in `dtype` — four
+    /// launches where the unfused path takes about sixteen. Callers check [`Self::fused_applies`].
+    #[cfg(feature = "cuda")]
+    pub(crate) fn forward_fused_q8(
+        &self,
+        x: &crate::cuda::zopilot_q4k::Q8Rows,
+        gate: &QLinear,
+        top_k: usize,
+        dtype: DType,
+        resid: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        use crate::cuda::zopilot_q4k as zq;
+        let (Some(w1), Some(w3), Some(w2)) =
+            (self.w1.fused_q4k(), self.w3.fused_q4k(), self.w2.fused_q4k())
+        else {
+            candle_core::bail!("fused MoE: experts are not Q4K");
+        };
+        let Some(router) = gate.q4k_for(x.rows(), &w1.device()) else {
+            candle_core::bail!("fused MoE: router is not Q4K");
+        };
+        let logits = zq::matvec(router, x, DType::F32, Some(dtype))?;
+        let (ids, weights) = route(&logits, top_k)?;
+        let act = zq::moe_w13_silu(w1, w3, &ids, x)?;
+        zq::moe_w2(w2, &ids, &weights, &act, dtype, resid)
+    }
+
+    /// [`Self::forward_fused_q8`] from `xs` `[n, hidden]`; `None` where it does not apply.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn forward_fused(&self, xs: &Tensor, gate: &QLinear, top_k: usize) -> Result<Option<Tensor>> {
+        if !self.fused_applies(xs.dim(0)?, gate, xs.device()) {
+            return Ok(None);
+        }
+        let x = crate::cuda::zopilot_q4k::quantize(xs)?;
+        self.forward_fused_q8(&x, gate, top_k, xs.dtype(), None).map(Some)
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    pub(crate) fn forward_fused(&self, _xs: &Tensor, _gate: &QLinear, _top_k: usize) -> Result<Option<Tensor>> {
+        Ok(None)
     }
 
     fn forward_gather(&self, xs: &Tensor, ids: &Tensor, weights: &Tensor) -> Result<Tensor> {

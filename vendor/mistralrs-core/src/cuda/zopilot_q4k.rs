@@ -1,0 +1,468 @@
+//! zopilot-gpu patch: safe wrappers over `zopilot_q4k.cu`'s Q4K decode kernels (activation
+//! quantization, the fused Mixtral expert pair w1‖w3·SiLU and w2 with the weighted sum, and
+//! a mat-vec for up to 8 tokens). Every wrapper checks shapes and types and return an error on a
+//! shape they do not take; callers decide when a kernel applies with [`q4k_applies`].
+#![cfg(feature = "cuda")]
+
+use std::ffi::c_void;
+
+use candle_core::{
+    cuda_backend::{
+        cudarc::driver::{CudaSlice, DevicePtr},
+        CudaStorageSlice,
+    },
+    quantized::{GgmlDType, QTensor},
+    CudaDevice, CudaStorage, DType, Device, Result, Shape, Storage, Tensor,
+};
+
+extern "C" {
+    fn zopilot_q8_quantize(
+        x: *const c_void,
+        dtype: i32,
+        stride: i64,
+        rows: i32,
+        k: i32,
+        q: *mut i8,
+        d: *mut f32,
+        stream: i64,
+    ) -> i32;
+    fn zopilot_moe_w13_silu(
+        w1: *const c_void,
+        w3: *const c_void,
+        ids: *const u32,
+        pairs: i32,
+        topk: i32,
+        xq: *const i8,
+        xd: *const f32,
+        n: i32,
+        k: i32,
+        aq: *mut i8,
+        ad: *mut f32,
+        stream: i64,
+    ) -> i32;
+    fn zopilot_moe_w2(
+        w2: *const c_void,
+        ids: *const u32,
+        topw: *const f32,
+        tokens: i32,
+        topk: i32,
+        aq: *const i8,
+        ad: *const f32,
+        n: i32,
+        k: i32,
+        resid: *const c_void,
+        out: *mut c_void,
+        dtype: i32,
+        stream: i64,
+    ) -> i32;
+    fn zopilot_q4k_matvec(
+        w: *const *const c_void,
+        n: *const i32,
+        out: *const *mut c_void,
+        count: i32,
+        k: i32,
+        xq: *const i8,
+        xd: *const f32,
+        tokens: i32,
+        dtype: i32,
+        stream: i64,
+    ) -> i32;
+    fn zopilot_q4k_dequant_f16(src: *const c_void, dst: *mut c_void, nblocks: i64, stream: i64) -> i32;
+    fn zopilot_rmsnorm_quantize(
+        x: *const c_void,
+        resid: *const c_void,
+        h_out: *mut c_void,
+        alpha: *const c_void,
+        rows: i32,
+        k: i32,
+        eps: f32,
+        dtype: i32,
+        q: *mut i8,
+        d: *mut f32,
+        stream: i64,
+    ) -> i32;
+}
+
+/// Most tokens one mat-vec launch takes.
+pub(crate) const MATVEC_MAX_TOKENS: usize = 8;
+
+/// Rows of activations quantized to int8 with one f32 scale per 32 values.
+pub(crate) struct Q8Rows {
+    q: CudaSlice<i8>,
+    d: CudaSlice<f32>,
+    rows: usize,
+    k: usize,
+}
+
+impl Q8Rows {
+    pub(crate) fn rows(&self) -> usize {
+        self.rows
+    }
+}
+
+/// Whether `q` is a CUDA Q4K tensor whose row length (last dim) these kernels take (a
+/// multiple of 256; the fused expert kernel also wants rows in multiples of 32).
+pub(crate) fn q4k_applies(q: &QTensor) -> bool {
+    let dims = q.shape().dims();
+    q.dtype() == GgmlDType::Q4K
+        && q.device().is_cuda()
+        && dims.len() >= 2
+        && dims[dims.len() - 1] % 256 == 0
+}
+
+fn cuda_dev(t: &Tensor) -> Result<CudaDevice> {
+    match t.device() {
+        Device::Cuda(d) => Ok(d.clone()),
+        _ => candle_core::bail!("zopilot q4k kernels need CUDA tensors"),
+    }
+}
+
+fn stream(dev: &CudaDevice) -> i64 {
+    dev.cuda_stream().cu_stream() as i64
+}
+
+fn check(code: i32, what: &str) -> Result<()> {
+    if code != 0 {
+        candle_core::bail!("{what}: CUDA error {code}");
+    }
+    Ok(())
+}
+
+fn dtype_code(dtype: DType) -> Result<i32> {
+    Ok(match dtype {
+        DType::F32 => 0,
+        DType::BF16 => 1,
+        DType::F16 => 2,
+        other => candle_core::bail!("zopilot q4k kernels: no {other:?} activations"),
+    })
+}
+
+/// Device address of a contiguous tensor's first element.
+fn tensor_ptr(t: &Tensor) -> Result<u64> {
+    if !t.is_contiguous() {
+        candle_core::bail!("zopilot q4k kernels need contiguous tensors");
+    }
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cuda(s) = &*storage else {
+        candle_core::bail!("zopilot q4k kernels need CUDA tensors");
+    };
+    let offset = layout.start_offset();
+    let ptr = match &s.slice {
+        CudaStorageSlice::F32(x) => x.slice(offset..).device_ptr(x.stream()).0,
+        CudaStorageSlice::BF16(x) => x.slice(offset..).device_ptr(x.stream()).0,
+        CudaStorageSlice::F16(x) => x.slice(offset..).device_ptr(x.stream()).0,
+        CudaStorageSlice::U32(x) => x.slice(offset..).device_ptr(x.stream()).0,
+        _ => candle_core::bail!("zopilot q4k kernels: unsupported dtype {:?}", t.dtype()),
+    };
+    Ok(ptr)
+}
+
+fn weight_ptr(q: &QTensor) -> Result<*const c_void> {
+    Ok(q.device_ptr()? as *const c_void)
+}
+
+fn slice_ptr<T: candle_core::cuda_backend::cudarc::driver::DeviceRepr>(s: &CudaSlice<T>) -> u64 {
+    s.device_ptr(s.stream()).0
+}
+
+/// `x` `[rows, k]` (f32, bf16 or f16; `k` a multiple of 32) quantized to int8 rows.
+pub(crate) fn quantize(x: &Tensor) -> Result<Q8Rows> {
+    let dev = cuda_dev(x)?;
+    let (rows, k) = x.dims2()?;
+    if k % 32 != 0 || rows == 0 {
+        candle_core::bail!("zopilot quantize: x [{rows}, {k}]");
+    }
+    let x = x.contiguous()?;
+    let q = unsafe { dev.alloc::<i8>(rows * k)? };
+    let d = unsafe { dev.alloc::<f32>(rows * k / 32)? };
+    let code = unsafe {
+        zopilot_q8_quantize(
+            tensor_ptr(&x)? as *const c_void,
+            dtype_code(x.dtype())?,
+            k as i64,
+            rows as i32,
+            k as i32,
+            slice_ptr(&q) as *mut i8,
+            slice_ptr(&d) as *mut f32,
+            stream(&dev),
+        )
+    };
+    check(code, "zopilot quantize")?;
+    Ok(Q8Rows { q, d, rows, k })
+}
+
+/// Checks `ids` (u32) and `weights` (f32) are `[tokens, topk]`; returns `topk`.
+fn routing_dims(ids: &Tensor, weights: Option<&Tensor>, tokens: usize) -> Result<usize> {
+    let (t, topk) = ids.dims2()?;
+    if t != tokens || ids.dtype() != DType::U32 || topk == 0 {
+        candle_core::bail!("zopilot moe: ids {:?} {:?} for {tokens} tokens", ids.dims(), ids.dtype());
+    }
+    if let Some(w) = weights {
+        if w.dims2()? != (t, topk) || w.dtype() != DType::F32 {
+            candle_core::bail!("zopilot moe: weights {:?} {:?}", w.dims(), w.dtype());
+        }
+    }
+    Ok(topk)
+}
+
+/// Expert pair of Mixtral's FFN for each (token, slot): `silu(x·w1[e]) * (x·w3[e])`,
+/// quantized, `[tokens * topk, N]`. `w1`, `w3`: `[E, N, K]` Q4K; `ids`: `[tokens, topk]` u32.
+pub(crate) fn moe_w13_silu(w1: &QTensor, w3: &QTensor, ids: &Tensor, x: &Q8Rows) -> Result<Q8Rows> {
+    let dev = cuda_dev(ids)?;
+    let (e, n, k) = w1.shape().dims3()?;
+    if !q4k_applies(w1)
+        || !q4k_applies(w3)
+        || w3.shape().dims3()? != (e, n, k)
+        || n % 32 != 0
+        || x.k != k
+    {
+        candle_core::bail!("zopilot moe w13: w1 {:?} w3 {:?} x k {}", w1.shape(), w3.shape(), x.k);
+    }
+    let topk = routing_dims(ids, None, x.rows)?;
+    let ids = ids.contiguous()?;
+    let pairs = x.rows * topk;
+    let aq = unsafe { dev.alloc::<i8>(pairs * n)? };
+    let ad = unsafe { dev.alloc::<f32>(pairs * n / 32)? };
+    let code = unsafe {
+        zopilot_moe_w13_silu(
+            weight_ptr(w1)?,
+            weight_ptr(w3)?,
+            tensor_ptr(&ids)? as *const u32,
+            pairs as i32,
+            topk as i32,
+            slice_ptr(&x.q) as *const i8,
+            slice_ptr(&x.d) as *const f32,
+            n as i32,
+            k as i32,
+            slice_ptr(&aq) as *mut i8,
+            slice_ptr(&ad) as *mut f32,
+            stream(&dev),
+        )
+    };
+    check(code, "zopilot moe w13")?;
+    Ok(Q8Rows { q: aq, d: ad, rows: pairs, k: n })
+}
+
+/// `Σ_slot weights[t, slot] · act[t, slot] · w2[ids[t, slot]]` → `[tokens, H]` in `dtype`,
+/// plus `resid` (`[tokens, H]`, `dtype`) when given. `w2`: `[E, H, N]` Q4K; `act`:
+/// `[tokens * topk, N]` from [`moe_w13_silu`].
+pub(crate) fn moe_w2(
+    w2: &QTensor,
+    ids: &Tensor,
+    weights: &Tensor,
+    act: &Q8Rows,
+    dtype: DType,
+    resid: Option<&Tensor>,
+) -> Result<Tensor> {
+    let dev = cuda_dev(ids)?;
+    let (_, h, k) = w2.shape().dims3()?;
+    let tokens = ids.dim(0)?;
+    let topk = routing_dims(ids, Some(weights), tokens)?;
+    if !q4k_applies(w2) || act.k != k || act.rows != tokens * topk {
+        candle_core::bail!("zopilot moe w2: w2 {:?}, act [{}, {}]", w2.shape(), act.rows, act.k);
+    }
+    let (ids, weights) = (ids.contiguous()?, weights.contiguous()?);
+    let resid = resid.map(|r| r.contiguous()).transpose()?;
+    if let Some(r) = &resid {
+        if r.dims2()? != (tokens, h) || r.dtype() != dtype {
+            candle_core::bail!("zopilot moe w2: residual {:?} {:?}", r.dims(), r.dtype());
+        }
+    }
+    let resid_ptr = match &resid {
+        Some(r) => tensor_ptr(r)? as *const c_void,
+        None => std::ptr::null(),
+    };
+    let out = Out::alloc(&dev, dtype, tokens * h)?;
+    let code = unsafe {
+        zopilot_moe_w2(
+            weight_ptr(w2)?,
+            tensor_ptr(&ids)? as *const u32,
+            tensor_ptr(&weights)? as *const f32,
+            tokens as i32,
+            topk as i32,
+            slice_ptr(&act.q) as *const i8,
+            slice_ptr(&act.d) as *const f32,
+            h as i32,
+            k as i32,
+            resid_ptr,
+            out.ptr() as *mut c_void,
+            dtype_code(dtype)?,
+            stream(&dev),
+        )
+    };
+    check(code, "zopilot moe w2")?;
+    Ok(out.into_tensor(&dev, tokens, h))
+}
+
+/// `x · wᵀ`: `w` `[N, K]` Q4K, `x` any number of quantized rows (launches of
+/// [`MATVEC_MAX_TOKENS`], each reading the weight once) → `[rows, N]` in `dtype`. With
+/// `round_via` (bf16 or f16) and `dtype` f32, the values are rounded through that type first,
+/// as a layer computing in it would return them.
+pub(crate) fn matvec(w: &QTensor, x: &Q8Rows, dtype: DType, round_via: Option<DType>) -> Result<Tensor> {
+    Ok(matvec_many(&[w], x, dtype, round_via)?.remove(0))
+}
+
+/// [`matvec`] for several weights of the same row length (q, k and v), three to a launch.
+pub(crate) fn matvec_many(
+    ws: &[&QTensor],
+    x: &Q8Rows,
+    dtype: DType,
+    round_via: Option<DType>,
+) -> Result<Vec<Tensor>> {
+    let Some(first) = ws.first() else {
+        return Ok(Vec::new());
+    };
+    let Device::Cuda(dev) = first.device() else {
+        candle_core::bail!("zopilot matvec needs CUDA weights");
+    };
+    let code = match (dtype, round_via) {
+        (DType::F32, Some(DType::BF16)) => 3,
+        (DType::F32, Some(DType::F16)) => 4,
+        _ => dtype_code(dtype)?,
+    };
+    let mut outs = Vec::with_capacity(ws.len());
+    for w in ws {
+        let (n, k) = w.shape().dims2()?;
+        if !q4k_applies(w) || x.k != k || x.rows == 0 || !w.device().same_device(&first.device()) {
+            candle_core::bail!("zopilot matvec: w {:?}, x [{}, {}]", w.shape(), x.rows, x.k);
+        }
+        outs.push((n, Out::alloc(&dev, dtype, x.rows * n)?));
+    }
+    let (xq, xd, k) = (slice_ptr(&x.q), slice_ptr(&x.d), x.k);
+    let elem = dtype.size_in_bytes() as u64;
+    for group in (0..ws.len()).collect::<Vec<_>>().chunks(3) {
+        for start in (0..x.rows).step_by(MATVEC_MAX_TOKENS) {
+            let tokens = MATVEC_MAX_TOKENS.min(x.rows - start);
+            let mut w_ptrs = Vec::with_capacity(3);
+            let mut n_rows = Vec::with_capacity(3);
+            let mut out_ptrs = Vec::with_capacity(3);
+            for &i in group {
+                let (n, buf) = &outs[i];
+                w_ptrs.push(weight_ptr(ws[i])?);
+                n_rows.push(*n as i32);
+                out_ptrs.push((buf.ptr() + (start * n) as u64 * elem) as *mut c_void);
+            }
+            let status = unsafe {
+                zopilot_q4k_matvec(
+                    w_ptrs.as_ptr(),
+                    n_rows.as_ptr(),
+                    out_ptrs.as_ptr(),
+                    group.len() as i32,
+                    k as i32,
+                    (xq + (start * k) as u64) as *const i8,
+                    (xd + (start * k / 32 * 4) as u64) as *const f32,
+                    tokens as i32,
+                    code,
+                    stream(&dev),
+                )
+            };
+            check(status, "zopilot matvec")?;
+        }
+    }
+    Ok(outs
+        .into_iter()
+        .map(|(n, buf)| buf.into_tensor(&dev, x.rows, n))
+        .collect())
+}
+
+/// An output buffer our kernels write (uninitialised until they do).
+enum Out {
+    F32(CudaSlice<f32>),
+    BF16(CudaSlice<half::bf16>),
+    F16(CudaSlice<half::f16>),
+}
+
+impl Out {
+    fn alloc(dev: &CudaDevice, dtype: DType, len: usize) -> Result<Self> {
+        Ok(match dtype {
+            DType::F32 => Self::F32(unsafe { dev.alloc::<f32>(len)? }),
+            DType::BF16 => Self::BF16(unsafe { dev.alloc::<half::bf16>(len)? }),
+            DType::F16 => Self::F16(unsafe { dev.alloc::<half::f16>(len)? }),
+            other => candle_core::bail!("zopilot q4k kernels: no {other:?} output"),
+        })
+    }
+
+    fn into_tensor(self, dev: &CudaDevice, rows: usize, n: usize) -> Tensor {
+        let storage = match self {
+            Self::F32(s) => CudaStorage::wrap_cuda_slice(s, dev.clone()),
+            Self::BF16(s) => CudaStorage::wrap_cuda_slice(s, dev.clone()),
+            Self::F16(s) => CudaStorage::wrap_cuda_slice(s, dev.clone()),
+        };
+        Tensor::from((Storage::Cuda(storage), Shape::from((rows, n))))
+    }
+
+    fn ptr(&self) -> u64 {
+        match self {
+            Self::F32(s) => slice_ptr(s),
+            Self::BF16(s) => slice_ptr(s),
+            Self::F16(s) => slice_ptr(s),
+        }
+    }
+}
+
+/// RMSNorm of `x` `[rows, K]` with `alpha` `[K]` (candle's arithmetic), quantized for the
+/// mat-vec; with `resid`, of `h = x + resid` instead, `h` returned too (the next residual).
+pub(crate) fn rmsnorm_quantize(
+    x: &Tensor,
+    resid: Option<&Tensor>,
+    alpha: &Tensor,
+    eps: f32,
+) -> Result<(Option<Tensor>, Q8Rows)> {
+    let dev = cuda_dev(x)?;
+    let (rows, k) = x.dims2()?;
+    let dtype = x.dtype();
+    if k % 32 != 0 || rows == 0 || alpha.dims1()? != k || alpha.dtype() != dtype {
+        candle_core::bail!("zopilot rmsnorm: x {:?}, alpha {:?} {:?}", x.dims(), alpha.dims(), alpha.dtype());
+    }
+    let (x, alpha) = (x.contiguous()?, alpha.contiguous()?);
+    let resid = resid.map(|r| r.contiguous()).transpose()?;
+    let h = match &resid {
+        Some(r) if r.dims() != x.dims() || r.dtype() != dtype => {
+            candle_core::bail!("zopilot rmsnorm: residual {:?} {:?}", r.dims(), r.dtype())
+        }
+        Some(_) => Some(Out::alloc(&dev, dtype, rows * k)?),
+        None => None,
+    };
+    let q = unsafe { dev.alloc::<i8>(rows * k)? };
+    let d = unsafe { dev.alloc::<f32>(rows * k / 32)? };
+    let resid_ptr = resid.as_ref().map_or(Ok(0), tensor_ptr)?;
+    let code = unsafe {
+        zopilot_rmsnorm_quantize(
+            tensor_ptr(&x)? as *const c_void,
+            resid_ptr as *const c_void,
+            h.as_ref().map_or(0, Out::ptr) as *mut c_void,
+            tensor_ptr(&alpha)? as *const c_void,
+            rows as i32,
+            k as i32,
+            eps,
+            dtype_code(dtype)?,
+            slice_ptr(&q) as *mut i8,
+            slice_ptr(&d) as *mut f32,
+            stream(&dev),
+        )
+    };
+    check(code, "zopilot rmsnorm")?;
+    let h = h.map(|h| h.into_tensor(&dev, rows, k));
+    Ok((h, Q8Rows { q, d, rows, k }))
+}
+
+/// `n × k` values of Q4K blocks at `src` (an address inside `dev`'s memory, e.g. one expert
+/// of a stacked tensor) dequantized to an f16 `[n, k]` tensor — at ~2.5× the speed of candle's
+/// kernel on an H100, which matters for the grouped MoE path that dequantizes every expert
+/// with more than 16 tokens.
+pub(crate) fn dequant_q4k_f16(dev: &CudaDevice, src: u64, n: usize, k: usize) -> Result<Tensor> {
+    if k % 256 != 0 {
+        candle_core::bail!("zopilot dequant: row length {k} is not a multiple of 256");
+    }
+    let out = Out::alloc(dev, DType::F16, n * k)?;
+    let code = unsafe {
+        zopilot_q4k_dequant_f16(
+            src as *const c_void,
+            out.ptr() as *mut c_void,
+            (n * k / 256) as i64,
+            stream(dev),
+        )
+    };
+    check(code, "zopilot dequant")?;
+    Ok(out.into_tensor(dev, n, k))
+}

@@ -1,0 +1,163 @@
+//! zopilot-gpu patch: Mixtral's quantized linear layers (attention projections, router,
+//! lm_head) keeping their Q4K tensor, so decode runs our Q4K mat-vec (`cuda/zopilot_q4k.cu`)
+//! on an input quantized once for all layers that read it (q, k and v; router and experts).
+//!
+//! Upstream, each of these layers casts its input to f32, quantizes it to Q8_1, multiplies,
+//! and casts back — four launches a layer, the same input quantized three times for q/k/v.
+//! When immediate ISQ asks for Q4K on a CUDA device, [`QLinear::load`] quantizes the weight
+//! itself (the same candle quantizer ISQ uses) and wraps the tensor in the same `GgufMatMul`
+//! upstream would have built, so every other path (prefill, ISQ listing) is unchanged.
+//! `ZOPILOT_Q4K_LINEAR=0` loads upstream's layers instead (for comparison).
+
+use std::sync::Arc;
+
+use candle_core::{quantized::GgmlDType, DType, Device, Result, Tensor};
+use mistralrs_quant::{GgufMatMul, QuantMethod, QuantMethodConfig, ShardedVarBuilder};
+
+use super::mixtral_stacked_moe::qmatmul;
+
+/// Most tokens a forward takes through the Q4K mat-vec (launches of 8); more go upstream's
+/// way (candle's tiled kernels), as prefill does.
+#[cfg(feature = "cuda")]
+const MAX_TOKENS: usize = 128;
+
+/// A quantized linear layer without bias.
+#[derive(Clone)]
+pub(crate) struct QLinear {
+    /// The layer as mistral.rs sees it (`IsqModel::get_layers` may replace it).
+    pub(crate) mm: Arc<dyn QuantMethod>,
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    q4k: Option<Q4k>,
+}
+
+#[derive(Clone)]
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+struct Q4k {
+    q: Arc<candle_core::quantized::QTensor>,
+    /// Address of the `mm` made from `q`: if ISQ replaces `mm` later, `q` is not used.
+    mm_addr: usize,
+}
+
+fn own_q4k_enabled() -> bool {
+    !matches!(std::env::var("ZOPILOT_Q4K_LINEAR").as_deref(), Ok("0"))
+}
+
+fn addr(mm: &Arc<dyn QuantMethod>) -> usize {
+    Arc::as_ptr(mm) as *const () as usize
+}
+
+impl From<Arc<dyn QuantMethod>> for QLinear {
+    /// A layer we do not own the weight of (tied embeddings).
+    fn from(mm: Arc<dyn QuantMethod>) -> Self {
+        Self { mm, q4k: None }
+    }
+}
+
+impl QLinear {
+    /// `[out_dim, in_dim]` weight at `vb` (`vb.pp("weight")`). `eligible`: the caller's
+    /// conditions for owning the weight (no pre-quantized checkpoint, no tensor parallelism);
+    /// otherwise, or when immediate ISQ does not ask for Q4K on CUDA, `upstream(vb)`.
+    pub(crate) fn load(
+        in_dim: usize,
+        out_dim: usize,
+        vb: ShardedVarBuilder,
+        eligible: bool,
+        upstream: impl FnOnce(ShardedVarBuilder) -> Result<Arc<dyn QuantMethod>>,
+    ) -> Result<Self> {
+        if eligible && own_q4k_enabled() && vb.contains_tensor("weight") {
+            if let Some(m) = mistralrs_quant::immediate_isq_match(&vb) {
+                let target = m.device.unwrap_or_else(|| vb.device().clone());
+                if GgmlDType::try_from(m.ty).ok() == Some(GgmlDType::Q4K) && target.is_cuda() {
+                    let w = vb
+                        .clone()
+                        .set_device(Device::Cpu)
+                        .get((out_dim, in_dim), "weight")?;
+                    let bytes = super::mixtral_stacked_moe::quantize_rows(&w, GgmlDType::Q4K)?;
+                    let q = Arc::new(candle_core::quantized::ggml_file::qtensor_from_ggml(
+                        GgmlDType::Q4K,
+                        &bytes,
+                        vec![out_dim, in_dim],
+                        &target,
+                    )?);
+                    let mm: Arc<dyn QuantMethod> =
+                        Arc::new(GgufMatMul::new(QuantMethodConfig::Gguf {
+                            q_weight: q.clone(),
+                            b: None,
+                        })?);
+                    let mm_addr = addr(&mm);
+                    return Ok(Self {
+                        mm,
+                        q4k: Some(Q4k { q, mm_addr }),
+                    });
+                }
+            }
+        }
+        Ok(Self {
+            mm: upstream(vb)?,
+            q4k: None,
+        })
+    }
+
+    /// The Q4K tensor for a forward of `tokens` tokens on `device`, when our kernels take it.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn q4k_for(&self, tokens: usize, device: &Device) -> Option<&candle_core::quantized::QTensor> {
+        let q4k = self.q4k.as_ref()?;
+        (q4k.mm_addr == addr(&self.mm)
+            && (1..=MAX_TOKENS).contains(&tokens)
+            && device.is_cuda()
+            && crate::cuda::zopilot_q4k::q4k_applies(&q4k.q))
+        .then_some(&*q4k.q)
+    }
+
+    /// `xs · Wᵀ` in `dtype` (upstream: the quantized layer's activation type, then `dtype`).
+    pub(crate) fn forward(&self, xs: &Tensor, dtype: DType) -> Result<Tensor> {
+        let mut ys = Self::forward_many(&[self], xs, dtype)?;
+        Ok(ys.remove(0))
+    }
+
+    /// Several layers on the same input (q, k and v): the input quantized once.
+    pub(crate) fn forward_many(layers: &[&Self], xs: &Tensor, dtype: DType) -> Result<Vec<Tensor>> {
+        let dims = xs.dims().to_vec();
+        let hidden = *dims.last().unwrap_or(&0);
+        let tokens = if hidden == 0 { 0 } else { xs.elem_count() / hidden };
+        #[cfg(feature = "cuda")]
+        {
+            let qs = layers
+                .iter()
+                .map(|l| l.q4k_for(tokens, xs.device()))
+                .collect::<Option<Vec<_>>>();
+            if let Some(qs) = qs {
+                use crate::cuda::zopilot_q4k as zq;
+                let x = zq::quantize(&xs.reshape((tokens, hidden))?)?;
+                return zq::matvec_many(&qs, &x, dtype, None)?
+                    .into_iter()
+                    .map(|y| {
+                        let mut shape = dims.clone();
+                        if let Some(last) = shape.last_mut() {
+                            *last = y.dim(1)?;
+                        }
+                        y.reshape(shape)
+                    })
+                    .collect();
+            }
+        }
+        let _ = tokens;
+        // Upstream's way, the input cast to the activation type once for layers sharing it.
+        let mut cast: Option<(Option<DType>, Tensor)> = None;
+        layers
+            .iter()
+            .map(|l| {
+                let act = l.mm.quantized_act_type();
+                let x = match &cast {
+                    Some((t, x)) if *t == act => x.clone(),
+                    _ => {
+                        let x = act.map_or_else(|| Ok(xs.clone()), |t| xs.to_dtype(t))?;
+                        cast = Some((act, x.clone()));
+                        x
+                    }
+                };
+                qmatmul(&x, &*l.mm)?.to_dtype(dtype)
+            })
+            .collect()
+    }
+}
