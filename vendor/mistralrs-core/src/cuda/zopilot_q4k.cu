@@ -292,6 +292,109 @@ __global__ void __launch_bounds__(WARPS * 32)
   }
 }
 
+// One warp per (output row, slot): the row's dot product with the slot's activation, then the
+// block adds its rows' slots (in slot order, routing-weighted) through shared memory. A block
+// is WARPS / topk rows × topk slots (topk ≤ WARPS): twice the warps of moe_w2_kernel for
+// Mixtral's top-2, with fewer registers each, so more of the row stream is in flight.
+template <typename OUT>
+__global__ void __launch_bounds__(WARPS * 32)
+    moe_w2_split_kernel(const uint8_t *__restrict__ w2,
+                        const uint32_t *__restrict__ ids,
+                        const float *__restrict__ topw, int topk,
+                        const int8_t *__restrict__ aq,
+                        const float *__restrict__ ad, int n, int k,
+                        const OUT *__restrict__ resid, OUT *__restrict__ out) {
+  __shared__ float part[WARPS];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
+  const int token = blockIdx.y, rows_per_block = WARPS / topk;
+  const int r = warp / topk, slot = warp % topk;
+  const int row = blockIdx.x * rows_per_block + r;
+  float acc = 0.0f;
+  if (r < rows_per_block && row < n) {
+    const int nb = k / QK;
+    const size_t row_bytes = (size_t)nb * QB;
+    const int sub = lane & 7, g = sub >> 1, h = sub & 1;
+    const int pair = token * topk + slot;
+    const uint8_t *wr = w2 + ((size_t)ids[pair] * n + row) * row_bytes;
+    const ActRow x{aq + (size_t)pair * k, ad + (size_t)pair * (k / Q8)};
+    constexpr int U = 4;
+    for (int base = lane >> 3; base < nb; base += 4 * U) {
+      LaneW w[U];
+      load_steps<U>(wr, base, nb, g, h, w);
+#pragma unroll
+      for (int u = 0; u < U; ++u)
+        if (base + 4 * u < nb)
+          acc += lane_dot(w[u], load_act(x, base + 4 * u, g, h), g);
+    }
+    acc = topw[pair] * warp_sum(acc);
+  }
+  if (lane == 0)
+    part[warp] = acc;
+  __syncthreads();
+  if (warp == 0 && lane < rows_per_block) {
+    const int orow = blockIdx.x * rows_per_block + lane;
+    if (orow < n) {
+      float total = 0.0f;
+      for (int s = 0; s < topk; ++s)
+        total += part[lane * topk + s];
+      const size_t i = (size_t)token * n + orow;
+      out[i] = resid ? from_float<OUT>(to_float(resid[i]) +
+                                       to_float(from_float<OUT>(total)))
+                     : from_float<OUT>(total);
+    }
+  }
+}
+
+// Router logits (one warp per expert, rounded through ROUND as the model's dtype would) and
+// top-k routing for token blockIdx.x in one block: the k largest logits (lowest index on
+// ties) and their softmax, as mistral.rs' topk_softmax computes it. experts ≤ 256, topk ≤ 8.
+template <int ROUND>
+__global__ void __launch_bounds__(WARPS * 32)
+    router_topk_kernel(const uint8_t *__restrict__ w, int experts, int k,
+                       const int8_t *__restrict__ xq,
+                       const float *__restrict__ xd, int topk,
+                       uint32_t *__restrict__ ids, float *__restrict__ weights) {
+  __shared__ float logits[256];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
+  const int token = blockIdx.x;
+  const int nb = k / QK;
+  const size_t row_bytes = (size_t)nb * QB;
+  const int sub = lane & 7, g = sub >> 1, h = sub & 1;
+  const ActRow x{xq + (size_t)token * k, xd + (size_t)token * (k / Q8)};
+  for (int e = warp; e < experts; e += WARPS) {
+    float acc = 0.0f;
+    for (int blk = lane >> 3; blk < nb; blk += 4)
+      acc += lane_dot(load_w(w + e * row_bytes, blk, g, h), load_act(x, blk, g, h), g);
+    acc = warp_sum(acc);
+    if (lane == 0)
+      logits[e] = round_via<ROUND>(acc);
+  }
+  __syncthreads();
+  if (threadIdx.x != 0)
+    return;
+  float val[8];
+  int idx[8];
+  for (int j = 0; j < topk; ++j) {
+    int best = 0;
+    for (int e = 1; e < experts; ++e)
+      if (logits[e] > logits[best])
+        best = e;
+    val[j] = logits[best];
+    idx[j] = best;
+    logits[best] = -INFINITY;
+  }
+  float sum = 0.0f;
+  for (int j = 0; j < topk; ++j) {
+    val[j] = expf(val[j] - val[0]);
+    sum += val[j];
+  }
+  const float inv = 1.0f / sum;
+  for (int j = 0; j < topk; ++j) {
+    ids[token * topk + j] = (uint32_t)idx[j];
+    weights[token * topk + j] = val[j] * inv;
+  }
+}
+
 // Up to three weight matrices with the same row length, one launch: their rows numbered
 // one after another, a warp per row; `rows_end` is cumulative.
 struct MvJobs {
@@ -491,25 +594,53 @@ extern "C" int zopilot_moe_w2(const void *w2, const uint32_t *ids,
                               const void *resid, void *out, int dtype,
                               long long stream) {
   const cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
-  const dim3 grid((n + zq::WARPS - 1) / zq::WARPS, tokens),
-      block(zq::WARPS * 32);
+  const dim3 block(zq::WARPS * 32);
   const uint8_t *w = static_cast<const uint8_t *>(w2);
+  const bool split = topk <= zq::WARPS;
+  const int rows_per_block = split ? zq::WARPS / topk : zq::WARPS;
+  const dim3 grid((n + rows_per_block - 1) / rows_per_block, tokens);
   switch (dtype) {
+#define ZQ_W2(CODE, T)                                                         \
+  case CODE:                                                                   \
+    if (split)                                                                 \
+      zq::moe_w2_split_kernel<T><<<grid, block, 0, st>>>(                      \
+          w, ids, topw, topk, aq, ad, n, k, static_cast<const T *>(resid),     \
+          static_cast<T *>(out));                                              \
+    else                                                                       \
+      zq::moe_w2_kernel<T><<<grid, block, 0, st>>>(                            \
+          w, ids, topw, topk, aq, ad, n, k, static_cast<const T *>(resid),     \
+          static_cast<T *>(out));                                              \
+    break;
+    ZQ_W2(0, float)
+    ZQ_W2(1, __nv_bfloat16)
+    ZQ_W2(2, half)
+#undef ZQ_W2
+  default:
+    return (int)cudaErrorInvalidValue;
+  }
+  return (int)cudaGetLastError();
+}
+
+// Router + top-k for `tokens` quantized rows: w [experts, k] Q4_K (experts ≤ 256);
+// ids [tokens, topk] u32, weights [tokens, topk] f32 (topk ≤ 8). round: 0 none, 1 bf16, 2 f16.
+extern "C" int zopilot_router_topk(const void *w, int experts, int k,
+                                   const int8_t *xq, const float *xd, int tokens,
+                                   int topk, int round, uint32_t *ids,
+                                   float *weights, long long stream) {
+  if (experts < 1 || experts > 256 || topk < 1 || topk > 8 || topk > experts)
+    return (int)cudaErrorInvalidValue;
+  const cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
+  const uint8_t *wb = static_cast<const uint8_t *>(w);
+  const dim3 grid(tokens), block(zq::WARPS * 32);
+  switch (round) {
   case 0:
-    zq::moe_w2_kernel<float><<<grid, block, 0, st>>>(
-        w, ids, topw, topk, aq, ad, n, k, static_cast<const float *>(resid),
-        static_cast<float *>(out));
+    zq::router_topk_kernel<0><<<grid, block, 0, st>>>(wb, experts, k, xq, xd, topk, ids, weights);
     break;
   case 1:
-    zq::moe_w2_kernel<__nv_bfloat16><<<grid, block, 0, st>>>(
-        w, ids, topw, topk, aq, ad, n, k,
-        static_cast<const __nv_bfloat16 *>(resid),
-        static_cast<__nv_bfloat16 *>(out));
+    zq::router_topk_kernel<1><<<grid, block, 0, st>>>(wb, experts, k, xq, xd, topk, ids, weights);
     break;
   case 2:
-    zq::moe_w2_kernel<half><<<grid, block, 0, st>>>(
-        w, ids, topw, topk, aq, ad, n, k, static_cast<const half *>(resid),
-        static_cast<half *>(out));
+    zq::router_topk_kernel<2><<<grid, block, 0, st>>>(wb, experts, k, xq, xd, topk, ids, weights);
     break;
   default:
     return (int)cudaErrorInvalidValue;

@@ -68,6 +68,19 @@ extern "C" {
         stream: i64,
     ) -> i32;
     fn zopilot_q4k_dequant_f16(src: *const c_void, dst: *mut c_void, nblocks: i64, stream: i64) -> i32;
+    fn zopilot_router_topk(
+        w: *const c_void,
+        experts: i32,
+        k: i32,
+        xq: *const i8,
+        xd: *const f32,
+        tokens: i32,
+        topk: i32,
+        round: i32,
+        ids: *mut u32,
+        weights: *mut f32,
+        stream: i64,
+    ) -> i32;
     fn zopilot_rmsnorm_quantize(
         x: *const c_void,
         resid: *const c_void,
@@ -294,15 +307,11 @@ pub(crate) fn moe_w2(
     Ok(out.into_tensor(&dev, tokens, h))
 }
 
-/// `x · wᵀ`: `w` `[N, K]` Q4K, `x` any number of quantized rows (launches of
-/// [`MATVEC_MAX_TOKENS`], each reading the weight once) → `[rows, N]` in `dtype`. With
-/// `round_via` (bf16 or f16) and `dtype` f32, the values are rounded through that type first,
-/// as a layer computing in it would return them.
-pub(crate) fn matvec(w: &QTensor, x: &Q8Rows, dtype: DType, round_via: Option<DType>) -> Result<Tensor> {
-    Ok(matvec_many(&[w], x, dtype, round_via)?.remove(0))
-}
-
-/// [`matvec`] for several weights of the same row length (q, k and v), three to a launch.
+/// `x · wᵀ` for each `w` `[N, K]` Q4K of the same row length (q, k and v: three to a launch),
+/// `x` any number of quantized rows (launches of [`MATVEC_MAX_TOKENS`], each reading the
+/// weight once) → `[rows, N]` each, in `dtype`. With `round_via` (bf16 or f16) and `dtype`
+/// f32, the values are rounded through that type first, as a layer computing in it would
+/// return them.
 pub(crate) fn matvec_many(
     ws: &[&QTensor],
     x: &Q8Rows,
@@ -465,4 +474,56 @@ pub(crate) fn dequant_q4k_f16(dev: &CudaDevice, src: u64, n: usize, k: usize) ->
     };
     check(code, "zopilot dequant")?;
     Ok(out.into_tensor(dev, n, k))
+}
+
+/// Router and routing in one launch: logits `x · wᵀ` (`w` `[E, K]` Q4K, E ≤ 256), rounded
+/// through `round_via` (bf16/f16) as the model's dtype would return them, then per token the
+/// `top_k` (≤ 8) largest and their softmax — what mistral.rs' `topk_softmax` computes.
+/// Returns ids `[tokens, top_k]` u32 and weights `[tokens, top_k]` f32.
+pub(crate) fn router_topk(
+    w: &QTensor,
+    x: &Q8Rows,
+    top_k: usize,
+    round_via: Option<DType>,
+) -> Result<(Tensor, Tensor)> {
+    let Device::Cuda(dev) = w.device() else {
+        candle_core::bail!("zopilot router needs a CUDA weight");
+    };
+    let (experts, k) = w.shape().dims2()?;
+    if !q4k_applies(w) || x.k != k || experts > 256 || top_k == 0 || top_k > 8.min(experts) {
+        candle_core::bail!("zopilot router: w {:?}, x k {}, top_k {top_k}", w.shape(), x.k);
+    }
+    let round = match round_via {
+        Some(DType::BF16) => 1,
+        Some(DType::F16) => 2,
+        _ => 0,
+    };
+    let ids = unsafe { dev.alloc::<u32>(x.rows * top_k)? };
+    let weights = unsafe { dev.alloc::<f32>(x.rows * top_k)? };
+    let code = unsafe {
+        zopilot_router_topk(
+            weight_ptr(w)?,
+            experts as i32,
+            k as i32,
+            slice_ptr(&x.q) as *const i8,
+            slice_ptr(&x.d) as *const f32,
+            x.rows as i32,
+            top_k as i32,
+            round,
+            slice_ptr(&ids) as *mut u32,
+            slice_ptr(&weights) as *mut f32,
+            stream(&dev),
+        )
+    };
+    check(code, "zopilot router")?;
+    let shape = Shape::from((x.rows, top_k));
+    let ids = Tensor::from((
+        Storage::Cuda(CudaStorage::wrap_cuda_slice(ids, dev.clone())),
+        shape.clone(),
+    ));
+    let weights = Tensor::from((
+        Storage::Cuda(CudaStorage::wrap_cuda_slice(weights, dev.clone())),
+        shape,
+    ));
+    Ok((ids, weights))
 }

@@ -574,7 +574,7 @@ impl DecoderLayer {
             return Ok(None);
         };
         if profile_skip_moe()
-            || !stacked.fused_applies(n, &moe.gate, device)
+            || !stacked.fused_applies(n, moe.num_experts_per_tok, &moe.gate, device)
             || self.self_attn.o_proj.q4k_for(n, device).is_none()
         {
             return Ok(None);

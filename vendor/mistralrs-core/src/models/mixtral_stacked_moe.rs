@@ -560,10 +560,14 @@ impl StackedExperts {
 
     /// Whether decode of `n` tokens goes through our fused Q4K kernels
     /// (`cuda/zopilot_q4k.cu`): at most `ZOPILOT_MOE_GATHER_MAX_TOKENS` tokens, Q4K experts
-    /// and router on CUDA, SiLU, and not `ZOPILOT_MOE_FUSED=0`.
+    /// and router on CUDA, SiLU, top-k ≤ 8 of ≤ 256 experts, and not `ZOPILOT_MOE_FUSED=0`.
     #[cfg(feature = "cuda")]
-    pub(crate) fn fused_applies(&self, n: usize, gate: &QLinear, device: &Device) -> bool {
+    pub(crate) fn fused_applies(&self, n: usize, top_k: usize, gate: &QLinear, device: &Device) -> bool {
+        let experts = self.w1.dims().map_or(0, |(e, _, _)| e);
         n <= self.gather_max_tokens
+            && (1..=8).contains(&top_k)
+            && top_k <= experts
+            && experts <= 256
             && fused_enabled()
             && self.act == Activation::Silu
             && self.w1.fused_q4k().is_some()
@@ -572,10 +576,10 @@ impl StackedExperts {
             && gate.q4k_for(n, device).is_some()
     }
 
-    /// The MoE block on an input already quantized (`x`, from the fused RMSNorm): the
-    /// router's mat-vec (logits rounded through `dtype`, as the unfused router returns them),
-    /// routing, w1‖w3 with SiLU·mul and the activation's quantization in one kernel, w2 with
-    /// the weighted sum (and `resid`, when given) in another, written in `dtype` — four
+    /// The MoE block on an input already quantized (`x`, from the fused RMSNorm): router and
+    /// routing in one kernel (logits rounded through `dtype`, as the unfused router returns
+    /// them), w1‖w3 with SiLU·mul and the activation's quantization in a second, w2 with the
+    /// weighted sum (and `resid`, when given) in a third, written in `dtype` — three
     /// launches where the unfused path takes about sixteen. Callers check [`Self::fused_applies`].
     #[cfg(feature = "cuda")]
     pub(crate) fn forward_fused_q8(
@@ -595,8 +599,7 @@ impl StackedExperts {
         let Some(router) = gate.q4k_for(x.rows(), &w1.device()) else {
             candle_core::bail!("fused MoE: router is not Q4K");
         };
-        let logits = zq::matvec(router, x, DType::F32, Some(dtype))?;
-        let (ids, weights) = route(&logits, top_k)?;
+        let (ids, weights) = zq::router_topk(router, x, top_k, Some(dtype))?;
         let act = zq::moe_w13_silu(w1, w3, &ids, x)?;
         zq::moe_w2(w2, &ids, &weights, &act, dtype, resid)
     }
@@ -604,7 +607,7 @@ impl StackedExperts {
     /// [`Self::forward_fused_q8`] from `xs` `[n, hidden]`; `None` where it does not apply.
     #[cfg(feature = "cuda")]
     pub(crate) fn forward_fused(&self, xs: &Tensor, gate: &QLinear, top_k: usize) -> Result<Option<Tensor>> {
-        if !self.fused_applies(xs.dim(0)?, gate, xs.device()) {
+        if !self.fused_applies(xs.dim(0)?, top_k, gate, xs.device()) {
             return Ok(None);
         }
         let x = crate::cuda::zopilot_q4k::quantize(xs)?;
