@@ -1,19 +1,23 @@
-// zopilot-gpu patch: Q4K mat-vec kernels for decode — Mixtral's experts fused (w1‖w3 with
-// SiLU·mul and the activation's int8 quantization in one kernel, w2 with the routing-weighted
-// sum in another) and a plain mat-vec for up to 8 tokens.
+// zopilot-gpu patch: Q4K kernels for decode — Mixtral's experts fused (w1‖w3 with SiLU·mul
+// and the activation's int8 quantization in one kernel, w2 with the routing-weighted sum and
+// the residual in another), router + top-k, RMSNorm fused with quantization, a mat-vec for
+// up to 8 tokens and three weights per launch, and Q4K → f16 dequantization.
 //
 // Layouts. Weights: GGUF/ggml Q4_K blocks (144 bytes per 256 values: half d, half dmin,
 // 12 bytes of 6-bit scales and mins, 128 bytes of nibbles), rows contiguous, experts stacked
-// `[E, N, K/256]`. Activations: our own int8 layout, `q[rows][K]` (int8) and `d[rows][K/32]`
-// (f32 scale per 32 values) — like ggml's Q8_1 but with the scales apart, so that a lane
-// reads 16 activation bytes with one aligned 16-byte load.
+// `[E, N, K/256]`. Activations: our own int8 layout (`Act`): `q[rows][K]` int8, `d[rows][K/32]`
+// f32 scale per 32 values and `s[rows][K/16]` = d · (sum of the 16 int8 values) — like ggml's
+// Q8_1 but with the scales apart, so that a lane reads its 16 activation bytes with one
+// aligned 16-byte load, and with the sums per 16 values precomputed once per row instead of
+// once per (row, weight row).
 //
 // Work split: one warp per weight row; 8 lanes per Q4_K block, so a warp covers 4 blocks
-// (576 contiguous bytes) per step and each lane loads the block header (16 bytes, shared
-// by its 8 lanes through L1) and 16 bytes of nibbles = 32 values: 16 of sub-block 2g (low
-// nibbles) and 16 of sub-block 2g+1 (high nibbles), g = lane/2 % 4. Dot products by dp4a,
-// the min term from the lane's own sum of activations (as ggml's vec_dot_q4_K_q8_1 does).
-// Launchers return cudaGetLastError().
+// (576 contiguous bytes) per step and each lane loads the block header (16 bytes, shared by
+// its 8 lanes) and 16 bytes of nibbles = 32 values: 16 of sub-block 2g (low nibbles) and 16
+// of sub-block 2g+1 (high nibbles), g = lane/2 % 4. Weights are read with ld.global.cs
+// (streaming): on an H100 the read-only (nc) and plain loads were 10 % slower end to end.
+// Dot products by dp4a; ggml's vec_dot_q4_K_q8_1 arithmetic. Launchers return
+// cudaGetLastError().
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -22,16 +26,29 @@
 
 namespace zq {
 
-constexpr int QK = 256;      // values per Q4_K block
-constexpr int QB = 144;      // bytes per Q4_K block
-constexpr int Q8 = 32;       // activation values per scale
-constexpr int WARPS = 8;     // warps per thread block
+constexpr int QK = 256; // values per Q4_K block
+constexpr int QB = 144; // bytes per Q4_K block
+constexpr int Q8 = 32;  // activation values per scale
+constexpr int WARPS = 8; // warps per thread block (mat-vec, w2, router)
 constexpr int MAX_TOKENS = 8;
 
-struct ActRow {
-  const int8_t *q; // K values
-  const float *d;  // K / 32 scales
+// Quantized activation rows (see the layout above).
+struct Act {
+  int8_t *q;
+  float *d;
+  float *s;
 };
+
+// One row of `Act`.
+struct ActRow {
+  const int8_t *q;
+  const float *d;
+  const float *s;
+};
+
+__device__ __forceinline__ ActRow act_row(const Act &a, size_t row, int k) {
+  return ActRow{a.q + row * k, a.d + row * (k / Q8), a.s + row * (k / 16)};
+}
 
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
@@ -47,29 +64,55 @@ __device__ __forceinline__ float warp_max(float v) {
   return v;
 }
 
-__device__ __forceinline__ uint32_t scale_byte(const uint4 &hd, int i) {
-  const uint32_t w = i < 4 ? hd.y : (i < 8 ? hd.z : hd.w);
-  return (w >> (8 * (i & 3))) & 0xFF;
+struct LaneW {
+  uint4 hd; // d, dmin, scales
+  uint4 q;  // 16 bytes of nibbles
+};
+
+__device__ __forceinline__ LaneW load_w(const uint8_t *row, int blk, int g,
+                                        int h) {
+  const uint8_t *b = row + (size_t)blk * QB;
+  LaneW w;
+  w.hd = __ldcs(reinterpret_cast<const uint4 *>(b));
+  w.q = __ldcs(reinterpret_cast<const uint4 *>(b + 16 + 32 * g + 16 * h));
+  return w;
 }
 
-// ggml's get_scale_min_k4 on the header's scale bytes.
-__device__ __forceinline__ void scale_min(const uint4 &hd, int j, float &sc,
-                                          float &m) {
-  if (j < 4) {
-    sc = (float)(scale_byte(hd, j) & 63);
-    m = (float)(scale_byte(hd, j + 4) & 63);
-  } else {
-    sc = (float)((scale_byte(hd, j + 4) & 0xF) |
-                 ((scale_byte(hd, j - 4) >> 6) << 4));
-    m = (float)((scale_byte(hd, j + 4) >> 4) | ((scale_byte(hd, j) >> 6) << 4));
-  }
+// U consecutive steps of a lane's loop over a row's blocks (blk = base + 4u), loaded
+// before any is used so that U loads per row are in flight at once.
+template <int U>
+__device__ __forceinline__ void load_steps(const uint8_t *row, int base, int nb,
+                                           int g, int h, LaneW (&w)[U]) {
+#pragma unroll
+  for (int u = 0; u < U; ++u)
+    if (base + 4 * u < nb)
+      w[u] = load_w(row, base + 4 * u, g, h);
+}
+
+// Scales and mins of sub-blocks 2g and 2g+1 (ggml's get_scale_min_k4), branch-free: all
+// eight 6-bit scales and mins assembled four to a word, then the lane's two bytes picked.
+struct ScaleMin {
+  float sc0, m0, sc1, m1;
+};
+
+__device__ __forceinline__ ScaleMin scale_min(const uint4 &hd, int g) {
+  const uint32_t a = hd.y, b = hd.z, c = hd.w; // scale bytes 0-3, 4-7, 8-11
+  const uint32_t sc_lo = a & 0x3f3f3f3fu;      // sub-blocks 0-3
+  const uint32_t m_lo = b & 0x3f3f3f3fu;
+  const uint32_t sc_hi = (c & 0x0f0f0f0fu) | ((a >> 2) & 0x30303030u); // 4-7
+  const uint32_t m_hi = ((c >> 4) & 0x0f0f0f0fu) | ((b >> 2) & 0x30303030u);
+  const int shift = 16 * (g & 1);
+  const uint32_t sc = (g < 2 ? sc_lo : sc_hi) >> shift;
+  const uint32_t m = (g < 2 ? m_lo : m_hi) >> shift;
+  return ScaleMin{(float)(sc & 0xFF), (float)(m & 0xFF), (float)((sc >> 8) & 0xFF),
+                  (float)((m >> 8) & 0xFF)};
 }
 
 // A lane's activations for one Q4_K block: 16 values of each of its two sub-blocks.
 struct LaneAct {
   int4 lo, hi;
   float dlo, dhi;
-  int slo, shi; // sums of the int8 values
+  float slo, shi; // d · sum of the int8 values
 };
 
 __device__ __forceinline__ int dp4(const int4 &a, const int4 &b) {
@@ -87,31 +130,65 @@ __device__ __forceinline__ LaneAct load_act(const ActRow &x, int blk, int g,
   a.hi = __ldg(reinterpret_cast<const int4 *>(x.q + v0 + 32));
   a.dlo = __ldg(x.d + v0 / Q8);
   a.dhi = __ldg(x.d + v0 / Q8 + 1);
+  a.slo = __ldg(x.s + v0 / 16);
+  a.shi = __ldg(x.s + v0 / 16 + 2);
+  return a;
+}
+
+// Σ over the lane's 32 values of weight · activation.
+__device__ __forceinline__ float lane_dot(const LaneW &w, const LaneAct &a,
+                                          int g) {
+  const ScaleMin sm = scale_min(w.hd, g);
+  const int4 lo = make_int4(w.q.x & 0x0F0F0F0F, w.q.y & 0x0F0F0F0F,
+                            w.q.z & 0x0F0F0F0F, w.q.w & 0x0F0F0F0F);
+  const int4 hi =
+      make_int4((w.q.x >> 4) & 0x0F0F0F0F, (w.q.y >> 4) & 0x0F0F0F0F,
+                (w.q.z >> 4) & 0x0F0F0F0F, (w.q.w >> 4) & 0x0F0F0F0F);
+  const float2 dm = __half22float2(*reinterpret_cast<const half2 *>(&w.hd.x));
+  const float dot = a.dlo * sm.sc0 * (float)dp4(lo, a.lo) +
+                    a.dhi * sm.sc1 * (float)dp4(hi, a.hi);
+  return dm.x * dot - dm.y * (sm.m0 * a.slo + sm.m1 * a.shi);
+}
+
+// The w13 kernel's arithmetic: activation sums by dp4a in the lane (its eight weight rows
+// share one activation load, so the sums cost no extra load there) and ggml's branchy scale
+// decode. Measured on an H100 against the precomputed sums and branch-free decode above in
+// that kernel (run Z, same run): one stream ITL 1.70 against 1.78 ms. w2 and the mat-vec,
+// one weight row per activation load, are faster with the precomputed sums.
+__device__ __forceinline__ uint32_t scale_byte(const uint4 &hd, int i) {
+  const uint32_t w = i < 4 ? hd.y : (i < 8 ? hd.z : hd.w);
+  return (w >> (8 * (i & 3))) & 0xFF;
+}
+__device__ __forceinline__ void scale_min_ggml(const uint4 &hd, int j, float &sc, float &m) {
+  if (j < 4) {
+    sc = (float)(scale_byte(hd, j) & 63);
+    m = (float)(scale_byte(hd, j + 4) & 63);
+  } else {
+    sc = (float)((scale_byte(hd, j + 4) & 0xF) | ((scale_byte(hd, j - 4) >> 6) << 4));
+    m = (float)((scale_byte(hd, j + 4) >> 4) | ((scale_byte(hd, j) >> 6) << 4));
+  }
+}
+struct LaneActSums {
+  int4 lo, hi;
+  float dlo, dhi;
+  int slo, shi;
+};
+__device__ __forceinline__ LaneActSums load_act_sums(const ActRow &x, int blk, int g, int h) {
+  const int v0 = blk * QK + 64 * g + 16 * h;
+  LaneActSums a;
+  a.lo = __ldg(reinterpret_cast<const int4 *>(x.q + v0));
+  a.hi = __ldg(reinterpret_cast<const int4 *>(x.q + v0 + 32));
+  a.dlo = __ldg(x.d + v0 / Q8);
+  a.dhi = __ldg(x.d + v0 / Q8 + 1);
   const int4 ones = make_int4(0x01010101, 0x01010101, 0x01010101, 0x01010101);
   a.slo = dp4(ones, a.lo);
   a.shi = dp4(ones, a.hi);
   return a;
 }
-
-struct LaneW {
-  uint4 hd; // d, dmin, scales
-  uint4 q;  // 16 bytes of nibbles
-};
-
-__device__ __forceinline__ LaneW load_w(const uint8_t *row, int blk, int g,
-                                        int h) {
-  const uint8_t *b = row + (size_t)blk * QB;
-  LaneW w;
-  w.hd = __ldcs(reinterpret_cast<const uint4 *>(b));
-  w.q = __ldcs(reinterpret_cast<const uint4 *>(b + 16 + 32 * g + 16 * h));
-  return w;
-}
-
-__device__ __forceinline__ float lane_dot(const LaneW &w, const LaneAct &a,
-                                          int g) {
+__device__ __forceinline__ float lane_dot_sums(const LaneW &w, const LaneActSums &a, int g) {
   float sc0, m0, sc1, m1;
-  scale_min(w.hd, 2 * g, sc0, m0);
-  scale_min(w.hd, 2 * g + 1, sc1, m1);
+  scale_min_ggml(w.hd, 2 * g, sc0, m0);
+  scale_min_ggml(w.hd, 2 * g + 1, sc1, m1);
   const int4 lo = make_int4(w.q.x & 0x0F0F0F0F, w.q.y & 0x0F0F0F0F,
                             w.q.z & 0x0F0F0F0F, w.q.w & 0x0F0F0F0F);
   const int4 hi =
@@ -121,17 +198,6 @@ __device__ __forceinline__ float lane_dot(const LaneW &w, const LaneAct &a,
   const float plo = dm.x * sc0 * (float)dp4(lo, a.lo) - dm.y * m0 * (float)a.slo;
   const float phi = dm.x * sc1 * (float)dp4(hi, a.hi) - dm.y * m1 * (float)a.shi;
   return a.dlo * plo + a.dhi * phi;
-}
-
-// U consecutive steps of a lane's loop over a row's blocks (blk = base + 4u), loaded
-// before any is used so that U loads per row are in flight at once.
-template <int U>
-__device__ __forceinline__ void load_steps(const uint8_t *row, int base, int nb,
-                                           int g, int h, LaneW (&w)[U]) {
-#pragma unroll
-  for (int u = 0; u < U; ++u)
-    if (base + 4 * u < nb)
-      w[u] = load_w(row, base + 4 * u, g, h);
 }
 
 template <typename T> __device__ __forceinline__ float to_float(T v);
@@ -162,22 +228,29 @@ template <int ROUND> __device__ __forceinline__ float round_via(float v) {
   return v;
 }
 
-// Lane `lane` of a warp holds value `v` of a 32-value group: writes the group's int8
-// values and scale (ggml's Q8 rounding: d = amax / 127, q = round(v / d)).
-__device__ __forceinline__ void quantize_group(float v, int lane, int8_t *q,
-                                               float *d) {
+// Lane `lane` of a warp holds value `v` of a 32-value group starting at element `first` of
+// `out`: writes the int8 values, the scale (ggml's Q8 rounding: d = amax / 127,
+// q = round(v / d)) and the two 16-value sums.
+__device__ __forceinline__ void quantize_group(float v, int lane, const Act &out,
+                                               size_t first) {
   const float amax = warp_max(fabsf(v));
   const float scale = amax / 127.0f;
-  q[lane] = amax == 0.0f ? 0 : (int8_t)roundf(v / scale);
+  const int q = amax == 0.0f ? 0 : (int)roundf(v / scale);
+  out.q[first + lane] = (int8_t)q;
+  int sum = q;
+#pragma unroll
+  for (int o = 8; o > 0; o >>= 1)
+    sum += __shfl_xor_sync(0xffffffffu, sum, o);
   if (lane == 0)
-    *d = scale;
+    out.d[first / Q8] = scale;
+  if ((lane & 15) == 0)
+    out.s[first / 16 + lane / 16] = scale * (float)sum;
 }
 
-// x [rows, K] (row stride in elements) → q [rows, K], d [rows, K/32]. One warp per group.
+// x [rows, K] (row stride in elements) → Act rows. One warp per group.
 template <typename T>
 __global__ void quantize_kernel(const T *__restrict__ x, long long stride,
-                                int rows, int k, int8_t *__restrict__ q,
-                                float *__restrict__ d) {
+                                int rows, int k, Act out) {
   const int groups = k / Q8;
   const long long gw = ((long long)blockIdx.x * blockDim.x + threadIdx.x) / 32;
   const int lane = threadIdx.x & 31;
@@ -185,32 +258,32 @@ __global__ void quantize_kernel(const T *__restrict__ x, long long stride,
     return;
   const int r = (int)(gw / groups), g = (int)(gw % groups);
   const float v = to_float(x[r * stride + g * Q8 + lane]);
-  quantize_group(v, lane, q + (size_t)r * k + g * Q8, d + (size_t)r * groups + g);
+  quantize_group(v, lane, out, (size_t)r * k + g * Q8);
 }
 
 // Experts' w1 and w3 for (token, slot) pair blockIdx.y, rows blockIdx.x*32 .. +32 (4 per
-// warp): act = silu(x·w1) * (x·w3), written quantized (one 32-value group per block).
+// warp, 8 warps): act = silu(x·w1) * (x·w3), written quantized (the block's 32 rows are one
+// quantization group). Four rows of each matrix per warp keep 8 row streams in flight per
+// lane; two rows per warp with twice the warps was 35 % slower on an H100 (ncu).
 __global__ void __launch_bounds__(WARPS * 32)
     moe_w13_silu_kernel(const uint8_t *__restrict__ w1,
                         const uint8_t *__restrict__ w3,
-                        const uint32_t *__restrict__ ids, int topk,
-                        const int8_t *__restrict__ xq,
-                        const float *__restrict__ xd, int n, int k,
-                        int8_t *__restrict__ aq, float *__restrict__ ad) {
+                        const uint32_t *__restrict__ ids, int topk, Act x_all,
+                        int n, int k, Act act_out) {
   __shared__ float act[32];
   const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
   const int pair = blockIdx.y, token = pair / topk;
   const size_t e = ids[pair];
   const int nb = k / QK;
   const size_t row_bytes = (size_t)nb * QB;
-  const ActRow x{xq + (size_t)token * k, xd + (size_t)token * (k / Q8)};
+  const ActRow x = act_row(x_all, token, k);
   const int sub = lane & 7, g = sub >> 1, h = sub & 1;
   const int row0 = blockIdx.x * 32 + warp * 4;
   const uint8_t *r1 = w1 + (e * n + row0) * row_bytes;
   const uint8_t *r3 = w3 + (e * n + row0) * row_bytes;
   float gate[4] = {0, 0, 0, 0}, up[4] = {0, 0, 0, 0};
   for (int blk = lane >> 3; blk < nb; blk += 4) {
-    const LaneAct a = load_act(x, blk, g, h);
+    const LaneActSums a = load_act_sums(x, blk, g, h);
     LaneW wg[4], wu[4];
 #pragma unroll
     for (int r = 0; r < 4; ++r) {
@@ -219,8 +292,8 @@ __global__ void __launch_bounds__(WARPS * 32)
     }
 #pragma unroll
     for (int r = 0; r < 4; ++r) {
-      gate[r] += lane_dot(wg[r], a, g);
-      up[r] += lane_dot(wu[r], a, g);
+      gate[r] += lane_dot_sums(wg[r], a, g);
+      up[r] += lane_dot_sums(wu[r], a, g);
     }
   }
 #pragma unroll
@@ -230,80 +303,18 @@ __global__ void __launch_bounds__(WARPS * 32)
       act[warp * 4 + r] = gs / (1.0f + __expf(-gs)) * us;
   }
   __syncthreads();
-  if (warp == 0) {
-    const size_t group = (size_t)pair * (n / Q8) + blockIdx.x;
-    quantize_group(act[lane], lane, aq + group * Q8, ad + group);
-  }
-}
-
-// Experts' w2 for token blockIdx.y, one output row per warp: the routing-weighted sum over
-// the token's `topk` experts of act[token, slot] · w2[e][row], plus `resid` when given.
-template <typename OUT>
-__global__ void __launch_bounds__(WARPS * 32)
-    moe_w2_kernel(const uint8_t *__restrict__ w2,
-                  const uint32_t *__restrict__ ids,
-                  const float *__restrict__ topw, int topk,
-                  const int8_t *__restrict__ aq, const float *__restrict__ ad,
-                  int n, int k, const OUT *__restrict__ resid,
-                  OUT *__restrict__ out) {
-  const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
-  const int token = blockIdx.y;
-  const int row = blockIdx.x * WARPS + warp;
-  if (row >= n)
-    return;
-  const int nb = k / QK;
-  const size_t row_bytes = (size_t)nb * QB;
-  const int sub = lane & 7, g = sub >> 1, h = sub & 1;
-  float total = 0.0f;
-  for (int s0 = 0; s0 < topk; s0 += 2) {
-    const int slots = topk - s0 < 2 ? topk - s0 : 2;
-    const uint8_t *rows[2];
-    ActRow x[2];
-    for (int s = 0; s < 2; ++s) {
-      const int pair = token * topk + s0 + (s < slots ? s : 0);
-      rows[s] = w2 + ((size_t)ids[pair] * n + row) * row_bytes;
-      x[s] = ActRow{aq + (size_t)pair * k, ad + (size_t)pair * (k / Q8)};
-    }
-    float acc[2] = {0, 0};
-    constexpr int U = 4;
-    for (int base = lane >> 3; base < nb; base += 4 * U) {
-      LaneW w[2][U];
-#pragma unroll
-      for (int s = 0; s < 2; ++s)
-        load_steps<U>(rows[s], base, nb, g, h, w[s]);
-#pragma unroll
-      for (int u = 0; u < U; ++u)
-        if (base + 4 * u < nb) {
-#pragma unroll
-          for (int s = 0; s < 2; ++s)
-            acc[s] += lane_dot(w[s][u], load_act(x[s], base + 4 * u, g, h), g);
-        }
-    }
-    for (int s = 0; s < slots; ++s)
-      total += topw[token * topk + s0 + s] * acc[s];
-  }
-  total = warp_sum(total);
-  if (lane == 0) {
-    const size_t i = (size_t)token * n + row;
-    // With a residual: resid + ys, each rounded to OUT as the unfused add would see them.
-    out[i] = resid ? from_float<OUT>(to_float(resid[i]) +
-                                     to_float(from_float<OUT>(total)))
-                   : from_float<OUT>(total);
-  }
+  if (warp == 0)
+    quantize_group(act[lane], lane, act_out, (size_t)pair * n + blockIdx.x * 32);
 }
 
 // One warp per (output row, slot): the row's dot product with the slot's activation, then the
-// block adds its rows' slots (in slot order, routing-weighted) through shared memory. A block
-// is WARPS / topk rows × topk slots (topk ≤ WARPS): twice the warps of moe_w2_kernel for
-// Mixtral's top-2, with fewer registers each, so more of the row stream is in flight.
+// block adds its rows' slots (in slot order, routing-weighted) through shared memory, plus
+// `resid` when given. A block is WARPS / topk rows × topk slots (topk ≤ WARPS).
 template <typename OUT>
 __global__ void __launch_bounds__(WARPS * 32)
-    moe_w2_split_kernel(const uint8_t *__restrict__ w2,
-                        const uint32_t *__restrict__ ids,
-                        const float *__restrict__ topw, int topk,
-                        const int8_t *__restrict__ aq,
-                        const float *__restrict__ ad, int n, int k,
-                        const OUT *__restrict__ resid, OUT *__restrict__ out) {
+    moe_w2_kernel(const uint8_t *__restrict__ w2, const uint32_t *__restrict__ ids,
+                  const float *__restrict__ topw, int topk, Act act, int n, int k,
+                  const OUT *__restrict__ resid, OUT *__restrict__ out) {
   __shared__ float part[WARPS];
   const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
   const int token = blockIdx.y, rows_per_block = WARPS / topk;
@@ -316,7 +327,7 @@ __global__ void __launch_bounds__(WARPS * 32)
     const int sub = lane & 7, g = sub >> 1, h = sub & 1;
     const int pair = token * topk + slot;
     const uint8_t *wr = w2 + ((size_t)ids[pair] * n + row) * row_bytes;
-    const ActRow x{aq + (size_t)pair * k, ad + (size_t)pair * (k / Q8)};
+    const ActRow x = act_row(act, pair, k);
     constexpr int U = 4;
     for (int base = lane >> 3; base < nb; base += 4 * U) {
       LaneW w[U];
@@ -338,6 +349,7 @@ __global__ void __launch_bounds__(WARPS * 32)
       for (int s = 0; s < topk; ++s)
         total += part[lane * topk + s];
       const size_t i = (size_t)token * n + orow;
+      // With a residual: resid + ys, each rounded to OUT as the unfused add would see them.
       out[i] = resid ? from_float<OUT>(to_float(resid[i]) +
                                        to_float(from_float<OUT>(total)))
                      : from_float<OUT>(total);
@@ -350,17 +362,16 @@ __global__ void __launch_bounds__(WARPS * 32)
 // ties) and their softmax, as mistral.rs' topk_softmax computes it. experts ≤ 256, topk ≤ 8.
 template <int ROUND>
 __global__ void __launch_bounds__(WARPS * 32)
-    router_topk_kernel(const uint8_t *__restrict__ w, int experts, int k,
-                       const int8_t *__restrict__ xq,
-                       const float *__restrict__ xd, int topk,
-                       uint32_t *__restrict__ ids, float *__restrict__ weights) {
+    router_topk_kernel(const uint8_t *__restrict__ w, int experts, int k, Act x_all,
+                       int topk, uint32_t *__restrict__ ids,
+                       float *__restrict__ weights) {
   __shared__ float logits[256];
   const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
   const int token = blockIdx.x;
   const int nb = k / QK;
   const size_t row_bytes = (size_t)nb * QB;
   const int sub = lane & 7, g = sub >> 1, h = sub & 1;
-  const ActRow x{xq + (size_t)token * k, xd + (size_t)token * (k / Q8)};
+  const ActRow x = act_row(x_all, token, k);
   for (int e = warp; e < experts; e += WARPS) {
     float acc = 0.0f;
     for (int blk = lane >> 3; blk < nb; blk += 4)
@@ -407,8 +418,7 @@ struct MvJobs {
 // y[t, row] = x[t] · w[row] for NT tokens, one row per warp, each weight byte read once.
 template <int NT, typename OUT, int ROUND>
 __global__ void __launch_bounds__(WARPS * 32)
-    matvec_kernel(const MvJobs jobs, int k, const int8_t *__restrict__ xq,
-                  const float *__restrict__ xd) {
+    matvec_kernel(const MvJobs jobs, int k, Act x_all) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
   int row = blockIdx.x * WARPS + warp;
   int j = 0;
@@ -435,10 +445,8 @@ __global__ void __launch_bounds__(WARPS * 32)
     for (int u = 0; u < U; ++u)
       if (base + 4 * u < nb) {
 #pragma unroll
-        for (int t = 0; t < NT; ++t) {
-          const ActRow x{xq + (size_t)t * k, xd + (size_t)t * (k / Q8)};
-          acc[t] += lane_dot(wv[u], load_act(x, base + 4 * u, g, h), g);
-        }
+        for (int t = 0; t < NT; ++t)
+          acc[t] += lane_dot(wv[u], load_act(act_row(x_all, t, k), base + 4 * u, g, h), g);
       }
   }
 #pragma unroll
@@ -451,12 +459,11 @@ __global__ void __launch_bounds__(WARPS * 32)
 
 template <typename OUT, int ROUND = 0>
 void launch_matvec(int tokens, dim3 grid, dim3 block, cudaStream_t st,
-                   const MvJobs &jobs, int k, const int8_t *xq,
-                   const float *xd) {
+                   const MvJobs &jobs, int k, const Act &x) {
   switch (tokens) {
 #define ZQ_MV(NT)                                                              \
   case NT:                                                                     \
-    matvec_kernel<NT, OUT, ROUND><<<grid, block, 0, st>>>(jobs, k, xq, xd);    \
+    matvec_kernel<NT, OUT, ROUND><<<grid, block, 0, st>>>(jobs, k, x);         \
     break;
     ZQ_MV(1) ZQ_MV(2) ZQ_MV(3) ZQ_MV(4) ZQ_MV(5) ZQ_MV(6) ZQ_MV(7) ZQ_MV(8)
 #undef ZQ_MV
@@ -473,8 +480,7 @@ template <typename T>
 __global__ void __launch_bounds__(1024)
     rmsnorm_quantize_kernel(const T *__restrict__ x, const T *__restrict__ resid,
                             T *__restrict__ h_out, const T *__restrict__ alpha,
-                            int k, float eps, int8_t *__restrict__ q,
-                            float *__restrict__ d) {
+                            int k, float eps, Act out) {
   __shared__ float partial[32];
   const size_t row = blockIdx.x;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid / 32;
@@ -498,7 +504,7 @@ __global__ void __launch_bounds__(1024)
   for (int col = tid; col < k; col += 1024) {
     const float v = resid ? to_float(h_out[row * k + col]) : to_float(xr[col]);
     const float y = to_float(from_float<T>(scale * v * to_float(alpha[col])));
-    quantize_group(y, lane, q + row * k + (col - lane), d + row * (k / Q8) + col / Q8);
+    quantize_group(y, lane, out, row * k + (col - lane));
   }
 }
 
@@ -512,11 +518,10 @@ __global__ void dequant_q4k_f16_kernel(const uint8_t *__restrict__ src,
     return;
   const int sub = (int)(t % 8), g = sub >> 1, h = sub & 1;
   const LaneW w = load_w(src + blk * QB, 0, g, h);
-  float sc0, m0, sc1, m1;
-  scale_min(w.hd, 2 * g, sc0, m0);
-  scale_min(w.hd, 2 * g + 1, sc1, m1);
+  const ScaleMin sm = scale_min(w.hd, g);
   const float2 dm = __half22float2(*reinterpret_cast<const half2 *>(&w.hd.x));
-  const float d0 = dm.x * sc0, n0 = dm.y * m0, d1 = dm.x * sc1, n1 = dm.y * m1;
+  const float d0 = dm.x * sm.sc0, n0 = dm.y * sm.m0, d1 = dm.x * sm.sc1,
+              n1 = dm.y * sm.m1;
   const uint32_t q[4] = {w.q.x, w.q.y, w.q.z, w.q.w};
   uint32_t lo[8], hi[8]; // two f16 values a word, in memory order
 #pragma unroll
@@ -544,26 +549,31 @@ __global__ void dequant_q4k_f16_kernel(const uint8_t *__restrict__ src,
 } // namespace zq
 
 // dtype codes: 0 = f32, 1 = bf16, 2 = f16; for the mat-vec also 3 / 4 = f32 rounded
-// through bf16 / f16.
+// through bf16 / f16. Activations: q [rows, k] int8, d [rows, k/32] f32, s [rows, k/16] f32.
+
+static zq::Act act(const int8_t *q, const float *d, const float *s) {
+  return zq::Act{const_cast<int8_t *>(q), const_cast<float *>(d), const_cast<float *>(s)};
+}
 
 extern "C" int zopilot_q8_quantize(const void *x, int dtype, long long stride,
-                                   int rows, int k, int8_t *q, float *d,
+                                   int rows, int k, int8_t *q, float *d, float *s,
                                    long long stream) {
   const cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
   const long long threads = (long long)rows * (k / zq::Q8) * 32;
   const dim3 block(256), grid((unsigned)((threads + 255) / 256));
+  const zq::Act out = act(q, d, s);
   switch (dtype) {
   case 0:
     zq::quantize_kernel<float><<<grid, block, 0, st>>>(
-        static_cast<const float *>(x), stride, rows, k, q, d);
+        static_cast<const float *>(x), stride, rows, k, out);
     break;
   case 1:
     zq::quantize_kernel<__nv_bfloat16><<<grid, block, 0, st>>>(
-        static_cast<const __nv_bfloat16 *>(x), stride, rows, k, q, d);
+        static_cast<const __nv_bfloat16 *>(x), stride, rows, k, out);
     break;
   case 2:
     zq::quantize_kernel<half><<<grid, block, 0, st>>>(
-        static_cast<const half *>(x), stride, rows, k, q, d);
+        static_cast<const half *>(x), stride, rows, k, out);
     break;
   default:
     return (int)cudaErrorInvalidValue;
@@ -575,41 +585,38 @@ extern "C" int zopilot_q8_quantize(const void *x, int dtype, long long stride,
 // quantized; act out: [pairs, n] quantized. n % 32 == 0, k % 256 == 0.
 extern "C" int zopilot_moe_w13_silu(const void *w1, const void *w3,
                                     const uint32_t *ids, int pairs, int topk,
-                                    const int8_t *xq, const float *xd, int n,
-                                    int k, int8_t *aq, float *ad,
-                                    long long stream) {
+                                    const int8_t *xq, const float *xd,
+                                    const float *xs, int n, int k, int8_t *aq,
+                                    float *ad, float *as, long long stream) {
   const cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
   const dim3 grid(n / 32, pairs), block(zq::WARPS * 32);
   zq::moe_w13_silu_kernel<<<grid, block, 0, st>>>(
       static_cast<const uint8_t *>(w1), static_cast<const uint8_t *>(w3), ids,
-      topk, xq, xd, n, k, aq, ad);
+      topk, act(xq, xd, xs), n, k, act(aq, ad, as));
   return (int)cudaGetLastError();
 }
 
 // w2: [E, n, k] Q4_K; act: [tokens * topk, k] quantized; resid (nullable) and out:
-// [tokens, n] in `dtype`.
+// [tokens, n] in `dtype`. topk ≤ 8.
 extern "C" int zopilot_moe_w2(const void *w2, const uint32_t *ids,
                               const float *topw, int tokens, int topk,
-                              const int8_t *aq, const float *ad, int n, int k,
-                              const void *resid, void *out, int dtype,
-                              long long stream) {
+                              const int8_t *aq, const float *ad, const float *as,
+                              int n, int k, const void *resid, void *out,
+                              int dtype, long long stream) {
+  if (topk < 1 || topk > zq::WARPS)
+    return (int)cudaErrorInvalidValue;
   const cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
   const dim3 block(zq::WARPS * 32);
   const uint8_t *w = static_cast<const uint8_t *>(w2);
-  const bool split = topk <= zq::WARPS;
-  const int rows_per_block = split ? zq::WARPS / topk : zq::WARPS;
+  const int rows_per_block = zq::WARPS / topk;
   const dim3 grid((n + rows_per_block - 1) / rows_per_block, tokens);
+  const zq::Act a = act(aq, ad, as);
   switch (dtype) {
 #define ZQ_W2(CODE, T)                                                         \
   case CODE:                                                                   \
-    if (split)                                                                 \
-      zq::moe_w2_split_kernel<T><<<grid, block, 0, st>>>(                      \
-          w, ids, topw, topk, aq, ad, n, k, static_cast<const T *>(resid),     \
-          static_cast<T *>(out));                                              \
-    else                                                                       \
-      zq::moe_w2_kernel<T><<<grid, block, 0, st>>>(                            \
-          w, ids, topw, topk, aq, ad, n, k, static_cast<const T *>(resid),     \
-          static_cast<T *>(out));                                              \
+    zq::moe_w2_kernel<T><<<grid, block, 0, st>>>(                              \
+        w, ids, topw, topk, a, n, k, static_cast<const T *>(resid),            \
+        static_cast<T *>(out));                                                \
     break;
     ZQ_W2(0, float)
     ZQ_W2(1, __nv_bfloat16)
@@ -624,23 +631,25 @@ extern "C" int zopilot_moe_w2(const void *w2, const uint32_t *ids,
 // Router + top-k for `tokens` quantized rows: w [experts, k] Q4_K (experts ≤ 256);
 // ids [tokens, topk] u32, weights [tokens, topk] f32 (topk ≤ 8). round: 0 none, 1 bf16, 2 f16.
 extern "C" int zopilot_router_topk(const void *w, int experts, int k,
-                                   const int8_t *xq, const float *xd, int tokens,
-                                   int topk, int round, uint32_t *ids,
-                                   float *weights, long long stream) {
+                                   const int8_t *xq, const float *xd,
+                                   const float *xs, int tokens, int topk,
+                                   int round, uint32_t *ids, float *weights,
+                                   long long stream) {
   if (experts < 1 || experts > 256 || topk < 1 || topk > 8 || topk > experts)
     return (int)cudaErrorInvalidValue;
   const cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
   const uint8_t *wb = static_cast<const uint8_t *>(w);
   const dim3 grid(tokens), block(zq::WARPS * 32);
+  const zq::Act x = act(xq, xd, xs);
   switch (round) {
   case 0:
-    zq::router_topk_kernel<0><<<grid, block, 0, st>>>(wb, experts, k, xq, xd, topk, ids, weights);
+    zq::router_topk_kernel<0><<<grid, block, 0, st>>>(wb, experts, k, x, topk, ids, weights);
     break;
   case 1:
-    zq::router_topk_kernel<1><<<grid, block, 0, st>>>(wb, experts, k, xq, xd, topk, ids, weights);
+    zq::router_topk_kernel<1><<<grid, block, 0, st>>>(wb, experts, k, x, topk, ids, weights);
     break;
   case 2:
-    zq::router_topk_kernel<2><<<grid, block, 0, st>>>(wb, experts, k, xq, xd, topk, ids, weights);
+    zq::router_topk_kernel<2><<<grid, block, 0, st>>>(wb, experts, k, x, topk, ids, weights);
     break;
   default:
     return (int)cudaErrorInvalidValue;
@@ -649,11 +658,12 @@ extern "C" int zopilot_router_topk(const void *w, int experts, int k,
 }
 
 // `count` (1..3) weights w[i]: [n[i], k] Q4_K, one launch; x: [tokens, k] quantized
-// (tokens 1..8); out[i]: [tokens, n[i]] in `dtype`. Callers with more tokens offset xq, xd
-// and the outputs per launch of 8.
-extern "C" int zopilot_q4k_matvec(const void *const *w, const int *n, void *const *out,
-                                  int count, int k, const int8_t *xq,
-                                  const float *xd, int tokens, int dtype,
+// (tokens 1..8); out[i]: [tokens, n[i]] in `dtype`. Callers with more tokens offset the
+// activation rows and the outputs per launch of 8.
+extern "C" int zopilot_q4k_matvec(const void *const *w, const int *n,
+                                  void *const *out, int count, int k,
+                                  const int8_t *xq, const float *xd,
+                                  const float *xs, int tokens, int dtype,
                                   long long stream) {
   if (tokens < 1 || tokens > zq::MAX_TOKENS || count < 1 || count > 3)
     return (int)cudaErrorInvalidValue;
@@ -668,21 +678,22 @@ extern "C" int zopilot_q4k_matvec(const void *const *w, const int *n, void *cons
   jobs.count = count;
   const cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
   const dim3 grid((rows + zq::WARPS - 1) / zq::WARPS), block(zq::WARPS * 32);
+  const zq::Act x = act(xq, xd, xs);
   switch (dtype) {
   case 0:
-    zq::launch_matvec<float>(tokens, grid, block, st, jobs, k, xq, xd);
+    zq::launch_matvec<float>(tokens, grid, block, st, jobs, k, x);
     break;
   case 1:
-    zq::launch_matvec<__nv_bfloat16>(tokens, grid, block, st, jobs, k, xq, xd);
+    zq::launch_matvec<__nv_bfloat16>(tokens, grid, block, st, jobs, k, x);
     break;
   case 2:
-    zq::launch_matvec<half>(tokens, grid, block, st, jobs, k, xq, xd);
+    zq::launch_matvec<half>(tokens, grid, block, st, jobs, k, x);
     break;
   case 3:
-    zq::launch_matvec<float, 1>(tokens, grid, block, st, jobs, k, xq, xd);
+    zq::launch_matvec<float, 1>(tokens, grid, block, st, jobs, k, x);
     break;
   case 4:
-    zq::launch_matvec<float, 2>(tokens, grid, block, st, jobs, k, xq, xd);
+    zq::launch_matvec<float, 2>(tokens, grid, block, st, jobs, k, x);
     break;
   default:
     return (int)cudaErrorInvalidValue;
@@ -691,19 +702,21 @@ extern "C" int zopilot_q4k_matvec(const void *const *w, const int *n, void *cons
 }
 
 // x, resid (nullable), h_out (written when resid is given): [rows, k]; alpha: [k]; all in
-// `dtype` (0 f32, 1 bf16, 2 f16). q, d: the normalized rows quantized. k % 32 == 0.
+// `dtype` (0 f32, 1 bf16, 2 f16). The normalized rows quantized into q, d, s. k % 32 == 0.
 extern "C" int zopilot_rmsnorm_quantize(const void *x, const void *resid,
                                         void *h_out, const void *alpha,
                                         int rows, int k, float eps, int dtype,
-                                        int8_t *q, float *d, long long stream) {
+                                        int8_t *q, float *d, float *s,
+                                        long long stream) {
   const cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
   const dim3 grid(rows), block(1024);
+  const zq::Act out = act(q, d, s);
   switch (dtype) {
 #define ZQ_RMS(CODE, T)                                                        \
   case CODE:                                                                   \
     zq::rmsnorm_quantize_kernel<T><<<grid, block, 0, st>>>(                    \
         static_cast<const T *>(x), static_cast<const T *>(resid),              \
-        static_cast<T *>(h_out), static_cast<const T *>(alpha), k, eps, q, d); \
+        static_cast<T *>(h_out), static_cast<const T *>(alpha), k, eps, out);  \
     break;
     ZQ_RMS(0, float)
     ZQ_RMS(1, __nv_bfloat16)

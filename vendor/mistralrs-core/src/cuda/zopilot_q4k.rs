@@ -24,6 +24,7 @@ extern "C" {
         k: i32,
         q: *mut i8,
         d: *mut f32,
+        s: *mut f32,
         stream: i64,
     ) -> i32;
     fn zopilot_moe_w13_silu(
@@ -34,10 +35,12 @@ extern "C" {
         topk: i32,
         xq: *const i8,
         xd: *const f32,
+        xs: *const f32,
         n: i32,
         k: i32,
         aq: *mut i8,
         ad: *mut f32,
+        as_: *mut f32,
         stream: i64,
     ) -> i32;
     fn zopilot_moe_w2(
@@ -48,6 +51,7 @@ extern "C" {
         topk: i32,
         aq: *const i8,
         ad: *const f32,
+        as_: *const f32,
         n: i32,
         k: i32,
         resid: *const c_void,
@@ -63,6 +67,7 @@ extern "C" {
         k: i32,
         xq: *const i8,
         xd: *const f32,
+        xs: *const f32,
         tokens: i32,
         dtype: i32,
         stream: i64,
@@ -74,6 +79,7 @@ extern "C" {
         k: i32,
         xq: *const i8,
         xd: *const f32,
+        xs: *const f32,
         tokens: i32,
         topk: i32,
         round: i32,
@@ -92,6 +98,7 @@ extern "C" {
         dtype: i32,
         q: *mut i8,
         d: *mut f32,
+        s: *mut f32,
         stream: i64,
     ) -> i32;
 }
@@ -99,15 +106,39 @@ extern "C" {
 /// Most tokens one mat-vec launch takes.
 pub(crate) const MATVEC_MAX_TOKENS: usize = 8;
 
-/// Rows of activations quantized to int8 with one f32 scale per 32 values.
+/// Rows of activations quantized to int8 with one f32 scale per 32 values and the
+/// scaled sum of every 16 values (`zopilot_q4k.cu` has the layout).
 pub(crate) struct Q8Rows {
     q: CudaSlice<i8>,
     d: CudaSlice<f32>,
+    s: CudaSlice<f32>,
     rows: usize,
     k: usize,
 }
 
 impl Q8Rows {
+    /// Uninitialised buffers for `rows` rows of `k` values (our kernels fill them).
+    fn alloc(dev: &CudaDevice, rows: usize, k: usize) -> Result<Self> {
+        Ok(Self {
+            q: unsafe { dev.alloc::<i8>(rows * k)? },
+            d: unsafe { dev.alloc::<f32>(rows * k / 32)? },
+            s: unsafe { dev.alloc::<f32>(rows * k / 16)? },
+            rows,
+            k,
+        })
+    }
+
+    /// Device addresses of the values, scales and sums from row `row` on.
+    fn ptrs(&self, row: usize) -> (*mut i8, *mut f32, *mut f32) {
+        let k = self.k as u64;
+        let row = row as u64;
+        (
+            (slice_ptr(&self.q) + row * k) as *mut i8,
+            (slice_ptr(&self.d) + row * k / 32 * 4) as *mut f32,
+            (slice_ptr(&self.s) + row * k / 16 * 4) as *mut f32,
+        )
+    }
+
     pub(crate) fn rows(&self) -> usize {
         self.rows
     }
@@ -186,8 +217,8 @@ pub(crate) fn quantize(x: &Tensor) -> Result<Q8Rows> {
         candle_core::bail!("zopilot quantize: x [{rows}, {k}]");
     }
     let x = x.contiguous()?;
-    let q = unsafe { dev.alloc::<i8>(rows * k)? };
-    let d = unsafe { dev.alloc::<f32>(rows * k / 32)? };
+    let out = Q8Rows::alloc(&dev, rows, k)?;
+    let (q, d, s) = out.ptrs(0);
     let code = unsafe {
         zopilot_q8_quantize(
             tensor_ptr(&x)? as *const c_void,
@@ -195,13 +226,14 @@ pub(crate) fn quantize(x: &Tensor) -> Result<Q8Rows> {
             k as i64,
             rows as i32,
             k as i32,
-            slice_ptr(&q) as *mut i8,
-            slice_ptr(&d) as *mut f32,
+            q,
+            d,
+            s,
             stream(&dev),
         )
     };
     check(code, "zopilot quantize")?;
-    Ok(Q8Rows { q, d, rows, k })
+    Ok(out)
 }
 
 /// Checks `ids` (u32) and `weights` (f32) are `[tokens, topk]`; returns `topk`.
@@ -234,8 +266,9 @@ pub(crate) fn moe_w13_silu(w1: &QTensor, w3: &QTensor, ids: &Tensor, x: &Q8Rows)
     let topk = routing_dims(ids, None, x.rows)?;
     let ids = ids.contiguous()?;
     let pairs = x.rows * topk;
-    let aq = unsafe { dev.alloc::<i8>(pairs * n)? };
-    let ad = unsafe { dev.alloc::<f32>(pairs * n / 32)? };
+    let act = Q8Rows::alloc(&dev, pairs, n)?;
+    let (xq, xd, xs) = x.ptrs(0);
+    let (aq, ad, as_) = act.ptrs(0);
     let code = unsafe {
         zopilot_moe_w13_silu(
             weight_ptr(w1)?,
@@ -243,17 +276,19 @@ pub(crate) fn moe_w13_silu(w1: &QTensor, w3: &QTensor, ids: &Tensor, x: &Q8Rows)
             tensor_ptr(&ids)? as *const u32,
             pairs as i32,
             topk as i32,
-            slice_ptr(&x.q) as *const i8,
-            slice_ptr(&x.d) as *const f32,
+            xq,
+            xd,
+            xs,
             n as i32,
             k as i32,
-            slice_ptr(&aq) as *mut i8,
-            slice_ptr(&ad) as *mut f32,
+            aq,
+            ad,
+            as_,
             stream(&dev),
         )
     };
     check(code, "zopilot moe w13")?;
-    Ok(Q8Rows { q: aq, d: ad, rows: pairs, k: n })
+    Ok(act)
 }
 
 /// `Σ_slot weights[t, slot] · act[t, slot] · w2[ids[t, slot]]` → `[tokens, H]` in `dtype`,
@@ -286,6 +321,7 @@ pub(crate) fn moe_w2(
         None => std::ptr::null(),
     };
     let out = Out::alloc(&dev, dtype, tokens * h)?;
+    let (aq, ad, as_) = act.ptrs(0);
     let code = unsafe {
         zopilot_moe_w2(
             weight_ptr(w2)?,
@@ -293,8 +329,9 @@ pub(crate) fn moe_w2(
             tensor_ptr(&weights)? as *const f32,
             tokens as i32,
             topk as i32,
-            slice_ptr(&act.q) as *const i8,
-            slice_ptr(&act.d) as *const f32,
+            aq,
+            ad,
+            as_,
             h as i32,
             k as i32,
             resid_ptr,
@@ -337,7 +374,7 @@ pub(crate) fn matvec_many(
         }
         outs.push((n, Out::alloc(&dev, dtype, x.rows * n)?));
     }
-    let (xq, xd, k) = (slice_ptr(&x.q), slice_ptr(&x.d), x.k);
+    let k = x.k;
     let elem = dtype.size_in_bytes() as u64;
     for group in (0..ws.len()).collect::<Vec<_>>().chunks(3) {
         for start in (0..x.rows).step_by(MATVEC_MAX_TOKENS) {
@@ -351,6 +388,7 @@ pub(crate) fn matvec_many(
                 n_rows.push(*n as i32);
                 out_ptrs.push((buf.ptr() + (start * n) as u64 * elem) as *mut c_void);
             }
+            let (xq, xd, xs) = x.ptrs(start);
             let status = unsafe {
                 zopilot_q4k_matvec(
                     w_ptrs.as_ptr(),
@@ -358,8 +396,9 @@ pub(crate) fn matvec_many(
                     out_ptrs.as_ptr(),
                     group.len() as i32,
                     k as i32,
-                    (xq + (start * k) as u64) as *const i8,
-                    (xd + (start * k / 32 * 4) as u64) as *const f32,
+                    xq,
+                    xd,
+                    xs,
                     tokens as i32,
                     code,
                     stream(&dev),
@@ -432,8 +471,8 @@ pub(crate) fn rmsnorm_quantize(
         Some(_) => Some(Out::alloc(&dev, dtype, rows * k)?),
         None => None,
     };
-    let q = unsafe { dev.alloc::<i8>(rows * k)? };
-    let d = unsafe { dev.alloc::<f32>(rows * k / 32)? };
+    let out = Q8Rows::alloc(&dev, rows, k)?;
+    let (q, d, s) = out.ptrs(0);
     let resid_ptr = resid.as_ref().map_or(Ok(0), tensor_ptr)?;
     let code = unsafe {
         zopilot_rmsnorm_quantize(
@@ -445,14 +484,15 @@ pub(crate) fn rmsnorm_quantize(
             k as i32,
             eps,
             dtype_code(dtype)?,
-            slice_ptr(&q) as *mut i8,
-            slice_ptr(&d) as *mut f32,
+            q,
+            d,
+            s,
             stream(&dev),
         )
     };
     check(code, "zopilot rmsnorm")?;
     let h = h.map(|h| h.into_tensor(&dev, rows, k));
-    Ok((h, Q8Rows { q, d, rows, k }))
+    Ok((h, out))
 }
 
 /// `n × k` values of Q4K blocks at `src` (an address inside `dev`'s memory, e.g. one expert
@@ -500,13 +540,15 @@ pub(crate) fn router_topk(
     };
     let ids = unsafe { dev.alloc::<u32>(x.rows * top_k)? };
     let weights = unsafe { dev.alloc::<f32>(x.rows * top_k)? };
+    let (xq, xd, xs) = x.ptrs(0);
     let code = unsafe {
         zopilot_router_topk(
             weight_ptr(w)?,
             experts as i32,
             k as i32,
-            slice_ptr(&x.q) as *const i8,
-            slice_ptr(&x.d) as *const f32,
+            xq,
+            xd,
+            xs,
             x.rows as i32,
             top_k as i32,
             round,
