@@ -72,13 +72,15 @@ impl Attention {
         vb: ShardedVarBuilder,
         paged_attn: Option<PagedAttention>,
         comm: &Arc<mistralrs_quant::Comm>,
+        loading_isq: bool,
     ) -> Result<Self> {
         let hidden_sz = cfg.hidden_size;
         let num_heads = cfg.num_attention_heads;
         let num_kv_heads = cfg.num_key_value_heads;
         let head_dim = hidden_sz / num_heads;
-        // zopilot-gpu patch: layers keep their Q4K tensor for our decode mat-vec.
-        let own = cfg.quantization_config.is_none() && comm.world_size() == 1;
+        // zopilot-gpu patch: layers keep their Q4K tensor for our decode mat-vec (not when ISQ
+        // runs after loading, which would replace the layers and strand our tensors).
+        let own = cfg.quantization_config.is_none() && comm.world_size() == 1 && !loading_isq;
         let q_proj = QLinear::load(hidden_sz, num_heads * head_dim, vb.pp("q_proj"), own, |vb| {
             ColumnParallelLayer::new(
                 hidden_sz,
@@ -340,7 +342,7 @@ impl SparseMoeBlock {
         comm: &Arc<mistralrs_quant::Comm>,
         loading_isq: bool,
     ) -> Result<Self> {
-        let own = cfg.quantization_config.is_none() && comm.world_size() == 1;
+        let own = cfg.quantization_config.is_none() && comm.world_size() == 1 && !loading_isq;
         let gate = QLinear::load(cfg.hidden_size, cfg.num_local_experts, vb.pp("gate"), own, |vb| {
             mistralrs_quant::linear_no_bias(
                 cfg.hidden_size,
@@ -494,6 +496,7 @@ impl DecoderLayer {
             mapper.set_device(layer_idx, vb.pp("self_attn"), loading_isq),
             paged_attn,
             comm,
+            loading_isq,
         )?;
         let block_sparse_moe = SparseMoeBlock::new(
             cfg,
@@ -740,7 +743,8 @@ impl Model {
             mapper.set_nm_device(vb_m.pp("norm"), false),
         )?;
         let lm_head = if !cfg.tie_word_embeddings {
-            let own = cfg.quantization_config.is_none();
+            let own =
+                cfg.quantization_config.is_none() && !normal_loading_metadata.loading_isq;
             let vb_head = mapper.set_nm_device(vb.pp("lm_head"), normal_loading_metadata.loading_isq);
             QLinear::load(cfg.hidden_size, cfg.vocab_size, vb_head, own, |vb| {
                 ReplicatedLayer::new(
