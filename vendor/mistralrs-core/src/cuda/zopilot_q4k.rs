@@ -138,10 +138,6 @@ impl Q8Rows {
             (slice_ptr(&self.s) + row * k / 16 * 4) as *mut f32,
         )
     }
-
-    pub(crate) fn rows(&self) -> usize {
-        self.rows
-    }
 }
 
 /// Whether `q` is a CUDA Q4K tensor whose row length (last dim) these kernels take (a

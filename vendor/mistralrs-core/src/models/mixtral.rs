@@ -52,6 +52,14 @@ pub struct Config {
     pub(crate) tie_word_embeddings: bool,
 }
 
+/// zopilot-gpu patch: whether this crate's Mixtral loads and quantizes a layer's weights itself
+/// (stacked experts, `QLinear`): not for pre-quantized checkpoints, not under tensor
+/// parallelism, and not when ISQ runs after loading (imatrix, UQFF, calibration), which would
+/// replace the layers and strand our tensors.
+fn own_weights(cfg: &Config, comm: &mistralrs_quant::Comm, loading_isq: bool) -> bool {
+    cfg.quantization_config.is_none() && comm.world_size() == 1 && !loading_isq
+}
+
 struct Attention {
     q_proj: QLinear,
     k_proj: QLinear,
@@ -78,9 +86,8 @@ impl Attention {
         let num_heads = cfg.num_attention_heads;
         let num_kv_heads = cfg.num_key_value_heads;
         let head_dim = hidden_sz / num_heads;
-        // zopilot-gpu patch: layers keep their Q4K tensor for our decode mat-vec (not when ISQ
-        // runs after loading, which would replace the layers and strand our tensors).
-        let own = cfg.quantization_config.is_none() && comm.world_size() == 1 && !loading_isq;
+        // zopilot-gpu patch: layers keep their Q4K tensor for our decode mat-vec.
+        let own = own_weights(cfg, comm, loading_isq);
         let q_proj = QLinear::load(hidden_sz, num_heads * head_dim, vb.pp("q_proj"), own, |vb| {
             ColumnParallelLayer::new(
                 hidden_sz,
@@ -342,7 +349,7 @@ impl SparseMoeBlock {
         comm: &Arc<mistralrs_quant::Comm>,
         loading_isq: bool,
     ) -> Result<Self> {
-        let own = cfg.quantization_config.is_none() && comm.world_size() == 1 && !loading_isq;
+        let own = own_weights(cfg, comm, loading_isq);
         let gate = QLinear::load(cfg.hidden_size, cfg.num_local_experts, vb.pp("gate"), own, |vb| {
             mistralrs_quant::linear_no_bias(
                 cfg.hidden_size,
@@ -352,13 +359,9 @@ impl SparseMoeBlock {
             )
         })?;
         let vb = vb.pp("experts");
-        // zopilot-gpu patch: stacked experts with on-device routing unless the checkpoint is
-        // pre-quantized, ISQ runs after loading, or ZOPILOT_MIXTRAL_MOE=loop.
-        let stacked = if cfg.quantization_config.is_none()
-            && !loading_isq
-            && comm.world_size() == 1
-            && stacked_moe_enabled()
-        {
+        // zopilot-gpu patch: stacked experts with on-device routing unless `own_weights` says
+        // no or ZOPILOT_MIXTRAL_MOE=loop.
+        let stacked = if own && stacked_moe_enabled() {
             StackedExperts::load(
                 &vb,
                 cfg.num_local_experts,
@@ -533,9 +536,9 @@ impl DecoderLayer {
         flash_params: &FlashParams,
     ) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
-        if let Some(qkv) = self.fused_qkv(xs)? {
+        if let Some(plan) = self.fused_plan(xs)? {
             return self.forward_fused(
-                qkv,
+                plan,
                 xs,
                 attention_mask,
                 seqlen_offsets,
@@ -564,33 +567,40 @@ impl DecoderLayer {
     }
 }
 
+/// zopilot-gpu patch: what a fused decode layer runs on (`DecoderLayer::fused_plan`).
+#[cfg(feature = "cuda")]
+struct FusedLayer<'a> {
+    qkv: [&'a candle_core::quantized::QTensor; 3],
+    moe: super::mixtral_stacked_moe::FusedMoe<'a>,
+}
+
 /// zopilot-gpu patch: a decode layer through our Q4K kernels (`cuda/zopilot_q4k.cu`).
 #[cfg(feature = "cuda")]
 impl DecoderLayer {
-    /// The q/k/v weights when this layer's decode of `xs` goes the fused way: every
-    /// projection and the MoE block Q4K on CUDA, few enough tokens for the fused MoE.
-    fn fused_qkv(&self, xs: &Tensor) -> Result<Option<[&candle_core::quantized::QTensor; 3]>> {
+    /// The q/k/v weights and the MoE block's tensors when this layer's decode of `xs` goes
+    /// the fused way: every projection and the MoE block Q4K on CUDA, few enough tokens for
+    /// the fused MoE.
+    fn fused_plan(&self, xs: &Tensor) -> Result<Option<FusedLayer<'_>>> {
         let (b, s, _) = xs.dims3()?;
         let (n, device) = (b * s, xs.device());
-        let moe = &self.block_sparse_moe;
-        let Some(stacked) = moe.stacked.as_ref() else {
-            return Ok(None);
-        };
-        if profile_skip_moe()
-            || !stacked.fused_applies(n, moe.num_experts_per_tok, &moe.gate, device)
-            || self.self_attn.o_proj.q4k_for(n, device).is_none()
-        {
+        let (attn, moe) = (&self.self_attn, &self.block_sparse_moe);
+        if profile_skip_moe() || attn.o_proj.q4k_for(n, device).is_none() {
             return Ok(None);
         }
-        let attn = &self.self_attn;
-        Ok(match (
-            attn.q_proj.q4k_for(n, device),
-            attn.k_proj.q4k_for(n, device),
-            attn.v_proj.q4k_for(n, device),
-        ) {
-            (Some(q), Some(k), Some(v)) => Some([q, k, v]),
-            _ => None,
-        })
+        let plan = || {
+            Some(FusedLayer {
+                qkv: [
+                    attn.q_proj.q4k_for(n, device)?,
+                    attn.k_proj.q4k_for(n, device)?,
+                    attn.v_proj.q4k_for(n, device)?,
+                ],
+                moe: moe
+                    .stacked
+                    .as_ref()?
+                    .fused(n, moe.num_experts_per_tok, &moe.gate, device)?,
+            })
+        };
+        Ok(plan())
     }
 
     /// RMSNorm fused with the quantization of its output, q/k/v in one mat-vec launch,
@@ -600,7 +610,7 @@ impl DecoderLayer {
     #[allow(clippy::too_many_arguments)]
     fn forward_fused(
         &self,
-        qkv: [&candle_core::quantized::QTensor; 3],
+        FusedLayer { qkv, moe }: FusedLayer<'_>,
         xs: &Tensor,
         attention_mask: Option<&Tensor>,
         seqlen_offsets: &[usize],
@@ -639,14 +649,7 @@ impl DecoderLayer {
             norm.eps() as f32,
         )?;
         let h = h.ok_or_else(|| candle_core::Error::Msg("fused RMSNorm: no residual".into()))?;
-        let moe = &self.block_sparse_moe;
-        let stacked = moe
-            .stacked
-            .as_ref()
-            .ok_or_else(|| candle_core::Error::Msg("fused layer without stacked experts".into()))?;
-        stacked
-            .forward_fused_q8(&mq, &moe.gate, moe.num_experts_per_tok, dtype, Some(&h))?
-            .reshape((b, s, hidden))
+        moe.forward(&mq, dtype, Some(&h))?.reshape((b, s, hidden))
     }
 }
 

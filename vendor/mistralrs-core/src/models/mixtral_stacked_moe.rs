@@ -52,6 +52,24 @@ pub(crate) fn quantize_rows(w: &Tensor, dtype: GgmlDType) -> Result<Vec<u8>> {
     Ok(parts.concat())
 }
 
+/// A GGUF tensor of `dims` on `target` from its quantized `bytes`, and the `GgufMatMul` that
+/// ISQ would have built around it.
+pub(crate) fn gguf_layer(
+    dtype: GgmlDType,
+    bytes: &[u8],
+    dims: Vec<usize>,
+    target: &Device,
+) -> Result<(Arc<QTensor>, Arc<dyn QuantMethod>)> {
+    let q = Arc::new(candle_core::quantized::ggml_file::qtensor_from_ggml(
+        dtype, bytes, dims, target,
+    )?);
+    let mm: Arc<dyn QuantMethod> = Arc::new(GgufMatMul::new(QuantMethodConfig::Gguf {
+        q_weight: q.clone(),
+        b: None,
+    })?);
+    Ok((q, mm))
+}
+
 /// Which MoE implementation Mixtral layers use (read once per model load).
 pub(crate) fn stacked_moe_enabled() -> bool {
     !matches!(
@@ -436,6 +454,36 @@ fn dequantize_expert_f16(_q: &QTensor, _e: usize) -> Result<Tensor> {
     candle_core::bail!("per-expert dequantization needs a CUDA build")
 }
 
+/// A Mixtral MoE block's Q4K tensors for the fused decode kernels ([`StackedExperts::fused`]).
+#[cfg(feature = "cuda")]
+pub(crate) struct FusedMoe<'a> {
+    w1: &'a QTensor,
+    w3: &'a QTensor,
+    w2: &'a QTensor,
+    router: &'a QTensor,
+    top_k: usize,
+}
+
+#[cfg(feature = "cuda")]
+impl FusedMoe<'_> {
+    /// The MoE block on an input already quantized (`x`, e.g. from the fused RMSNorm):
+    /// router and routing in one kernel (logits rounded through `dtype`, as the unfused
+    /// router returns them), w1‖w3 with SiLU·mul and the activation's quantization in a
+    /// second, w2 with the weighted sum (and `resid`, when given) in a third, written in
+    /// `dtype` — three launches where the unfused path takes about sixteen.
+    pub(crate) fn forward(
+        &self,
+        x: &crate::cuda::zopilot_q4k::Q8Rows,
+        dtype: DType,
+        resid: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        use crate::cuda::zopilot_q4k as zq;
+        let (ids, weights) = zq::router_topk(self.router, x, self.top_k, Some(dtype))?;
+        let act = zq::moe_w13_silu(self.w1, self.w3, &ids, x)?;
+        zq::moe_w2(self.w2, &ids, &weights, &act, dtype, resid)
+    }
+}
+
 /// The experts of one Mixtral layer, stacked.
 pub(crate) struct StackedExperts {
     w1: StackedWeight,
@@ -521,14 +569,7 @@ impl StackedExperts {
                         );
                     }
                     let dims = vec![num_experts, shape.0, shape.1];
-                    let q = Arc::new(candle_core::quantized::ggml_file::qtensor_from_ggml(
-                        dtype, &bytes, dims, &target,
-                    )?);
-                    let mm: Arc<dyn QuantMethod> =
-                        Arc::new(GgufMatMul::new(QuantMethodConfig::Gguf {
-                            q_weight: q.clone(),
-                            b: None,
-                        })?);
+                    let (q, mm) = gguf_layer(dtype, &bytes, dims, &target)?;
                     StackedWeight::Quantized { q, mm }
                 }
             };
@@ -558,60 +599,45 @@ impl StackedExperts {
         ys.to_dtype(xs.dtype())
     }
 
-    /// Whether decode of `n` tokens goes through our fused Q4K kernels
-    /// (`cuda/zopilot_q4k.cu`): at most `ZOPILOT_MOE_GATHER_MAX_TOKENS` tokens, Q4K experts
-    /// and router on CUDA, SiLU, top-k ≤ 8 of ≤ 256 experts, and not `ZOPILOT_MOE_FUSED=0`.
+    /// The tensors for decoding `n` tokens through our fused Q4K kernels
+    /// (`cuda/zopilot_q4k.cu`), when they apply: at most `ZOPILOT_MOE_GATHER_MAX_TOKENS`
+    /// tokens, Q4K experts and router on CUDA, SiLU, top-k ≤ 8 of ≤ 256 experts, and not
+    /// `ZOPILOT_MOE_FUSED=0`.
     #[cfg(feature = "cuda")]
-    pub(crate) fn fused_applies(&self, n: usize, top_k: usize, gate: &QLinear, device: &Device) -> bool {
-        let experts = self.w1.dims().map_or(0, |(e, _, _)| e);
-        n <= self.gather_max_tokens
-            && (1..=8).contains(&top_k)
-            && top_k <= experts
-            && experts <= 256
-            && fused_enabled()
-            && self.act == Activation::Silu
-            && self.w1.fused_q4k().is_some()
-            && self.w3.fused_q4k().is_some()
-            && self.w2.fused_q4k().is_some()
-            && gate.q4k_for(n, device).is_some()
-    }
-
-    /// The MoE block on an input already quantized (`x`, from the fused RMSNorm): router and
-    /// routing in one kernel (logits rounded through `dtype`, as the unfused router returns
-    /// them), w1‖w3 with SiLU·mul and the activation's quantization in a second, w2 with the
-    /// weighted sum (and `resid`, when given) in a third, written in `dtype` — three
-    /// launches where the unfused path takes about sixteen. Callers check [`Self::fused_applies`].
-    #[cfg(feature = "cuda")]
-    pub(crate) fn forward_fused_q8(
-        &self,
-        x: &crate::cuda::zopilot_q4k::Q8Rows,
-        gate: &QLinear,
+    pub(crate) fn fused<'a>(
+        &'a self,
+        n: usize,
         top_k: usize,
-        dtype: DType,
-        resid: Option<&Tensor>,
-    ) -> Result<Tensor> {
-        use crate::cuda::zopilot_q4k as zq;
-        let (Some(w1), Some(w3), Some(w2)) =
-            (self.w1.fused_q4k(), self.w3.fused_q4k(), self.w2.fused_q4k())
-        else {
-            candle_core::bail!("fused MoE: experts are not Q4K");
-        };
-        let Some(router) = gate.q4k_for(x.rows(), &w1.device()) else {
-            candle_core::bail!("fused MoE: router is not Q4K");
-        };
-        let (ids, weights) = zq::router_topk(router, x, top_k, Some(dtype))?;
-        let act = zq::moe_w13_silu(w1, w3, &ids, x)?;
-        zq::moe_w2(w2, &ids, &weights, &act, dtype, resid)
+        gate: &'a QLinear,
+        device: &Device,
+    ) -> Option<FusedMoe<'a>> {
+        let experts = self.w1.dims().map_or(0, |(e, _, _)| e);
+        if n > self.gather_max_tokens
+            || !(1..=8).contains(&top_k)
+            || top_k > experts
+            || experts > 256
+            || !fused_enabled()
+            || self.act != Activation::Silu
+        {
+            return None;
+        }
+        Some(FusedMoe {
+            w1: self.w1.fused_q4k()?,
+            w3: self.w3.fused_q4k()?,
+            w2: self.w2.fused_q4k()?,
+            router: gate.q4k_for(n, device)?,
+            top_k,
+        })
     }
 
-    /// [`Self::forward_fused_q8`] from `xs` `[n, hidden]`; `None` where it does not apply.
+    /// [`FusedMoe::forward`] from `xs` `[n, hidden]`; `None` where it does not apply.
     #[cfg(feature = "cuda")]
     pub(crate) fn forward_fused(&self, xs: &Tensor, gate: &QLinear, top_k: usize) -> Result<Option<Tensor>> {
-        if !self.fused_applies(xs.dim(0)?, top_k, gate, xs.device()) {
+        let Some(moe) = self.fused(xs.dim(0)?, top_k, gate, xs.device()) else {
             return Ok(None);
-        }
+        };
         let x = crate::cuda::zopilot_q4k::quantize(xs)?;
-        self.forward_fused_q8(&x, gate, top_k, xs.dtype(), None).map(Some)
+        moe.forward(&x, xs.dtype(), None).map(Some)
     }
 
     #[cfg(not(feature = "cuda"))]

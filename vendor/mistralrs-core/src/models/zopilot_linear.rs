@@ -12,9 +12,9 @@
 use std::sync::Arc;
 
 use candle_core::{quantized::GgmlDType, DType, Device, Result, Tensor};
-use mistralrs_quant::{GgufMatMul, QuantMethod, QuantMethodConfig, ShardedVarBuilder};
+use mistralrs_quant::{QuantMethod, ShardedVarBuilder};
 
-use super::mixtral_stacked_moe::qmatmul;
+use super::mixtral_stacked_moe::{gguf_layer, qmatmul, quantize_rows};
 
 /// Most tokens a forward takes through the Q4K mat-vec (launches of 8); more go upstream's
 /// way (candle's tiled kernels), as prefill does.
@@ -72,18 +72,8 @@ impl QLinear {
                         .clone()
                         .set_device(Device::Cpu)
                         .get((out_dim, in_dim), "weight")?;
-                    let bytes = super::mixtral_stacked_moe::quantize_rows(&w, GgmlDType::Q4K)?;
-                    let q = Arc::new(candle_core::quantized::ggml_file::qtensor_from_ggml(
-                        GgmlDType::Q4K,
-                        &bytes,
-                        vec![out_dim, in_dim],
-                        &target,
-                    )?);
-                    let mm: Arc<dyn QuantMethod> =
-                        Arc::new(GgufMatMul::new(QuantMethodConfig::Gguf {
-                            q_weight: q.clone(),
-                            b: None,
-                        })?);
+                    let bytes = quantize_rows(&w, GgmlDType::Q4K)?;
+                    let (q, mm) = gguf_layer(GgmlDType::Q4K, &bytes, vec![out_dim, in_dim], &target)?;
                     let mm_addr = addr(&mm);
                     return Ok(Self {
                         mm,
