@@ -546,6 +546,337 @@ __global__ void dequant_q4k_f16_kernel(const uint8_t *__restrict__ src,
   o_hi[1] = make_uint4(hi[4], hi[5], hi[6], hi[7]);
 }
 
+// ---- Grouped MoE decode (3 to a few dozen tokens): the (token, expert) pairs grouped by
+// expert on the device, each expert's weights read once per chunk of up to 8 or 16 pairs
+// routed to it (the per-pair kernels above read an expert once per pair), on tensor cores.
+
+// Pairs (token * topk + slot) grouped by expert: `order` lists them expert by expert (pair
+// order within an expert), `chunks[i]` = {expert, first index into order, count ≤ nt, 0};
+// entries past the last chunk have count 0. One block; pairs ≤ 4096, experts ≤ 256.
+__global__ void __launch_bounds__(1024)
+    moe_plan_kernel(const uint32_t *__restrict__ ids, int pairs, int experts, int nt,
+                    int max_chunks, int *__restrict__ order, int4 *__restrict__ chunks) {
+  __shared__ int count[256], offset[256];
+  __shared__ uint32_t sid[4096];
+  for (int e = threadIdx.x; e < experts; e += blockDim.x)
+    count[e] = 0;
+  __syncthreads();
+  for (int p = threadIdx.x; p < pairs; p += blockDim.x) {
+    const uint32_t e = min(ids[p], (uint32_t)experts - 1);
+    sid[p] = e;
+    atomicAdd(&count[e], 1);
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int at = 0, c = 0;
+    for (int e = 0; e < experts; ++e) {
+      offset[e] = at;
+      for (int i = 0; i < count[e]; i += nt)
+        chunks[c++] = make_int4(e, at + i, min(nt, count[e] - i), 0);
+      at += count[e];
+    }
+    for (; c < max_chunks; ++c)
+      chunks[c] = make_int4(0, 0, 0, 0);
+  }
+  __syncthreads();
+  for (int p = threadIdx.x; p < pairs; p += blockDim.x) {
+    const uint32_t e = sid[p];
+    int before = 0;
+    for (int q = 0; q < p; ++q)
+      before += sid[q] == e;
+    order[offset[e] + before] = p;
+  }
+}
+
+// The chunk's pairs (and their tokens) into shared memory; returns the chunk.
+template <int NT>
+__device__ __forceinline__ int4 load_chunk(const int4 *chunks, const int *order, int topk,
+                                           int (&pair)[NT], int (&token)[NT]) {
+  const int4 c = chunks[blockIdx.y];
+  if (threadIdx.x < NT && c.z > 0) {
+    const int p = order[c.y + min((int)threadIdx.x, c.z - 1)];
+    pair[threadIdx.x] = p;
+    token[threadIdx.x] = p / topk;
+  }
+  __syncthreads();
+  return c;
+}
+
+// out[token, row] = Σ_slot topw · y[token * topk + slot, row] in slot order, plus `resid`
+// when given, as `moe_w2_kernel` rounds them.
+template <typename OUT>
+__global__ void moe_combine_kernel(const float *__restrict__ y, const float *__restrict__ topw,
+                                   int topk, int n, const OUT *__restrict__ resid,
+                                   OUT *__restrict__ out) {
+  const int token = blockIdx.y;
+  const int row = blockIdx.x * blockDim.x + threadIdx.x;
+  if (row >= n)
+    return;
+  float total = 0.0f;
+  for (int s = 0; s < topk; ++s) {
+    const size_t pair = (size_t)token * topk + s;
+    total += topw[pair] * y[pair * n + row];
+  }
+  const size_t i = (size_t)token * n + row;
+  out[i] = resid ? from_float<OUT>(to_float(resid[i]) + to_float(from_float<OUT>(total)))
+                 : from_float<OUT>(total);
+}
+
+// The grouped expert kernels: int8 mma.sync m16n8k32 per Q4_K
+// sub-block (32 values: one scale and min per weight row, one scale per activation row),
+// a warp computing 16 weight rows × 8·NB pairs; the sub-block's int32 products fixed up in
+// f32 per (row, pair) as ggml's arithmetic does per 32 values:
+// d·sc·dₐ·Σ(q·qₐ) − dmin·m·dₐ·Σqₐ.
+// The k order inside an mma is permuted the same way for both operands (a thread's a0/a2 and
+// b0/b1 hold 8 consecutive values), so each thread reads 8 contiguous nibble bytes per row
+// and 8 contiguous activation bytes per pair.
+
+__device__ __forceinline__ void mma_s8(int (&c)[4], const int (&a)[4], int b0, int b1) {
+  asm volatile("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, "
+               "{%4,%5,%6,%7}, {%8,%9}, {%10,%10,%10,%10};"
+               : "=r"(c[0]), "=r"(c[1]), "=r"(c[2]), "=r"(c[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "r"(0));
+}
+
+// One matrix's 16-row tile (rows gq and gq+8 of this lane) over one Q4_K block: the lane's
+// header words and nibble bytes for its two rows.
+struct TileW {
+  uint4 hd[2];
+  uint2 q[2][4]; // [row][64-value group]
+};
+
+__device__ __forceinline__ TileW load_tile(const uint8_t *row_g, const uint8_t *row_g8,
+                                           int blk, int tq) {
+  TileW w;
+  const uint8_t *b[2] = {row_g + (size_t)blk * QB, row_g8 + (size_t)blk * QB};
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    w.hd[r] = __ldcs(reinterpret_cast<const uint4 *>(b[r]));
+#pragma unroll
+    for (int gi = 0; gi < 4; ++gi)
+      w.q[r][gi] = __ldcs(reinterpret_cast<const uint2 *>(b[r] + 16 + 32 * gi + 8 * tq));
+  }
+  return w;
+}
+
+// Activations of a chunk's pairs packed for the mma kernels (`moe_pack_kernel`): per chunk,
+// per sub-block j (32 values) and n-tile, the 8 pairs' 32 int8 values contiguous (256 bytes:
+// a warp's B fragments are one contiguous read), and per pair of sub-blocks (j0 = 2i, j0+1)
+// and n-tile the 8 pairs' {dₐ(j0), dₐ(j0+1), dₐ·Σqₐ(j0), dₐ·Σqₐ(j0+1)}.
+struct Packed {
+  const int8_t *q;
+  const float4 *f;
+};
+
+// acc[nb][i] (i: c-fragment order — rows gq, gq, gq+8, gq+8 × chunk slots 2tq, 2tq+1) +=
+// the tile's block `blk` times chunk `c`'s packed activations.
+template <int NB>
+__device__ __forceinline__ void tile_mma(const TileW &w, const Packed &x, int k, int c, int blk,
+                                         int gq, int tq, float (&acc)[NB][4]) {
+  const float2 dm0 = __half22float2(*reinterpret_cast<const half2 *>(&w.hd[0].x));
+  const float2 dm1 = __half22float2(*reinterpret_cast<const half2 *>(&w.hd[1].x));
+  const size_t subs = (size_t)c * (k / Q8) + blk * 8, pairs = (size_t)c * (k / 64) + blk * 4;
+#pragma unroll
+  for (int gi = 0; gi < 4; ++gi) {
+    const ScaleMin s0 = scale_min(w.hd[0], gi), s1 = scale_min(w.hd[1], gi);
+    // [row][sub-block 2gi, 2gi+1]
+    const float dsc[2][2] = {{dm0.x * s0.sc0, dm0.x * s0.sc1}, {dm1.x * s1.sc0, dm1.x * s1.sc1}};
+    const float dmn[2][2] = {{dm0.y * s0.m0, dm0.y * s0.m1}, {dm1.y * s1.m0, dm1.y * s1.m1}};
+    const int alo[4] = {(int)(w.q[0][gi].x & 0x0F0F0F0Fu), (int)(w.q[1][gi].x & 0x0F0F0F0Fu),
+                        (int)(w.q[0][gi].y & 0x0F0F0F0Fu), (int)(w.q[1][gi].y & 0x0F0F0F0Fu)};
+    const int ahi[4] = {(int)((w.q[0][gi].x >> 4) & 0x0F0F0F0Fu),
+                        (int)((w.q[1][gi].x >> 4) & 0x0F0F0F0Fu),
+                        (int)((w.q[0][gi].y >> 4) & 0x0F0F0F0Fu),
+                        (int)((w.q[1][gi].y >> 4) & 0x0F0F0F0Fu)};
+#pragma unroll
+    for (int nb = 0; nb < NB; ++nb) {
+      const int8_t *xb = x.q + ((subs + 2 * gi) * NB + nb) * 256 + gq * 32 + 8 * tq;
+      const uint2 b_lo = __ldg(reinterpret_cast<const uint2 *>(xb));
+      const uint2 b_hi = __ldg(reinterpret_cast<const uint2 *>(xb + NB * 256));
+      int clo[4], chi[4];
+      mma_s8(clo, alo, (int)b_lo.x, (int)b_lo.y);
+      mma_s8(chi, ahi, (int)b_hi.x, (int)b_hi.y);
+      const float4 *f = x.f + ((pairs + gi) * NB + nb) * 8 + 2 * tq;
+#pragma unroll
+      for (int cc = 0; cc < 2; ++cc) {
+        const float4 a = __ldg(f + cc); // dₐ lo, dₐ hi, S lo, S hi
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          float &o = acc[nb][2 * r + cc];
+          o += dsc[r][0] * a.x * (float)clo[2 * r + cc] - dmn[r][0] * a.z;
+          o += dsc[r][1] * a.y * (float)chi[2 * r + cc] - dmn[r][1] * a.w;
+        }
+      }
+    }
+  }
+}
+
+// Sums `acc` over the S warps of a block that split one tile's K (warp = tile + TILES·slice)
+// through shared memory `red`; slice 0's lanes get the totals.
+template <int NB, int S, int TILES>
+__device__ __forceinline__ void reduce_slices(float (&acc)[NB][4], float *red, int tile,
+                                              int slice, int lane) {
+  if (S == 1)
+    return;
+  __syncthreads();
+  if (slice > 0)
+#pragma unroll
+    for (int nb = 0; nb < NB; ++nb)
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+        red[(((slice - 1) * TILES + tile) * NB * 4 + nb * 4 + i) * 32 + lane] = acc[nb][i];
+  __syncthreads();
+  if (slice == 0)
+    for (int sl = 1; sl < S; ++sl)
+#pragma unroll
+      for (int nb = 0; nb < NB; ++nb)
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+          acc[nb][i] += red[(((sl - 1) * TILES + tile) * NB * 4 + nb * 4 + i) * 32 + lane];
+}
+
+// Packs the activation rows of each chunk's pairs (row = order[...] / div: div = topk for
+// token rows, 1 for pair rows) for the mma kernels; slots past a chunk's count repeat its
+// last pair. Without `chunks` (a dense matmul), chunk c is rows c·NT .. of `rows`.
+// Grid (chunks, k / 256), 256 threads.
+template <int NB>
+__global__ void __launch_bounds__(256)
+    moe_pack_kernel(Act src, const int *__restrict__ order, const int4 *__restrict__ chunks,
+                    int div, int rows, int k, int8_t *__restrict__ pq, float4 *__restrict__ pf) {
+  constexpr int NT = 8 * NB;
+  const int c = blockIdx.x, blk = blockIdx.y;
+  const int4 ch = chunks ? chunks[c] : make_int4(0, c * NT, min(NT, rows - c * NT), 0);
+  if (ch.z == 0)
+    return;
+  auto row_of = [&](int slot) -> size_t {
+    const int i = ch.y + min(slot, ch.z - 1);
+    return chunks ? order[i] / div : i;
+  };
+  for (int i = threadIdx.x; i < NT * 16; i += blockDim.x) {
+    const int slot = i / 16, part = i % 16;
+    const size_t row = row_of(slot);
+    const uint4 v = *reinterpret_cast<const uint4 *>(src.q + row * k + blk * QK + part * 16);
+    const size_t j = (size_t)c * (k / Q8) + blk * 8 + part / 2;
+    *reinterpret_cast<uint4 *>(pq + (j * NB + slot / 8) * 256 + (slot % 8) * 32 +
+                               (part % 2) * 16) = v;
+  }
+  for (int i = threadIdx.x; i < NT * 4; i += blockDim.x) {
+    const int slot = i / 4, gi = i % 4;
+    const size_t row = row_of(slot);
+    const int j0 = blk * 8 + 2 * gi;
+    const float *d = src.d + row * (k / Q8) + j0, *s = src.s + row * (k / 16) + 2 * j0;
+    pf[(((size_t)c * (k / 64) + blk * 4 + gi) * NB + slot / 8) * 8 + slot % 8] =
+        make_float4(d[0], d[1], s[0] + s[1], s[2] + s[3]);
+  }
+}
+
+// w1‖w3 for a chunk of up to 8·NB pairs routed to one expert, tensor cores: a block is 32
+// rows, four 16-row tiles (two of w1, two of w3, a warp each) × S warps splitting K;
+// act = silu(x·w1)·(x·w3) quantized per pair row (one 32-row group per block).
+template <int NB, int S>
+__global__ void __launch_bounds__(4 * S * 32)
+    moe_w13_mma_kernel(const uint8_t *__restrict__ w1, const uint8_t *__restrict__ w3,
+                       const int *__restrict__ order, const int4 *__restrict__ chunks,
+                       int topk, Packed x, int n, int k, Act act_out) {
+  constexpr int NT = 8 * NB;
+  __shared__ int pair[NT], token[NT];
+  __shared__ float out[2][NT][32]; // [w1 / w3][pair][row]
+  __shared__ float red[S > 1 ? (S - 1) * 4 * NB * 4 * 32 : 1];
+  const int4 c = load_chunk<NT>(chunks, order, topk, pair, token);
+  const int count = c.z;
+  if (count == 0)
+    return;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x & 31, gq = lane >> 2, tq = lane & 3;
+  const int tile = warp & 3, slice = warp >> 2, m = tile & 1, half_ = tile >> 1;
+  const int nbk = k / QK;
+  const size_t row_bytes = (size_t)nbk * QB;
+  const uint8_t *w = (m ? w3 : w1) + ((size_t)c.x * n + blockIdx.x * 32 + half_ * 16 + gq) * row_bytes;
+  float acc[NB][4] = {};
+  for (int blk = slice; blk < nbk; blk += S)
+    tile_mma<NB>(load_tile(w, w + 8 * row_bytes, blk, tq), x, k, blockIdx.y, blk, gq, tq, acc);
+  reduce_slices<NB, S, 4>(acc, red, tile, slice, lane);
+  if (slice == 0)
+#pragma unroll
+    for (int nb = 0; nb < NB; ++nb)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int t = nb * 8 + 2 * tq + (i & 1);
+        if (t < count)
+          out[m][t][half_ * 16 + gq + 8 * (i >> 1)] = acc[nb][i];
+      }
+  __syncthreads();
+  for (int t = warp; t < count; t += 4 * S) {
+    const float gs = out[0][t][lane];
+    quantize_group(gs / (1.0f + __expf(-gs)) * out[1][t][lane], lane, act_out,
+                   (size_t)pair[t] * n + blockIdx.x * 32);
+  }
+}
+
+// w2 for a chunk of up to 8·NB pairs, tensor cores: a block is one 16-row tile × S warps
+// splitting K; y[pair, row] in f32.
+template <int NB, int S>
+__global__ void __launch_bounds__(S * 32)
+    moe_w2_mma_kernel(const uint8_t *__restrict__ w2, const int *__restrict__ order,
+                      const int4 *__restrict__ chunks, int topk, Packed x, int n, int k,
+                      float *__restrict__ y) {
+  constexpr int NT = 8 * NB;
+  __shared__ int pair[NT], token[NT];
+  __shared__ float red[S > 1 ? (S - 1) * NB * 4 * 32 : 1];
+  const int4 c = load_chunk<NT>(chunks, order, topk, pair, token);
+  const int count = c.z;
+  if (count == 0)
+    return;
+  const int slice = threadIdx.x / 32, lane = threadIdx.x & 31, gq = lane >> 2, tq = lane & 3;
+  const int row0 = blockIdx.x * 16;
+  const int nbk = k / QK;
+  const size_t row_bytes = (size_t)nbk * QB;
+  const size_t base = ((size_t)c.x * n + row0 + gq) * row_bytes;
+  float acc[NB][4] = {};
+  for (int blk = slice; blk < nbk; blk += S)
+    tile_mma<NB>(load_tile(w2 + base, w2 + base + 8 * row_bytes, blk, tq), x, k, blockIdx.y,
+                 blk, gq, tq, acc);
+  reduce_slices<NB, S, 1>(acc, red, 0, slice, lane);
+  if (slice == 0)
+#pragma unroll
+    for (int nb = 0; nb < NB; ++nb)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int t = nb * 8 + 2 * tq + (i & 1), r = row0 + gq + 8 * (i >> 1);
+        if (t < count)
+          y[(size_t)pair[t] * n + r] = acc[nb][i];
+      }
+}
+
+// out[t, row] = x[t] · w[row] for `rows` tokens packed in chunks of 8·NB (no `chunks`
+// array: chunk blockIdx.y is tokens blockIdx.y·8·NB ..), tensor cores: a block is one 16-row
+// tile × S warps splitting K; written in OUT, rounded through ROUND as the mat-vec does.
+template <int NB, int S, typename OUT, int ROUND>
+__global__ void __launch_bounds__(S * 32)
+    matmul_mma_kernel(const uint8_t *__restrict__ w, Packed x, int rows, int n, int k,
+                      OUT *__restrict__ out) {
+  constexpr int NT = 8 * NB;
+  __shared__ float red[S > 1 ? (S - 1) * NB * 4 * 32 : 1];
+  const int slice = threadIdx.x / 32, lane = threadIdx.x & 31, gq = lane >> 2, tq = lane & 3;
+  const int row0 = blockIdx.x * 16, first = blockIdx.y * NT;
+  const int nbk = k / QK;
+  const size_t row_bytes = (size_t)nbk * QB;
+  const size_t base = ((size_t)row0 + gq) * row_bytes;
+  float acc[NB][4] = {};
+  for (int blk = slice; blk < nbk; blk += S)
+    tile_mma<NB>(load_tile(w + base, w + base + 8 * row_bytes, blk, tq), x, k, blockIdx.y, blk,
+                 gq, tq, acc);
+  reduce_slices<NB, S, 1>(acc, red, 0, slice, lane);
+  if (slice == 0)
+#pragma unroll
+    for (int nb = 0; nb < NB; ++nb)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int t = first + nb * 8 + 2 * tq + (i & 1), r = row0 + gq + 8 * (i >> 1);
+        if (t < rows)
+          out[(size_t)t * n + r] = from_float<OUT>(round_via<ROUND>(acc[nb][i]));
+      }
+}
+
 } // namespace zq
 
 // dtype codes: 0 = f32, 1 = bf16, 2 = f16; for the mat-vec also 3 / 4 = f32 rounded
@@ -736,4 +1067,192 @@ extern "C" int zopilot_q4k_dequant_f16(const void *src, void *dst,
   zq::dequant_q4k_f16_kernel<<<(unsigned)((threads + 255) / 256), 256, 0, st>>>(
       static_cast<const uint8_t *>(src), static_cast<half *>(dst), nblocks);
   return (int)cudaGetLastError();
+}
+
+// ---- Grouped MoE decode: plan, pack, w1‖w3, pack, w2, combine. ids: [pairs] u32
+// (token-major, `topk` per token). order: [pairs] i32 and chunks: [max_chunks] int4
+// (max_chunks ≥ pairs / nt + min(experts, pairs)) are written by zopilot_moe_plan and read by
+// the others. nt (pairs per chunk): 8 or 16.
+
+extern "C" int zopilot_moe_plan(const uint32_t *ids, int pairs, int experts, int nt,
+                                int max_chunks, int *order, void *chunks, long long stream) {
+  if (pairs < 1 || pairs > 4096 || experts < 1 || experts > 256 || nt < 1)
+    return (int)cudaErrorInvalidValue;
+  const cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
+  zq::moe_plan_kernel<<<1, 1024, 0, st>>>(ids, pairs, experts, nt, max_chunks, order,
+                                          static_cast<int4 *>(chunks));
+  return (int)cudaGetLastError();
+}
+
+// y: [tokens * topk, n] f32; topw: [tokens, topk]; resid (nullable), out: [tokens, n] in
+// `dtype` (0 f32, 1 bf16, 2 f16).
+extern "C" int zopilot_moe_combine(const float *y, const float *topw, int tokens, int topk,
+                                   int n, const void *resid, void *out, int dtype,
+                                   long long stream) {
+  const cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
+  const dim3 grid((n + 255) / 256, tokens);
+  switch (dtype) {
+#define ZQ_CMB(CODE, T)                                                        \
+  case CODE:                                                                   \
+    zq::moe_combine_kernel<T><<<grid, 256, 0, st>>>(                           \
+        y, topw, topk, n, static_cast<const T *>(resid), static_cast<T *>(out)); \
+    break;
+    ZQ_CMB(0, float)
+    ZQ_CMB(1, __nv_bfloat16)
+    ZQ_CMB(2, half)
+#undef ZQ_CMB
+  default:
+    return (int)cudaErrorInvalidValue;
+  }
+  return (int)cudaGetLastError();
+}
+
+// Packed activations: pq [max_chunks * nt * k] int8 and pf [max_chunks * nt * k / 64]
+// float4, written by zopilot_moe_pack from quantized rows (div = topk when the rows are
+// tokens, 1 when pairs). n % 32 == 0 (w1‖w3), n % 16 == 0 (w2). ZQ_S13 / ZQ_S2: warps
+// splitting K per tile (compile-time; scripts/q4k-kernel-bench.cu builds variants).
+#ifndef ZQ_S13
+#define ZQ_S13 2
+#endif
+#ifndef ZQ_S2
+#define ZQ_S2 8
+#endif
+extern "C" int zopilot_moe_pack(const int8_t *q, const float *d, const float *s,
+                                const int *order, const void *chunks, int max_chunks, int nt,
+                                int div, int k, int8_t *pq, void *pf, long long stream) {
+  const cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
+  const dim3 grid(max_chunks, k / zq::QK);
+  const int4 *c = static_cast<const int4 *>(chunks);
+  float4 *f = static_cast<float4 *>(pf);
+  switch (nt) {
+  case 8:
+    zq::moe_pack_kernel<1><<<grid, 256, 0, st>>>(act(q, d, s), order, c, div, 0, k, pq, f);
+    break;
+  case 16:
+    zq::moe_pack_kernel<2><<<grid, 256, 0, st>>>(act(q, d, s), order, c, div, 0, k, pq, f);
+    break;
+  default:
+    return (int)cudaErrorInvalidValue;
+  }
+  return (int)cudaGetLastError();
+}
+
+extern "C" int zopilot_moe_w13_mma(const void *w1, const void *w3, const int *order,
+                                   const void *chunks, int max_chunks, int nt, int topk,
+                                   const int8_t *pq, const void *pf, int n, int k, int8_t *aq,
+                                   float *ad, float *as, long long stream) {
+  const cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
+  constexpr int S = ZQ_S13;
+  const dim3 grid(n / 32, max_chunks);
+  const uint8_t *a = static_cast<const uint8_t *>(w1), *b = static_cast<const uint8_t *>(w3);
+  const int4 *c = static_cast<const int4 *>(chunks);
+  const zq::Packed x{pq, static_cast<const float4 *>(pf)};
+  const zq::Act out = act(aq, ad, as);
+  switch (nt) {
+  case 8:
+    zq::moe_w13_mma_kernel<1, S><<<grid, 4 * S * 32, 0, st>>>(a, b, order, c, topk, x, n, k, out);
+    break;
+  case 16:
+    zq::moe_w13_mma_kernel<2, S><<<grid, 4 * S * 32, 0, st>>>(a, b, order, c, topk, x, n, k, out);
+    break;
+  default:
+    return (int)cudaErrorInvalidValue;
+  }
+  return (int)cudaGetLastError();
+}
+
+extern "C" int zopilot_moe_w2_mma(const void *w2, const int *order, const void *chunks,
+                                  int max_chunks, int nt, int topk, const int8_t *pq,
+                                  const void *pf, int n, int k, float *y, long long stream) {
+  const cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
+  constexpr int S = ZQ_S2;
+  const dim3 grid(n / 16, max_chunks);
+  const uint8_t *w = static_cast<const uint8_t *>(w2);
+  const int4 *c = static_cast<const int4 *>(chunks);
+  const zq::Packed x{pq, static_cast<const float4 *>(pf)};
+  switch (nt) {
+  case 8:
+    zq::moe_w2_mma_kernel<1, S><<<grid, S * 32, 0, st>>>(w, order, c, topk, x, n, k, y);
+    break;
+  case 16:
+    zq::moe_w2_mma_kernel<2, S><<<grid, S * 32, 0, st>>>(w, order, c, topk, x, n, k, y);
+    break;
+  default:
+    return (int)cudaErrorInvalidValue;
+  }
+  return (int)cudaGetLastError();
+}
+
+// ---- Dense Q4K matmul on tensor cores for more tokens than one mat-vec launch takes.
+// zopilot_q4k_pack_rows packs `rows` quantized rows in chunks of nt (8 or 16): pq
+// [ceil(rows / nt) * nt * k] int8, pf [ceil(rows / nt) * nt * k / 64] float4; then
+// zopilot_q4k_mma: w [n, k] Q4_K (n % 16 == 0) → out [rows, n] in `dtype` (codes as the
+// mat-vec's).
+extern "C" int zopilot_q4k_pack_rows(const int8_t *q, const float *d, const float *s, int rows,
+                                     int k, int nt, int8_t *pq, void *pf, long long stream) {
+  const cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
+  const dim3 grid((rows + nt - 1) / nt, k / zq::QK);
+  float4 *f = static_cast<float4 *>(pf);
+  switch (nt) {
+  case 8:
+    zq::moe_pack_kernel<1><<<grid, 256, 0, st>>>(act(q, d, s), nullptr, nullptr, 1, rows, k, pq, f);
+    break;
+  case 16:
+    zq::moe_pack_kernel<2><<<grid, 256, 0, st>>>(act(q, d, s), nullptr, nullptr, 1, rows, k, pq, f);
+    break;
+  default:
+    return (int)cudaErrorInvalidValue;
+  }
+  return (int)cudaGetLastError();
+}
+
+#ifndef ZQ_SMM
+#define ZQ_SMM 8
+#endif
+template <int NB, typename OUT, int ROUND = 0>
+static void launch_matmul_mma(dim3 grid, cudaStream_t st, const uint8_t *w, zq::Packed x,
+                              int rows, int n, int k, void *out) {
+  zq::matmul_mma_kernel<NB, ZQ_SMM, OUT, ROUND>
+      <<<grid, ZQ_SMM * 32, 0, st>>>(w, x, rows, n, k, static_cast<OUT *>(out));
+}
+
+template <int NB>
+static int matmul_mma_dtype(int dtype, dim3 grid, cudaStream_t st, const uint8_t *w,
+                            zq::Packed x, int rows, int n, int k, void *out) {
+  switch (dtype) {
+  case 0:
+    launch_matmul_mma<NB, float>(grid, st, w, x, rows, n, k, out);
+    break;
+  case 1:
+    launch_matmul_mma<NB, __nv_bfloat16>(grid, st, w, x, rows, n, k, out);
+    break;
+  case 2:
+    launch_matmul_mma<NB, half>(grid, st, w, x, rows, n, k, out);
+    break;
+  case 3:
+    launch_matmul_mma<NB, float, 1>(grid, st, w, x, rows, n, k, out);
+    break;
+  case 4:
+    launch_matmul_mma<NB, float, 2>(grid, st, w, x, rows, n, k, out);
+    break;
+  default:
+    return (int)cudaErrorInvalidValue;
+  }
+  return (int)cudaGetLastError();
+}
+
+extern "C" int zopilot_q4k_mma(const void *w, int n, int k, int rows, int nt, const int8_t *pq,
+                               const void *pf, void *out, int dtype, long long stream) {
+  const cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
+  const dim3 grid(n / 16, (rows + nt - 1) / nt);
+  const uint8_t *wb = static_cast<const uint8_t *>(w);
+  const zq::Packed x{pq, static_cast<const float4 *>(pf)};
+  switch (nt) {
+  case 8:
+    return matmul_mma_dtype<1>(dtype, grid, st, wb, x, rows, n, k, out);
+  case 16:
+    return matmul_mma_dtype<2>(dtype, grid, st, wb, x, rows, n, k, out);
+  default:
+    return (int)cudaErrorInvalidValue;
+  }
 }

@@ -1,7 +1,9 @@
 //! zopilot-gpu patch: safe wrappers over `zopilot_q4k.cu`'s Q4K decode kernels (activation
-//! quantization, the fused Mixtral expert pair w1‖w3·SiLU and w2 with the weighted sum, and
-//! a mat-vec for up to 8 tokens). Every wrapper checks shapes and types and return an error on a
-//! shape they do not take; callers decide when a kernel applies with [`q4k_applies`].
+//! quantization, the fused Mixtral expert pair w1‖w3·SiLU and w2 with the weighted sum per
+//! (token, expert) pair, the same grouped by expert on tensor cores for a few dozen tokens,
+//! and a mat-vec for up to 8 tokens). Every wrapper checks shapes and types and returns an
+//! error on a shape it does not take; callers decide when a kernel applies with
+//! [`q4k_applies`].
 #![cfg(feature = "cuda")]
 
 use std::ffi::c_void;
@@ -87,6 +89,95 @@ extern "C" {
         weights: *mut f32,
         stream: i64,
     ) -> i32;
+    fn zopilot_moe_plan(
+        ids: *const u32,
+        pairs: i32,
+        experts: i32,
+        nt: i32,
+        max_chunks: i32,
+        order: *mut i32,
+        chunks: *mut c_void,
+        stream: i64,
+    ) -> i32;
+    fn zopilot_moe_pack(
+        q: *const i8,
+        d: *const f32,
+        s: *const f32,
+        order: *const i32,
+        chunks: *const c_void,
+        max_chunks: i32,
+        nt: i32,
+        div: i32,
+        k: i32,
+        pq: *mut i8,
+        pf: *mut c_void,
+        stream: i64,
+    ) -> i32;
+    fn zopilot_moe_w13_mma(
+        w1: *const c_void,
+        w3: *const c_void,
+        order: *const i32,
+        chunks: *const c_void,
+        max_chunks: i32,
+        nt: i32,
+        topk: i32,
+        pq: *const i8,
+        pf: *const c_void,
+        n: i32,
+        k: i32,
+        aq: *mut i8,
+        ad: *mut f32,
+        as_: *mut f32,
+        stream: i64,
+    ) -> i32;
+    fn zopilot_moe_w2_mma(
+        w2: *const c_void,
+        order: *const i32,
+        chunks: *const c_void,
+        max_chunks: i32,
+        nt: i32,
+        topk: i32,
+        pq: *const i8,
+        pf: *const c_void,
+        n: i32,
+        k: i32,
+        y: *mut f32,
+        stream: i64,
+    ) -> i32;
+    fn zopilot_moe_combine(
+        y: *const f32,
+        topw: *const f32,
+        tokens: i32,
+        topk: i32,
+        n: i32,
+        resid: *const c_void,
+        out: *mut c_void,
+        dtype: i32,
+        stream: i64,
+    ) -> i32;
+    fn zopilot_q4k_pack_rows(
+        q: *const i8,
+        d: *const f32,
+        s: *const f32,
+        rows: i32,
+        k: i32,
+        nt: i32,
+        pq: *mut i8,
+        pf: *mut c_void,
+        stream: i64,
+    ) -> i32;
+    fn zopilot_q4k_mma(
+        w: *const c_void,
+        n: i32,
+        k: i32,
+        rows: i32,
+        nt: i32,
+        pq: *const i8,
+        pf: *const c_void,
+        out: *mut c_void,
+        dtype: i32,
+        stream: i64,
+    ) -> i32;
     fn zopilot_rmsnorm_quantize(
         x: *const c_void,
         resid: *const c_void,
@@ -105,6 +196,24 @@ extern "C" {
 
 /// Most tokens one mat-vec launch takes.
 pub(crate) const MATVEC_MAX_TOKENS: usize = 8;
+/// From this many rows [`matvec_many`] multiplies on tensor cores (`ZOPILOT_MMA_MIN_TOKENS`
+/// overrides; default 3).
+fn mma_min_tokens() -> usize {
+    static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *N.get_or_init(|| {
+        std::env::var("ZOPILOT_MMA_MIN_TOKENS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(3)
+    })
+}
+
+/// The tensor-core kernels (grouped experts, dense matmul) are on unless `ZOPILOT_MMA=0`
+/// (session 4's kernels then, for comparison).
+pub(crate) fn mma_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("ZOPILOT_MMA").map_or(true, |v| v != "0"))
+}
 
 /// Rows of activations quantized to int8 with one f32 scale per 32 values and the
 /// scaled sum of every 16 values (`zopilot_q4k.cu` has the layout).
@@ -341,10 +450,13 @@ pub(crate) fn moe_w2(
 }
 
 /// `x · wᵀ` for each `w` `[N, K]` Q4K of the same row length (q, k and v: three to a launch),
-/// `x` any number of quantized rows (launches of [`MATVEC_MAX_TOKENS`], each reading the
-/// weight once) → `[rows, N]` each, in `dtype`. With `round_via` (bf16 or f16) and `dtype`
-/// f32, the values are rounded through that type first, as a layer computing in it would
-/// return them.
+/// `x` any number of quantized rows → `[rows, N]` each, in `dtype`: up to 2 rows the mat-vec
+/// (launches of [`MATVEC_MAX_TOKENS`]), from 3 rows on (`ZOPILOT_MMA_MIN_TOKENS`) tensor cores,
+/// each weight read once per 8 or 16 rows — on an H100 2–6× faster than mat-vec launches
+/// from 4 rows on (scripts/q4k-kernel-bench.cu --dense), slower end to end at one row (the
+/// activation packing costs more than it saves) — unless `ZOPILOT_MMA=0`. With `round_via`
+/// (bf16 or f16) and `dtype` f32, the values are rounded through that type first, as a layer
+/// computing in it would return them.
 pub(crate) fn matvec_many(
     ws: &[&QTensor],
     x: &Q8Rows,
@@ -371,6 +483,34 @@ pub(crate) fn matvec_many(
         outs.push((n, Out::alloc(&dev, dtype, x.rows * n)?));
     }
     let k = x.k;
+    if x.rows >= mma_min_tokens() && mma_enabled() && outs.iter().all(|(n, _)| n % 16 == 0) {
+        // Tensor cores: the rows packed once for every weight, each weight read once per
+        // 8 or 16 rows.
+        let nt = if x.rows <= 8 { 8 } else { 16 };
+        let packed = Packed::rows(&dev, x, nt)?;
+        let (pq, pf) = packed.ptrs();
+        for (w, (n, out)) in ws.iter().zip(&outs) {
+            let status = unsafe {
+                zopilot_q4k_mma(
+                    weight_ptr(w)?,
+                    *n as i32,
+                    k as i32,
+                    x.rows as i32,
+                    nt as i32,
+                    pq,
+                    pf,
+                    out.ptr() as *mut c_void,
+                    code,
+                    stream(&dev),
+                )
+            };
+            check(status, "zopilot mma matmul")?;
+        }
+        return Ok(outs
+            .into_iter()
+            .map(|(n, buf)| buf.into_tensor(&dev, x.rows, n))
+            .collect());
+    }
     let elem = dtype.size_in_bytes() as u64;
     for group in (0..ws.len()).collect::<Vec<_>>().chunks(3) {
         for start in (0..x.rows).step_by(MATVEC_MAX_TOKENS) {
@@ -564,4 +704,234 @@ pub(crate) fn router_topk(
         shape,
     ));
     Ok((ids, weights))
+}
+
+/// Pairs per chunk of the grouped expert kernels for `tokens` tokens: 8 (measured faster up
+/// to 32 tokens on an H100, scripts/q4k-kernel-bench.cu), then 16.
+fn grouped_chunk(tokens: usize) -> usize {
+    if tokens <= 32 {
+        8
+    } else {
+        16
+    }
+}
+
+/// Activation rows packed per chunk for the grouped expert kernels.
+struct Packed {
+    q: CudaSlice<i8>,
+    f: CudaSlice<f32>,
+}
+
+impl Packed {
+    /// Packs all of `x`'s rows in chunks of `nt` (8 or 16) for the dense matmul.
+    fn rows(dev: &CudaDevice, x: &Q8Rows, nt: usize) -> Result<Self> {
+        let slots = x.rows.div_ceil(nt) * nt;
+        let packed = Self {
+            q: unsafe { dev.alloc::<i8>(slots * x.k)? },
+            f: unsafe { dev.alloc::<f32>(slots * x.k / 64 * 4)? },
+        };
+        let (q, d, s) = x.ptrs(0);
+        let code = unsafe {
+            zopilot_q4k_pack_rows(
+                q,
+                d,
+                s,
+                x.rows as i32,
+                x.k as i32,
+                nt as i32,
+                slice_ptr(&packed.q) as *mut i8,
+                slice_ptr(&packed.f) as *mut c_void,
+                stream(dev),
+            )
+        };
+        check(code, "zopilot pack rows")?;
+        Ok(packed)
+    }
+
+    /// Packs `x`'s rows (token rows when `div` = top-k, pair rows when 1) chunk by chunk.
+    fn new(dev: &CudaDevice, x: &Q8Rows, plan: &GroupPlan, div: usize) -> Result<Self> {
+        let slots = plan.max_chunks * plan.nt;
+        let packed = Self {
+            q: unsafe { dev.alloc::<i8>(slots * x.k)? },
+            f: unsafe { dev.alloc::<f32>(slots * x.k / 64 * 4)? },
+        };
+        let (q, d, s) = x.ptrs(0);
+        let code = unsafe {
+            zopilot_moe_pack(
+                q,
+                d,
+                s,
+                slice_ptr(&plan.order) as *const i32,
+                slice_ptr(&plan.chunks) as *const c_void,
+                plan.max_chunks as i32,
+                plan.nt as i32,
+                div as i32,
+                x.k as i32,
+                slice_ptr(&packed.q) as *mut i8,
+                slice_ptr(&packed.f) as *mut c_void,
+                stream(dev),
+            )
+        };
+        check(code, "zopilot moe pack")?;
+        Ok(packed)
+    }
+
+    fn ptrs(&self) -> (*const i8, *const c_void) {
+        (slice_ptr(&self.q) as *const i8, slice_ptr(&self.f) as *const c_void)
+    }
+}
+
+/// The (token, slot) pairs grouped by expert on the device, in chunks of `nt`.
+struct GroupPlan {
+    order: CudaSlice<i32>,
+    chunks: CudaSlice<i32>,
+    max_chunks: usize,
+    nt: usize,
+}
+
+impl GroupPlan {
+    fn new(dev: &CudaDevice, ids: &Tensor, experts: usize, tokens: usize) -> Result<Self> {
+        let pairs = ids.elem_count();
+        let nt = grouped_chunk(tokens);
+        let max_chunks = pairs / nt + experts.min(pairs);
+        let plan = Self {
+            order: unsafe { dev.alloc::<i32>(pairs)? },
+            chunks: unsafe { dev.alloc::<i32>(max_chunks * 4)? },
+            max_chunks,
+            nt,
+        };
+        let code = unsafe {
+            zopilot_moe_plan(
+                tensor_ptr(ids)? as *const u32,
+                pairs as i32,
+                experts as i32,
+                nt as i32,
+                max_chunks as i32,
+                slice_ptr(&plan.order) as *mut i32,
+                slice_ptr(&plan.chunks) as *mut c_void,
+                stream(dev),
+            )
+        };
+        check(code, "zopilot moe plan")?;
+        Ok(plan)
+    }
+}
+
+/// Most pairs the grouped kernels' plan takes in one launch.
+pub(crate) const GROUPED_MAX_PAIRS: usize = 4096;
+
+/// Mixtral's experts for a few dozen tokens with each expert's weights read once per chunk of
+/// pairs routed to it (the per-pair kernels, [`moe_w13_silu`] and [`moe_w2`], read an expert
+/// once per pair): pairs grouped by expert on the device, then w1‖w3·SiLU and w2 on tensor
+/// cores, then the routing-weighted sum (plus `resid`) → `[tokens, H]` in `dtype`. `w1`, `w3`:
+/// `[E, N, K]` Q4K, `w2`: `[E, H, N]`; `ids` `[tokens, topk]` u32 and `weights` f32 as
+/// [`router_topk`] returns them; `x`: the tokens quantized.
+pub(crate) fn moe_grouped(
+    (w1, w3, w2): (&QTensor, &QTensor, &QTensor),
+    ids: &Tensor,
+    weights: &Tensor,
+    x: &Q8Rows,
+    dtype: DType,
+    resid: Option<&Tensor>,
+) -> Result<Tensor> {
+    let dev = cuda_dev(ids)?;
+    let (experts, n, k) = w1.shape().dims3()?;
+    let (_, h, k2) = w2.shape().dims3()?;
+    let tokens = x.rows;
+    let topk = routing_dims(ids, Some(weights), tokens)?;
+    let pairs = tokens * topk;
+    if !q4k_applies(w1)
+        || !q4k_applies(w3)
+        || !q4k_applies(w2)
+        || w3.shape().dims3()? != (experts, n, k)
+        || w2.shape().dims3()?.0 != experts
+        || k2 != n
+        || x.k != k
+        || n % 256 != 0
+        || h % 32 != 0
+        || experts > 256
+        || pairs > GROUPED_MAX_PAIRS
+    {
+        candle_core::bail!(
+            "zopilot grouped moe: w1 {:?} w3 {:?} w2 {:?}, {tokens} tokens × {topk}",
+            w1.shape(),
+            w3.shape(),
+            w2.shape()
+        );
+    }
+    let (ids, weights) = (ids.contiguous()?, weights.contiguous()?);
+    let resid = resid.map(|r| r.contiguous()).transpose()?;
+    if let Some(r) = &resid {
+        if r.dims2()? != (tokens, h) || r.dtype() != dtype {
+            candle_core::bail!("zopilot grouped moe: residual {:?} {:?}", r.dims(), r.dtype());
+        }
+    }
+    let plan = GroupPlan::new(&dev, &ids, experts, tokens)?;
+    let order = slice_ptr(&plan.order) as *const i32;
+    let chunks = slice_ptr(&plan.chunks) as *const c_void;
+    let (max_chunks, nt) = (plan.max_chunks as i32, plan.nt as i32);
+
+    let px = Packed::new(&dev, x, &plan, topk)?;
+    let act = Q8Rows::alloc(&dev, pairs, n)?;
+    let (aq, ad, as_) = act.ptrs(0);
+    let (pq, pf) = px.ptrs();
+    let code = unsafe {
+        zopilot_moe_w13_mma(
+            weight_ptr(w1)?,
+            weight_ptr(w3)?,
+            order,
+            chunks,
+            max_chunks,
+            nt,
+            topk as i32,
+            pq,
+            pf,
+            n as i32,
+            k as i32,
+            aq,
+            ad,
+            as_,
+            stream(&dev),
+        )
+    };
+    check(code, "zopilot grouped moe w13")?;
+
+    let pa = Packed::new(&dev, &act, &plan, 1)?;
+    let y = unsafe { dev.alloc::<f32>(pairs * h)? };
+    let (pq, pf) = pa.ptrs();
+    let code = unsafe {
+        zopilot_moe_w2_mma(
+            weight_ptr(w2)?,
+            order,
+            chunks,
+            max_chunks,
+            nt,
+            topk as i32,
+            pq,
+            pf,
+            h as i32,
+            n as i32,
+            slice_ptr(&y) as *mut f32,
+            stream(&dev),
+        )
+    };
+    check(code, "zopilot grouped moe w2")?;
+
+    let out = Out::alloc(&dev, dtype, tokens * h)?;
+    let resid_ptr = resid.as_ref().map_or(Ok(0), tensor_ptr)?;
+    let code = unsafe {
+        zopilot_moe_combine(
+            slice_ptr(&y) as *const f32,
+            tensor_ptr(&weights)? as *const f32,
+            tokens as i32,
+            topk as i32,
+            h as i32,
+            resid_ptr as *const c_void,
+            out.ptr() as *mut c_void,
+            dtype_code(dtype)?,
+            stream(&dev),
+        )
+    };
+    check(code, "zopilot grouped moe combine")?;
+    Ok(out.into_tensor(&dev, tokens, h))
 }

@@ -4,11 +4,14 @@
 //! probabilities to the host in every layer, sorts there and loops over the experts. This module
 //! keeps the eight experts of a layer as one `[E, N, K]` weight per projection and routes on the
 //! device (softmax, top-k, renormalise in f32, as the reference implementation does):
-//! - few tokens (decode of up to `ZOPILOT_MOE_GATHER_MAX_TOKENS` sequences, default 2): one
-//!   indexed matmul per projection over the chosen experts (`GgufMatMul::gather_forward`, the
-//!   `indexed_moe_forward` CUDA kernel on GGUF-quantized weights), no host synchronisation.
-//!   The kernel reads an expert once per (token, expert) pair, so past E / top-k = 4 tokens it
-//!   reads more bytes than the experts hold (an H100 at 16 sequences: slower than upstream);
+//! - decode on CUDA with Q4K weights ([`StackedExperts::fused`], our kernels in
+//!   `cuda/zopilot_q4k.cu`): up to `ZOPILOT_MOE_GATHER_MAX_TOKENS` tokens (default 2) one
+//!   kernel pass per (token, expert) pair; up to `ZOPILOT_MOE_MMA_MAX_TOKENS` (default 64) the
+//!   pairs grouped by expert on the device and each expert read once per chunk of 8–16 pairs,
+//!   on tensor cores; no host synchronisation either way;
+//! - few tokens otherwise (other quantizations): one indexed matmul per projection over the
+//!   chosen experts (`GgufMatMul::gather_forward`, the `indexed_moe_forward` CUDA kernel on
+//!   GGUF-quantized weights), no host synchronisation;
 //! - more tokens (prefill, larger decode batches): one host read of the routing, then per
 //!   expert one matmul over the tokens routed to it: up to 16 tokens candle's Q8_1 mat-vec
 //!   kernel on the expert's bytes, past that the expert dequantized alone (so the transient
@@ -100,6 +103,17 @@ fn gather_max_tokens() -> usize {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(2)
+}
+
+/// Most tokens the grouped tensor-core expert kernels take (`ZOPILOT_MOE_MMA_MAX_TOKENS`; 0 or
+/// `ZOPILOT_MMA=0` turns them off: session 4's path, the host-routed grouped path below, for
+/// every batch of more than `ZOPILOT_MOE_GATHER_MAX_TOKENS`). Default 64: decode batches up to
+/// 64 sequences; longer batches (prefill) dequantize each expert for cuBLAS.
+fn mma_max_tokens() -> usize {
+    std::env::var("ZOPILOT_MOE_MMA_MAX_TOKENS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(64)
 }
 
 /// Tokens candle's quantized mat-vec kernels take in one launch (they go up to 8 columns).
@@ -462,15 +476,19 @@ pub(crate) struct FusedMoe<'a> {
     w2: &'a QTensor,
     router: &'a QTensor,
     top_k: usize,
+    /// Pairs grouped by expert (more than `gather_max_tokens` tokens).
+    grouped: bool,
 }
 
 #[cfg(feature = "cuda")]
 impl FusedMoe<'_> {
     /// The MoE block on an input already quantized (`x`, e.g. from the fused RMSNorm):
     /// router and routing in one kernel (logits rounded through `dtype`, as the unfused
-    /// router returns them), w1‖w3 with SiLU·mul and the activation's quantization in a
-    /// second, w2 with the weighted sum (and `resid`, when given) in a third, written in
-    /// `dtype` — three launches where the unfused path takes about sixteen.
+    /// router returns them); then per (token, expert) pair w1‖w3 with SiLU·mul and the
+    /// activation's quantization in a second kernel, w2 with the weighted sum (and `resid`,
+    /// when given) in a third, written in `dtype` — three launches where the unfused path
+    /// takes about sixteen; or, `grouped`, the pairs grouped by expert on the device and each
+    /// expert read once per chunk of pairs (tensor cores; [`zq::moe_grouped`]), no host sync.
     pub(crate) fn forward(
         &self,
         x: &crate::cuda::zopilot_q4k::Q8Rows,
@@ -479,6 +497,9 @@ impl FusedMoe<'_> {
     ) -> Result<Tensor> {
         use crate::cuda::zopilot_q4k as zq;
         let (ids, weights) = zq::router_topk(self.router, x, self.top_k, Some(dtype))?;
+        if self.grouped {
+            return zq::moe_grouped((self.w1, self.w3, self.w2), &ids, &weights, x, dtype, resid);
+        }
         let act = zq::moe_w13_silu(self.w1, self.w3, &ids, x)?;
         zq::moe_w2(self.w2, &ids, &weights, &act, dtype, resid)
     }
@@ -491,6 +512,9 @@ pub(crate) struct StackedExperts {
     w2: StackedWeight,
     act: Activation,
     gather_max_tokens: usize,
+    /// Read by the CUDA-only fused decode path.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    mma_max_tokens: usize,
 }
 
 /// Top-k experts per token and their weights, softmax over all experts renormalised over the
@@ -584,6 +608,7 @@ impl StackedExperts {
             w2,
             act,
             gather_max_tokens: gather_max_tokens(),
+            mma_max_tokens: mma_max_tokens(),
         }))
     }
 
@@ -601,8 +626,8 @@ impl StackedExperts {
 
     /// The tensors for decoding `n` tokens through our fused Q4K kernels
     /// (`cuda/zopilot_q4k.cu`), when they apply: at most `ZOPILOT_MOE_GATHER_MAX_TOKENS`
-    /// tokens, Q4K experts and router on CUDA, SiLU, top-k ≤ 8 of ≤ 256 experts, and not
-    /// `ZOPILOT_MOE_FUSED=0`.
+    /// tokens (per-pair kernels) or `ZOPILOT_MOE_MMA_MAX_TOKENS` (grouped), Q4K experts and
+    /// router on CUDA, SiLU, top-k ≤ 8 of ≤ 256 experts, and not `ZOPILOT_MOE_FUSED=0`.
     #[cfg(feature = "cuda")]
     pub(crate) fn fused<'a>(
         &'a self,
@@ -612,7 +637,11 @@ impl StackedExperts {
         device: &Device,
     ) -> Option<FusedMoe<'a>> {
         let experts = self.w1.dims().map_or(0, |(e, _, _)| e);
-        if n > self.gather_max_tokens
+        let grouped = n > self.gather_max_tokens;
+        let grouped_ok = n <= self.mma_max_tokens
+            && n * top_k <= crate::cuda::zopilot_q4k::GROUPED_MAX_PAIRS
+            && crate::cuda::zopilot_q4k::mma_enabled();
+        if (grouped && !grouped_ok)
             || !(1..=8).contains(&top_k)
             || top_k > experts
             || experts > 256
@@ -627,6 +656,7 @@ impl StackedExperts {
             w2: self.w2.fused_q4k()?,
             router: gate.q4k_for(n, device)?,
             top_k,
+            grouped,
         })
     }
 

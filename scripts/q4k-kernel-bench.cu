@@ -1,0 +1,316 @@
+// Kernel bench for vendor/mistralrs-core/src/cuda/zopilot_q4k.cu's MoE kernels at Mixtral's
+// shapes (8 experts, hidden 4096, FFN 14336, top-2), on random Q4_K weights: the per-pair
+// decode kernels (w1‖w3·SiLU, w2 + weighted sum) against the grouped ones (plan, w1‖w3,
+// w2, combine on tensor cores; w1‖w3 and w2 timed with their activation packing), and for
+// dense layers (q, k/v, lm_head shapes) the mat-vec against the tensor-core matmul. — agreement of their outputs and time per call (CUDA events). One JSON
+// object per line. Build and run on a GPU host (no Rust needed):
+//   nvcc -O3 -arch=sm_90 -o q4k-kernel-bench scripts/q4k-kernel-bench.cu
+//   ./q4k-kernel-bench [tokens ...]        (default 1 2 4 8 16 32 64)
+//   ./q4k-kernel-bench --dense [tokens ...] (dense layers: mat-vec against tensor cores)
+#include "../vendor/mistralrs-core/src/cuda/zopilot_q4k.cu"
+
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+#include <string>
+#include <vector>
+
+#define CK(x)                                                                  \
+  do {                                                                         \
+    cudaError_t e_ = (cudaError_t)(x);                                         \
+    if (e_ != cudaSuccess) {                                                   \
+      fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x,                \
+              cudaGetErrorString(e_));                                         \
+      exit(1);                                                                 \
+    }                                                                          \
+  } while (0)
+
+constexpr int E = 8, H = 4096, F = 14336, TOPK = 2;
+
+__device__ uint32_t mix(uint64_t x) {
+  x += 0x9e3779b97f4a7c15ull;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+  return (uint32_t)(x ^ (x >> 31));
+}
+
+// Random Q4_K blocks with sane scales: d ~ 1e-3, dmin ~ 5e-4, random 6-bit scales/mins.
+__global__ void fill_q4k(uint8_t *p, long long nblocks, uint64_t seed) {
+  const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= nblocks * 36)
+    return;
+  const long long blk = i / 36;
+  const int word = (int)(i % 36);
+  uint32_t v = mix(seed * 0x100000001ull + (uint64_t)i);
+  if (word == 0) {
+    const half d = __float2half(5e-4f + 1e-3f * (v & 0xffff) / 65535.0f);
+    const half m = __float2half(2e-4f + 5e-4f * (v >> 16) / 65535.0f);
+    v = (uint32_t)__half_as_ushort(d) | ((uint32_t)__half_as_ushort(m) << 16);
+  }
+  reinterpret_cast<uint32_t *>(p + blk * 144)[word] = v;
+}
+
+__global__ void fill_bf16(__nv_bfloat16 *x, long long n, uint64_t seed) {
+  const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < n)
+    x[i] = __float2bfloat16(((int)(mix(seed + (uint64_t)i) % 2001) - 1000) / 1000.0f);
+}
+
+struct ActBuf {
+  int8_t *q;
+  float *d, *s;
+  int rows, k;
+  ActBuf(int rows_, int k_) : rows(rows_), k(k_) {
+    CK(cudaMalloc(&q, (size_t)rows * k));
+    CK(cudaMalloc(&d, (size_t)rows * k / 32 * 4));
+    CK(cudaMalloc(&s, (size_t)rows * k / 16 * 4));
+  }
+  std::vector<float> values() const { // q · d on the host
+    std::vector<int8_t> hq((size_t)rows * k);
+    std::vector<float> hd((size_t)rows * k / 32), out(hq.size());
+    CK(cudaMemcpy(hq.data(), q, hq.size(), cudaMemcpyDeviceToHost));
+    CK(cudaMemcpy(hd.data(), d, hd.size() * 4, cudaMemcpyDeviceToHost));
+    for (size_t i = 0; i < out.size(); ++i)
+      out[i] = hq[i] * hd[i / 32];
+    return out;
+  }
+};
+
+static std::vector<float> bf16_host(const __nv_bfloat16 *p, size_t n) {
+  std::vector<__nv_bfloat16> h(n);
+  CK(cudaMemcpy(h.data(), p, n * 2, cudaMemcpyDeviceToHost));
+  std::vector<float> out(n);
+  for (size_t i = 0; i < n; ++i)
+    out[i] = __bfloat162float(h[i]);
+  return out;
+}
+
+// max |a - b| / max |a|
+static double rel_err(const std::vector<float> &a, const std::vector<float> &b) {
+  double m = 0, d = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    m = std::max(m, (double)std::fabs(a[i]));
+    d = std::max(d, (double)std::fabs(a[i] - b[i]));
+  }
+  return m > 0 ? d / m : d;
+}
+
+template <typename F> static float time_us(F f, int iters = 20) {
+  for (int i = 0; i < 3; ++i)
+    CK(f());
+  cudaEvent_t a, b;
+  CK(cudaEventCreate(&a));
+  CK(cudaEventCreate(&b));
+  CK(cudaEventRecord(a));
+  for (int i = 0; i < iters; ++i)
+    CK(f());
+  CK(cudaEventRecord(b));
+  CK(cudaEventSynchronize(b));
+  float ms;
+  CK(cudaEventElapsedTime(&ms, a, b));
+  return ms * 1000.0f / iters;
+}
+
+// Dense Q4K matmul: the mat-vec (launches of 8 tokens) against pack + tensor-core matmul.
+static void bench_dense(const std::vector<int> &token_counts) {
+  const int shapes[][2] = {{4096, 4096}, {1024, 4096}, {32000, 4096}};
+  for (const auto &sh : shapes) {
+    const int n = sh[0], k = sh[1];
+    const long long blocks = (long long)n * k / 256;
+    uint8_t *w;
+    CK(cudaMalloc(&w, blocks * 144));
+    fill_q4k<<<(unsigned)((blocks * 36 + 255) / 256), 256>>>(w, blocks, 5);
+    for (int T : token_counts) {
+      __nv_bfloat16 *x, *o_mv, *o_mm;
+      CK(cudaMalloc(&x, (size_t)T * k * 2));
+      CK(cudaMalloc(&o_mv, (size_t)T * n * 2));
+      CK(cudaMalloc(&o_mm, (size_t)T * n * 2));
+      fill_bf16<<<(T * k + 255) / 256, 256>>>(x, (long long)T * k, 21 + T);
+      ActBuf X(T, k);
+      CK(zopilot_q8_quantize(x, 1, k, T, k, X.q, X.d, X.s, 0));
+      auto matvec = [&] {
+        for (int t0 = 0; t0 < T; t0 += 8) {
+          const void *ws[1] = {w};
+          const int ns[1] = {n};
+          void *outs[1] = {o_mv + (size_t)t0 * n};
+          const int rc = zopilot_q4k_matvec(ws, ns, outs, 1, k, X.q + (size_t)t0 * k,
+                                            X.d + (size_t)t0 * k / 32, X.s + (size_t)t0 * k / 16,
+                                            std::min(8, T - t0), 1, 0);
+          if (rc)
+            return rc;
+        }
+        return 0;
+      };
+      CK(matvec());
+      const float t_mv = time_us(matvec);
+      const std::vector<float> ref = bf16_host(o_mv, (size_t)T * n);
+      printf("{\"dense\": [%d, %d], \"tokens\": %d, \"kernel\": \"matvec\", \"us\": %.1f, \"GBps\": %.0f}\n",
+             n, k, T, t_mv, blocks * 144.0 / t_mv / 1e3);
+      for (int nt : {8, 16}) {
+        const int chunks = (T + nt - 1) / nt;
+        int8_t *pq;
+        void *pf;
+        CK(cudaMalloc(&pq, (size_t)chunks * nt * k));
+        CK(cudaMalloc(&pf, (size_t)chunks * nt * k / 64 * 16));
+        auto pack = [&] { return zopilot_q4k_pack_rows(X.q, X.d, X.s, T, k, nt, pq, pf, 0); };
+        auto mm = [&] { return zopilot_q4k_mma(w, n, k, T, nt, pq, pf, o_mm, 1, 0); };
+        CK(pack());
+        CK(mm());
+        CK(cudaDeviceSynchronize());
+        const double err = rel_err(ref, bf16_host(o_mm, (size_t)T * n));
+        const float t_pack = time_us(pack), t_mm = time_us(mm);
+        printf("{\"dense\": [%d, %d], \"tokens\": %d, \"kernel\": \"mma\", \"nt\": %d, "
+               "\"pack_us\": %.1f, \"us\": %.1f, \"GBps\": %.0f, \"rel_err\": %.2e}\n",
+               n, k, T, nt, t_pack, t_mm, blocks * 144.0 / t_mm / 1e3, err);
+        CK(cudaFree(pq));
+        CK(cudaFree(pf));
+      }
+      fflush(stdout);
+      CK(cudaFree(x));
+      CK(cudaFree(o_mv));
+      CK(cudaFree(o_mm));
+    }
+    CK(cudaFree(w));
+  }
+}
+
+int main(int argc, char **argv) {
+  std::vector<int> token_counts;
+  bool dense = false;
+  for (int i = 1; i < argc; ++i) {
+    if (std::string(argv[i]) == "--dense")
+      dense = true;
+    else
+      token_counts.push_back(atoi(argv[i]));
+  }
+  if (token_counts.empty())
+    token_counts = {1, 2, 4, 8, 16, 32, 64};
+  if (dense) {
+    bench_dense(token_counts);
+    return 0;
+  }
+  const long long blocks13 = (long long)E * F * H / 256, blocks2 = (long long)E * H * F / 256;
+  uint8_t *w1, *w3, *w2;
+  CK(cudaMalloc(&w1, blocks13 * 144));
+  CK(cudaMalloc(&w3, blocks13 * 144));
+  CK(cudaMalloc(&w2, blocks2 * 144));
+  fill_q4k<<<(unsigned)((blocks13 * 36 + 255) / 256), 256>>>(w1, blocks13, 1);
+  fill_q4k<<<(unsigned)((blocks13 * 36 + 255) / 256), 256>>>(w3, blocks13, 2);
+  fill_q4k<<<(unsigned)((blocks2 * 36 + 255) / 256), 256>>>(w2, blocks2, 3);
+  CK(cudaDeviceSynchronize());
+  const double expert_bytes = (double)F * H / 256 * 144; // one expert matrix
+  std::mt19937 rng(7);
+  for (int T : token_counts) {
+    const int P = T * TOPK;
+    __nv_bfloat16 *x, *out_ref, *out_g;
+    CK(cudaMalloc(&x, (size_t)T * H * 2));
+    CK(cudaMalloc(&out_ref, (size_t)T * H * 2));
+    CK(cudaMalloc(&out_g, (size_t)T * H * 2));
+    fill_bf16<<<(T * H + 255) / 256, 256>>>(x, (long long)T * H, 11 + T);
+    ActBuf X(T, H), A_ref(P, F), A_g(P, F);
+    CK(zopilot_q8_quantize(x, 1, H, T, H, X.q, X.d, X.s, 0));
+    // Routing: top-2 distinct experts per token, uniformly random; weights 0.6 / 0.4.
+    std::vector<uint32_t> ids(P);
+    std::vector<float> topw(P);
+    std::vector<int> used(E, 0);
+    for (int t = 0; t < T; ++t) {
+      const int a = rng() % E;
+      int b = rng() % (E - 1);
+      b += b >= a;
+      ids[t * 2] = a, ids[t * 2 + 1] = b, topw[t * 2] = 0.6f, topw[t * 2 + 1] = 0.4f;
+      used[a] = used[b] = 1;
+    }
+    int experts_used = 0, max_per_expert = 0;
+    for (int e = 0; e < E; ++e) {
+      experts_used += used[e];
+      int c = 0;
+      for (int p = 0; p < P; ++p)
+        c += ids[p] == (uint32_t)e;
+      max_per_expert = std::max(max_per_expert, c);
+    }
+    uint32_t *d_ids;
+    float *d_topw, *y;
+    CK(cudaMalloc(&d_ids, P * 4));
+    CK(cudaMalloc(&d_topw, P * 4));
+    CK(cudaMalloc(&y, (size_t)P * H * 4));
+    CK(cudaMemcpy(d_ids, ids.data(), P * 4, cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(d_topw, topw.data(), P * 4, cudaMemcpyHostToDevice));
+    auto w13_ref = [&] {
+      return zopilot_moe_w13_silu(w1, w3, d_ids, P, TOPK, X.q, X.d, X.s, F, H, A_ref.q,
+                                  A_ref.d, A_ref.s, 0);
+    };
+    auto w2_ref = [&] {
+      return zopilot_moe_w2(w2, d_ids, d_topw, T, TOPK, A_ref.q, A_ref.d, A_ref.s, H, F,
+                            nullptr, out_ref, 1, 0);
+    };
+    CK(w13_ref());
+    CK(w2_ref());
+    const float t13_ref = time_us(w13_ref), t2_ref = time_us(w2_ref);
+    const std::vector<float> a_ref = A_ref.values(), o_ref = bf16_host(out_ref, (size_t)T * H);
+    printf("{\"tokens\": %d, \"kernel\": \"per-pair\", \"experts_used\": %d, \"w13_us\": %.1f, "
+           "\"w2_us\": %.1f, \"w13_pair_GBps\": %.0f, \"w2_pair_GBps\": %.0f}\n",
+           T, experts_used, t13_ref, t2_ref, 2 * P * expert_bytes / t13_ref / 1e3,
+           P * expert_bytes / t2_ref / 1e3);
+    const struct {
+      const char *name;
+      int nt;
+    } variants[] = {{"mma", 8}, {"mma", 16}};
+    for (const auto &v : variants) {
+      const int nt = v.nt;
+      const int max_chunks = P / nt + std::min(E, P);
+      int *order;
+      void *chunks;
+      CK(cudaMalloc(&order, P * 4));
+      CK(cudaMalloc(&chunks, max_chunks * 16));
+      // Packed activations for the mma kernels: x (k = H) and the w1‖w3 output (k = F).
+      int8_t *px, *pa;
+      void *fx, *fa;
+      CK(cudaMalloc(&px, (size_t)max_chunks * nt * H));
+      CK(cudaMalloc(&fx, (size_t)max_chunks * nt * H / 64 * 16));
+      CK(cudaMalloc(&pa, (size_t)max_chunks * nt * F));
+      CK(cudaMalloc(&fa, (size_t)max_chunks * nt * F / 64 * 16));
+      auto plan = [&] { return zopilot_moe_plan(d_ids, P, E, nt, max_chunks, order, chunks, 0); };
+      auto w13 = [&] {
+        CK(zopilot_moe_pack(X.q, X.d, X.s, order, chunks, max_chunks, nt, TOPK, H, px, fx, 0));
+        return zopilot_moe_w13_mma(w1, w3, order, chunks, max_chunks, nt, TOPK, px, fx, F, H,
+                                   A_g.q, A_g.d, A_g.s, 0);
+      };
+      // w2 from the reference activations, so the comparison is of w2 + combine alone.
+      auto w2g = [&] {
+        CK(zopilot_moe_pack(A_ref.q, A_ref.d, A_ref.s, order, chunks, max_chunks, nt, 1, F, pa,
+                            fa, 0));
+        return zopilot_moe_w2_mma(w2, order, chunks, max_chunks, nt, TOPK, pa, fa, H, F, y, 0);
+      };
+      auto comb = [&] { return zopilot_moe_combine(y, d_topw, T, TOPK, H, nullptr, out_g, 1, 0); };
+      CK(plan());
+      CK(w13());
+      CK(w2g());
+      CK(comb());
+      CK(cudaDeviceSynchronize());
+      const double e13 = rel_err(a_ref, A_g.values());
+      const double e2 = rel_err(o_ref, bf16_host(out_g, (size_t)T * H));
+      const float tp = time_us(plan), t13 = time_us(w13), t2 = time_us(w2g), tc = time_us(comb);
+      printf("{\"tokens\": %d, \"kernel\": \"%s\", \"nt\": %d, \"max_per_expert\": %d, "
+             "\"plan_us\": %.1f, \"w13_us\": %.1f, \"w2_us\": %.1f, \"combine_us\": %.1f, "
+             "\"w13_GBps\": %.0f, \"w2_GBps\": %.0f, \"w13_rel_err\": %.2e, \"w2_rel_err\": %.2e}\n",
+             T, v.name, nt, max_per_expert, tp, t13, t2, tc,
+             2 * experts_used * expert_bytes / t13 / 1e3, experts_used * expert_bytes / t2 / 1e3,
+             e13, e2);
+      CK(cudaFree(order));
+      CK(cudaFree(px));
+      CK(cudaFree(fx));
+      CK(cudaFree(pa));
+      CK(cudaFree(fa));
+      CK(cudaFree(chunks));
+    }
+    fflush(stdout);
+    CK(cudaFree(x));
+    CK(cudaFree(out_ref));
+    CK(cudaFree(out_g));
+    CK(cudaFree(d_ids));
+    CK(cudaFree(d_topw));
+    CK(cudaFree(y));
+  }
+  return 0;
+}
