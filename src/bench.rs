@@ -101,8 +101,11 @@ pub struct Level {
     pub inter_token: Percentiles,
     /// Mean over streams of (tokens − 1) / (last − first token).
     pub decode_tokens_per_second_per_stream: f64,
-    /// All generated tokens / wall time of the level.
+    /// All generated tokens / wall time of the level (the window includes every prefill).
     pub aggregate_tokens_per_second: f64,
+    /// Sum over streams of their decode rate: the batch's decode throughput with prefill left
+    /// out, as llama.cpp's `llama-batched-bench` reports generation speed (S_TG).
+    pub decode_aggregate_tokens_per_second: f64,
     /// Prompt tokens / mean TTFT, per stream.
     pub prompt_tokens_per_second: f64,
     /// Per-stream decode rate / floor_tokens_per_second.
@@ -306,6 +309,7 @@ fn summarize(concurrency: usize, samples: &[Sample]) -> Level {
             / per_stream.len().max(1) as f64,
         aggregate_tokens_per_second: samples.iter().map(|s| s.tokens).sum::<usize>() as f64
             / (t1 - t0).as_secs_f64().max(1e-9),
+        decode_aggregate_tokens_per_second: per_stream.iter().sum(),
         fraction_of_floor: None,
         prompt_tokens_per_second: if mean_ttft > 0.0 {
             prompt_tokens as f64 / mean_ttft
@@ -475,13 +479,13 @@ impl BenchReport {
                 b as f64 / 1e9
             ));
         }
-        out.push_str("conc  ttft p50/p90/p99 ms      itl p50/p99 ms   tok/s/stream  aggregate tok/s  prompt tok/s  of floor\n");
+        out.push_str("conc  ttft p50/p90/p99 ms      itl p50/p99 ms   tok/s/stream  aggregate tok/s  decode agg  prompt tok/s  of floor\n");
         for l in &self.levels {
             let of_floor = l
                 .fraction_of_floor
                 .map_or("     -".into(), |f| format!("{:>5.1}%", f * 100.0));
             out.push_str(&format!(
-                "{:>4}  {:>7.1}/{:>7.1}/{:>7.1}  {:>6.2}/{:>6.2}  {:>12.1}  {:>15.1}  {:>12.1}  {of_floor:>8}\n",
+                "{:>4}  {:>7.1}/{:>7.1}/{:>7.1}  {:>6.2}/{:>6.2}  {:>12.1}  {:>15.1}  {:>10.1}  {:>12.1}  {of_floor:>8}\n",
                 l.concurrency,
                 l.ttft.p50_ms,
                 l.ttft.p90_ms,
@@ -490,6 +494,7 @@ impl BenchReport {
                 l.inter_token.p99_ms,
                 l.decode_tokens_per_second_per_stream,
                 l.aggregate_tokens_per_second,
+                l.decode_aggregate_tokens_per_second,
                 l.prompt_tokens_per_second
             ));
         }

@@ -506,10 +506,18 @@ fn bench_json_on_the_tiny_model_emits_the_documented_fields() {
         for f in [
             "decode_tokens_per_second_per_stream",
             "aggregate_tokens_per_second",
+            "decode_aggregate_tokens_per_second",
             "prompt_tokens_per_second",
         ] {
             assert!(l[f].as_f64().unwrap() > 0.0, "{f} in {l}");
         }
+        // Decode aggregate = the per-stream mean times the streams (every stream decodes).
+        let per_stream = l["decode_tokens_per_second_per_stream"].as_f64().unwrap();
+        let decode_agg = l["decode_aggregate_tokens_per_second"].as_f64().unwrap();
+        assert!(
+            (decode_agg - per_stream * c as f64).abs() < 1e-6 * decode_agg,
+            "{decode_agg} vs {per_stream} × {c}"
+        );
         for f in ["ttft", "inter_token"] {
             assert!(
                 l[f]["p50_ms"].as_f64().unwrap() <= l[f]["p99_ms"].as_f64().unwrap(),
