@@ -124,6 +124,8 @@ pub struct BenchReport {
     pub target: String,
     pub prompt_tokens: usize,
     pub max_tokens: usize,
+    /// Whether every stream had a prompt of its own (`--distinct-prompts`).
+    pub distinct_prompts: bool,
     /// Seconds from start to ready, ISQ included (in-process only).
     pub load_seconds: Option<f64>,
     pub peak_gpu_memory_bytes: Option<u64>,
@@ -151,6 +153,8 @@ pub struct BenchOptions {
     /// Whether `--model` (or MODEL_NAME) named the model. With `--url` and no name, the
     /// shapes (layers, bytes per token, floor) are unknown rather than the default model's.
     pub model_named: bool,
+    /// Every stream its own prompt ([`stream_prompt`]) instead of one prompt for all.
+    pub distinct_prompts: bool,
 }
 
 fn peak_rss() -> Option<u64> {
@@ -233,11 +237,11 @@ async fn one_http(
     client: reqwest::Client,
     url: String,
     key: Option<String>,
-    prompt: Vec<u32>,
+    prompt: String,
     max_tokens: usize,
 ) -> Result<Sample> {
     let mut clock = Clock::new();
-    let body = serde_json::json!({"prompt": prompt_text(&prompt), "max_tokens": max_tokens, "temperature": 0, "stream": true,
+    let body = serde_json::json!({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": true,
                                   "stream_options": {"include_usage": true}});
     let mut req = client.post(format!("{url}/v1/completions")).json(&body);
     if let Some(k) = key {
@@ -271,10 +275,33 @@ async fn one_http(
     Ok(clock.finish(tokens, prompt_tokens))
 }
 
-/// Over HTTP the prompt travels as text of about the same length; the server's own count
-/// (`usage.prompt_tokens`) is what the report uses.
-fn prompt_text(prompt: &[u32]) -> String {
-    "a ".repeat(prompt.len().saturating_sub(1))
+/// Over HTTP the prompt travels as text of about `tokens` tokens (stream `i`'s starting with
+/// its number); the server's own count (`usage.prompt_tokens`) is what the report uses.
+fn prompt_text(tokens: usize, stream: Option<usize>) -> String {
+    let words = "a ".repeat(tokens.saturating_sub(1));
+    match stream {
+        Some(i) => format!("{i} {}", &words[2.min(words.len())..]),
+        None => words,
+    }
+}
+
+/// Stream `i`'s prompt: `base` with positions 1 and 2 (after the first token, usually BOS)
+/// set to a pair of `base`'s own tokens that no other stream gets, so the prompts differ and
+/// keep their length; `None` (or a prompt too short to vary) gives `base` itself.
+fn stream_prompt(base: &[u32], stream: Option<usize>) -> Vec<u32> {
+    let mut p = base.to_vec();
+    let Some(i) = stream else {
+        return p;
+    };
+    let mut vocab: Vec<u32> = base.to_vec();
+    vocab.sort_unstable();
+    vocab.dedup();
+    if p.len() >= 3 && !vocab.is_empty() {
+        let m = vocab.len();
+        p[1] = vocab[i % m];
+        p[2] = vocab[(i / m) % m];
+    }
+    p
 }
 
 fn summarize(concurrency: usize, samples: &[Sample]) -> Level {
@@ -390,17 +417,18 @@ pub async fn run(mut model: ModelSettings, o: BenchOptions) -> Result<BenchRepor
                     client.clone(),
                     u.clone(),
                     o.api_key.clone(),
-                    prompt.clone(),
+                    prompt_text(prompt.len(), None),
                     o.max_tokens.min(8),
                 )
                 .await?,
             ),
         }
         let tasks: Vec<_> = (0..c)
-            .map(|_| {
+            .map(|i| {
+                let stream = o.distinct_prompts.then_some(i);
                 let (engine, prompt, client, url, key) = (
                     engine.clone(),
-                    prompt.clone(),
+                    stream_prompt(&prompt, stream),
                     client.clone(),
                     o.url.clone(),
                     o.api_key.clone(),
@@ -408,7 +436,10 @@ pub async fn run(mut model: ModelSettings, o: BenchOptions) -> Result<BenchRepor
                 tokio::spawn(async move {
                     match url {
                         None => one_in_process(engine, prompt, o.max_tokens).await,
-                        Some(u) => one_http(client, u, key, prompt, o.max_tokens).await,
+                        Some(u) => {
+                            let text = prompt_text(prompt.len(), stream);
+                            one_http(client, u, key, text, o.max_tokens).await
+                        }
                     }
                 })
             })
@@ -440,6 +471,7 @@ pub async fn run(mut model: ModelSettings, o: BenchOptions) -> Result<BenchRepor
         target: o.url.clone().unwrap_or_else(|| "in-process".into()),
         prompt_tokens: o.prompt_tokens,
         max_tokens: o.max_tokens,
+        distinct_prompts: o.distinct_prompts,
         load_seconds,
         peak_gpu_memory_bytes: gpu_peak,
         peak_host_rss_bytes: peak_rss(),
@@ -499,5 +531,37 @@ impl BenchReport {
             ));
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn distinct_prompts_differ_per_stream_and_keep_their_length() {
+        let base: Vec<u32> = (0..40).map(|t| 100 + t % 7).collect();
+        let prompts: Vec<Vec<u32>> = (0..32).map(|i| stream_prompt(&base, Some(i))).collect();
+        for p in &prompts {
+            assert_eq!(p.len(), base.len());
+            assert_eq!(p[0], base[0]);
+            assert_eq!(p[3..], base[3..]);
+        }
+        let mut unique = prompts.clone();
+        unique.sort();
+        unique.dedup();
+        assert_eq!(
+            unique.len(),
+            prompts.len(),
+            "7 tokens give 49 distinct pairs"
+        );
+        assert_eq!(stream_prompt(&base, None), base);
+    }
+
+    #[test]
+    fn http_prompt_texts_differ_per_stream_only_when_asked() {
+        assert_eq!(prompt_text(5, None), "a a a a ");
+        assert_eq!(prompt_text(5, Some(12)), "12 a a a ");
+        assert_ne!(prompt_text(5, Some(1)), prompt_text(5, Some(2)));
     }
 }

@@ -132,6 +132,13 @@ pub struct BenchArgs {
     #[arg(long)]
     pub bandwidth_gbs: Option<f64>,
 
+    /// Give every stream a prompt of its own (same length), so that a mixture of experts
+    /// routes the streams to different experts as real traffic does. By default every stream
+    /// sends the same prompt, as earlier records and llama.cpp's batched bench do: the
+    /// streams then decode the same tokens and take the same experts.
+    #[arg(long)]
+    pub distinct_prompts: bool,
+
     /// Print the report as JSON (schema `zopilot-gpu/bench/v1`).
     #[arg(long)]
     pub json: bool,

@@ -401,6 +401,7 @@ fn bench(a: BenchArgs) -> Result<ExitCode> {
         api_key: a.api_key,
         bandwidth_gbs: a.bandwidth_gbs,
         model_named: a.model.model.is_some() || a.model.model_name.is_some(),
+        distinct_prompts: a.distinct_prompts,
     };
     let report = block_on(crate::bench::run(model, opts))??;
     if a.json {

@@ -427,7 +427,8 @@ fn selftest_on_the_cpu_passes() {
 }
 
 /// `bench --url` measures a running server: it names the model the server lists and, not
-/// knowing the served shapes, leaves the floor fields empty instead of guessing them.
+/// knowing the served shapes, leaves the floor fields empty instead of guessing them. (With
+/// `--distinct-prompts`: each stream sends its own prompt text.)
 #[tokio::test]
 async fn bench_over_http_reports_the_served_model_and_no_guessed_floor() {
     let (server, _) = spawn_serve(&[]);
@@ -445,6 +446,7 @@ async fn bench_over_http_reports_the_served_model_and_no_guessed_floor() {
                 "3",
                 "--concurrency",
                 "1,2",
+                "--distinct-prompts",
                 "--json",
             ])
             .output()
@@ -454,6 +456,7 @@ async fn bench_over_http_reports_the_served_model_and_no_guessed_floor() {
     .unwrap();
     let r = json_stdout(&out);
     assert_eq!(r["target"], server.url.as_str());
+    assert_eq!(r["distinct_prompts"], true);
     assert_eq!(r["model"], "synthetic:tiny");
     assert_eq!(r["layers"], Value::Null);
     assert_eq!(r["floor_tokens_per_second"], Value::Null);
@@ -488,6 +491,7 @@ fn bench_json_on_the_tiny_model_emits_the_documented_fields() {
         .unwrap();
     let r = json_stdout(&out);
     assert_eq!(r["schema"], "zopilot-gpu/bench/v1");
+    assert_eq!(r["distinct_prompts"], false);
     assert_eq!(r["layers"], 2);
     assert_eq!(r["prompt_tokens"], 32);
     assert!(r["load_seconds"].as_f64().unwrap() > 0.0);
