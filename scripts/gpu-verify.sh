@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Verifies a CUDA build on a GPU machine in one go (the device tool forgets everything
-# between calls): start-up checks, the driver hidden, the self-test, serving from the GPU,
-# and the 8-layer Mixtral-shape benchmark. Results land in $OUT (default ./gpu-verify).
+# between calls): start-up checks, the driver hidden, the self-test, our Q4K kernels against
+# their references (scripts/q4k-kernel-bench.cu --check, when nvcc is there), serving from
+# the GPU, and the 8-layer Mixtral-shape benchmark. Results land in $OUT (default
+# ./gpu-verify).
 #
 #   scripts/gpu-verify.sh path/to/zopilot-gpu [--bench]
 #
@@ -23,6 +25,17 @@ cuda=$(ldconfig -p | awk '/libcuda.so.1 /{print $NF; exit}')
 nvml=$(ldconfig -p | awk '/libnvidia-ml.so.1 /{print $NF; exit}')
 run unshare -m sh -c "mount --bind /dev/null $(readlink -f "$cuda") && mount --bind /dev/null $(readlink -f "$nvml") && $B check --model synthetic:tiny"
 log "selftest"; timeout 300 "$B" selftest --json > "$OUT/selftest.json" 2> "$OUT/selftest.log"; echo "exit $?" >> "$OUT/summary.txt"
+if command -v nvcc > /dev/null; then
+  log "kernels against their references (q4k-kernel-bench --check)"
+  cc=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -d .)
+  here=$(dirname "$0")
+  if nvcc -O3 -arch=sm_"$cc" -o /tmp/q4k-kernel-bench "$here/q4k-kernel-bench.cu" > "$OUT/kbench-build.log" 2>&1; then
+    run /tmp/q4k-kernel-bench --check 1 4 32 64
+    run /tmp/q4k-kernel-bench --check --dense 1 4 32
+  else
+    echo "kernel bench did not build (see kbench-build.log)" >> "$OUT/summary.txt"
+  fi
+fi
 log "serve synthetic:tiny (self-test on)"
 "$B" serve --model synthetic:tiny --port 8123 > "$OUT/serve.log" 2>&1 &
 pid=$!
