@@ -134,8 +134,8 @@ pub struct BenchArgs {
 
     /// Give every stream a prompt of its own (same length), so that a mixture of experts
     /// routes the streams to different experts as real traffic does. By default every stream
-    /// sends the same prompt, as earlier records and llama.cpp's batched bench do: the
-    /// streams then decode the same tokens and take the same experts.
+    /// sends the same prompt, as in every earlier record: the streams then decode the same
+    /// tokens and take the same experts.
     #[arg(long)]
     pub distinct_prompts: bool,
 
