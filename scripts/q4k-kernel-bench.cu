@@ -58,15 +58,23 @@ __global__ void fill_bf16(__nv_bfloat16 *x, long long n, uint64_t seed) {
     x[i] = __float2bfloat16(((int)(mix(seed + (uint64_t)i) % 2001) - 1000) / 1000.0f);
 }
 
+// n elements of T in device memory for the scope's lifetime; used where a T* is.
+template <typename T> struct Dev {
+  T *p = nullptr;
+  explicit Dev(size_t n) { CK(cudaMalloc(&p, n * sizeof(T))); }
+  ~Dev() { cudaFree(p); }
+  Dev(const Dev &) = delete;
+  Dev &operator=(const Dev &) = delete;
+  operator T *() const { return p; }
+};
+
 struct ActBuf {
-  int8_t *q;
-  float *d, *s;
   int rows, k;
-  ActBuf(int rows_, int k_) : rows(rows_), k(k_) {
-    CK(cudaMalloc(&q, (size_t)rows * k));
-    CK(cudaMalloc(&d, (size_t)rows * k / 32 * 4));
-    CK(cudaMalloc(&s, (size_t)rows * k / 16 * 4));
-  }
+  Dev<int8_t> q;
+  Dev<float> d, s;
+  ActBuf(int rows_, int k_)
+      : rows(rows_), k(k_), q((size_t)rows_ * k_), d((size_t)rows_ * k_ / 32),
+        s((size_t)rows_ * k_ / 16) {}
   std::vector<float> values() const { // q · d on the host
     std::vector<int8_t> hq((size_t)rows * k);
     std::vector<float> hd((size_t)rows * k / 32), out(hq.size());
@@ -126,14 +134,10 @@ static void bench_dense(const std::vector<int> &token_counts) {
   for (const auto &sh : shapes) {
     const int n = sh[0], k = sh[1];
     const long long blocks = (long long)n * k / 256;
-    uint8_t *w;
-    CK(cudaMalloc(&w, blocks * 144));
+    Dev<uint8_t> w(blocks * 144);
     fill_q4k<<<(unsigned)((blocks * 36 + 255) / 256), 256>>>(w, blocks, 5);
     for (int T : token_counts) {
-      __nv_bfloat16 *x, *o_mv, *o_mm;
-      CK(cudaMalloc(&x, (size_t)T * k * 2));
-      CK(cudaMalloc(&o_mv, (size_t)T * n * 2));
-      CK(cudaMalloc(&o_mm, (size_t)T * n * 2));
+      Dev<__nv_bfloat16> x((size_t)T * k), o_mv((size_t)T * n), o_mm((size_t)T * n);
       fill_bf16<<<(T * k + 255) / 256, 256>>>(x, (long long)T * k, 21 + T);
       ActBuf X(T, k);
       CK(zopilot_q8_quantize(x, 1, k, T, k, X.q, X.d, X.s, 0));
@@ -157,10 +161,8 @@ static void bench_dense(const std::vector<int> &token_counts) {
              n, k, T, t_mv, blocks * 144.0 / t_mv / 1e3);
       for (int nt : {8, 16}) {
         const int chunks = (T + nt - 1) / nt;
-        int8_t *pq;
-        void *pf;
-        CK(cudaMalloc(&pq, (size_t)chunks * nt * k));
-        CK(cudaMalloc(&pf, (size_t)chunks * nt * k / 64 * 16));
+        Dev<int8_t> pq((size_t)chunks * nt * k);
+        Dev<float4> pf((size_t)chunks * nt * k / 64);
         auto pack = [&] { return zopilot_q4k_pack_rows(X.q, X.d, X.s, T, k, nt, pq, pf, 0); };
         auto mm = [&] { return zopilot_q4k_mma(w, n, k, T, nt, pq, pf, o_mm, 1, 0); };
         CK(pack());
@@ -171,15 +173,9 @@ static void bench_dense(const std::vector<int> &token_counts) {
         printf("{\"dense\": [%d, %d], \"tokens\": %d, \"kernel\": \"mma\", \"nt\": %d, "
                "\"pack_us\": %.1f, \"us\": %.1f, \"GBps\": %.0f, \"rel_err\": %.2e}\n",
                n, k, T, nt, t_pack, t_mm, blocks * 144.0 / t_mm / 1e3, err);
-        CK(cudaFree(pq));
-        CK(cudaFree(pf));
       }
       fflush(stdout);
-      CK(cudaFree(x));
-      CK(cudaFree(o_mv));
-      CK(cudaFree(o_mm));
     }
-    CK(cudaFree(w));
   }
 }
 
@@ -278,10 +274,7 @@ int main(int argc, char **argv) {
     return verdict();
   }
   const long long blocks13 = (long long)E * F * H / 256, blocks2 = (long long)E * H * F / 256;
-  uint8_t *w1, *w3, *w2;
-  CK(cudaMalloc(&w1, blocks13 * 144));
-  CK(cudaMalloc(&w3, blocks13 * 144));
-  CK(cudaMalloc(&w2, blocks2 * 144));
+  Dev<uint8_t> w1(blocks13 * 144), w3(blocks13 * 144), w2(blocks2 * 144);
   fill_q4k<<<(unsigned)((blocks13 * 36 + 255) / 256), 256>>>(w1, blocks13, 1);
   fill_q4k<<<(unsigned)((blocks13 * 36 + 255) / 256), 256>>>(w3, blocks13, 2);
   fill_q4k<<<(unsigned)((blocks2 * 36 + 255) / 256), 256>>>(w2, blocks2, 3);
@@ -290,10 +283,7 @@ int main(int argc, char **argv) {
   std::mt19937 rng(7);
   for (int T : token_counts) {
     const int P = T * TOPK;
-    __nv_bfloat16 *x, *out_ref, *out_g;
-    CK(cudaMalloc(&x, (size_t)T * H * 2));
-    CK(cudaMalloc(&out_ref, (size_t)T * H * 2));
-    CK(cudaMalloc(&out_g, (size_t)T * H * 2));
+    Dev<__nv_bfloat16> x((size_t)T * H), out_ref((size_t)T * H), out_g((size_t)T * H);
     fill_bf16<<<(T * H + 255) / 256, 256>>>(x, (long long)T * H, 11 + T);
     ActBuf X(T, H), A_ref(P, F), A_g(P, F);
     CK(zopilot_q8_quantize(x, 1, H, T, H, X.q, X.d, X.s, 0));
@@ -316,11 +306,8 @@ int main(int argc, char **argv) {
         c += ids[p] == (uint32_t)e;
       max_per_expert = std::max(max_per_expert, c);
     }
-    uint32_t *d_ids;
-    float *d_topw, *y;
-    CK(cudaMalloc(&d_ids, P * 4));
-    CK(cudaMalloc(&d_topw, P * 4));
-    CK(cudaMalloc(&y, (size_t)P * H * 4));
+    Dev<uint32_t> d_ids(P);
+    Dev<float> d_topw(P), y((size_t)P * H);
     CK(cudaMemcpy(d_ids, ids.data(), P * 4, cudaMemcpyHostToDevice));
     CK(cudaMemcpy(d_topw, topw.data(), P * 4, cudaMemcpyHostToDevice));
     auto w13_ref = [&] {
@@ -358,17 +345,11 @@ int main(int argc, char **argv) {
     for (const auto &v : variants) {
       const int nt = v.nt;
       const int max_chunks = P / nt + std::min(E, P);
-      int *order;
-      void *chunks;
-      CK(cudaMalloc(&order, P * 4));
-      CK(cudaMalloc(&chunks, max_chunks * 16));
+      Dev<int> order(P);
+      Dev<int4> chunks(max_chunks);
       // Packed activations for the mma kernels: x (k = H) and the w1‖w3 output (k = F).
-      int8_t *px, *pa;
-      void *fx, *fa;
-      CK(cudaMalloc(&px, (size_t)max_chunks * nt * H));
-      CK(cudaMalloc(&fx, (size_t)max_chunks * nt * H / 64 * 16));
-      CK(cudaMalloc(&pa, (size_t)max_chunks * nt * F));
-      CK(cudaMalloc(&fa, (size_t)max_chunks * nt * F / 64 * 16));
+      Dev<int8_t> px((size_t)max_chunks * nt * H), pa((size_t)max_chunks * nt * F);
+      Dev<float4> fx((size_t)max_chunks * nt * H / 64), fa((size_t)max_chunks * nt * F / 64);
       auto plan = [&] { return zopilot_moe_plan(d_ids, P, E, nt, max_chunks, order, chunks, 0); };
       auto w13 = [&] {
         CK(zopilot_moe_pack(X.q, X.d, X.s, order, chunks, max_chunks, nt, TOPK, H, px, fx, 0));
@@ -396,20 +377,8 @@ int main(int argc, char **argv) {
              T, v.name, nt, max_per_expert, tp, t13, t2, tc,
              2 * experts_used * expert_bytes / t13 / 1e3, experts_used * expert_bytes / t2 / 1e3,
              e13, e2);
-      CK(cudaFree(order));
-      CK(cudaFree(px));
-      CK(cudaFree(fx));
-      CK(cudaFree(pa));
-      CK(cudaFree(fa));
-      CK(cudaFree(chunks));
     }
     fflush(stdout);
-    CK(cudaFree(x));
-    CK(cudaFree(out_ref));
-    CK(cudaFree(out_g));
-    CK(cudaFree(d_ids));
-    CK(cudaFree(d_topw));
-    CK(cudaFree(y));
   }
   return verdict();
 }

@@ -307,6 +307,14 @@ __global__ void __launch_bounds__(WARPS * 32)
     quantize_group(act[lane], lane, act_out, (size_t)pair * n + blockIdx.x * 32);
 }
 
+// out[i] = the MoE block's output `total`, plus resid[i] when given — each rounded to OUT as
+// the unfused add would see them.
+template <typename OUT>
+__device__ __forceinline__ void store_moe_out(OUT *out, const OUT *resid, size_t i, float total) {
+  out[i] = resid ? from_float<OUT>(to_float(resid[i]) + to_float(from_float<OUT>(total)))
+                 : from_float<OUT>(total);
+}
+
 // One warp per (output row, slot): the row's dot product with the slot's activation, then the
 // block adds its rows' slots (in slot order, routing-weighted) through shared memory, plus
 // `resid` when given. A block is WARPS / topk rows × topk slots (topk ≤ WARPS).
@@ -348,11 +356,7 @@ __global__ void __launch_bounds__(WARPS * 32)
       float total = 0.0f;
       for (int s = 0; s < topk; ++s)
         total += part[lane * topk + s];
-      const size_t i = (size_t)token * n + orow;
-      // With a residual: resid + ys, each rounded to OUT as the unfused add would see them.
-      out[i] = resid ? from_float<OUT>(to_float(resid[i]) +
-                                       to_float(from_float<OUT>(total)))
-                     : from_float<OUT>(total);
+      store_moe_out(out, resid, (size_t)token * n + orow, total);
     }
   }
 }
@@ -617,9 +621,7 @@ __global__ void moe_combine_kernel(const float *__restrict__ y, const float *__r
     const size_t pair = (size_t)token * topk + s;
     total += topw[pair] * y[pair * n + row];
   }
-  const size_t i = (size_t)token * n + row;
-  out[i] = resid ? from_float<OUT>(to_float(resid[i]) + to_float(from_float<OUT>(total)))
-                 : from_float<OUT>(total);
+  store_moe_out(out, resid, (size_t)token * n + row, total);
 }
 
 // The grouped expert kernels: int8 mma.sync m16n8k32 per Q4_K

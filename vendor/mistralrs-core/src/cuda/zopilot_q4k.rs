@@ -8,6 +8,7 @@
 
 use std::ffi::c_void;
 
+use crate::models::mixtral_stacked_moe::{env_usize, switch_on};
 use candle_core::{
     cuda_backend::{
         cudarc::driver::{CudaSlice, DevicePtr},
@@ -200,19 +201,14 @@ pub(crate) const MATVEC_MAX_TOKENS: usize = 8;
 /// overrides; default 3).
 fn mma_min_tokens() -> usize {
     static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *N.get_or_init(|| {
-        std::env::var("ZOPILOT_MMA_MIN_TOKENS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(3)
-    })
+    *N.get_or_init(|| env_usize("ZOPILOT_MMA_MIN_TOKENS").unwrap_or(3))
 }
 
 /// The tensor-core kernels (grouped experts, dense matmul) are on unless `ZOPILOT_MMA=0`
 /// (session 4's kernels then, for comparison).
 pub(crate) fn mma_enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("ZOPILOT_MMA").map_or(true, |v| v != "0"))
+    *ON.get_or_init(|| switch_on("ZOPILOT_MMA"))
 }
 
 /// Rows of activations quantized to int8 with one f32 scale per 32 values and the
@@ -506,41 +502,38 @@ pub(crate) fn matvec_many(
             };
             check(status, "zopilot mma matmul")?;
         }
-        return Ok(outs
-            .into_iter()
-            .map(|(n, buf)| buf.into_tensor(&dev, x.rows, n))
-            .collect());
-    }
-    let elem = dtype.size_in_bytes() as u64;
-    for group in (0..ws.len()).collect::<Vec<_>>().chunks(3) {
-        for start in (0..x.rows).step_by(MATVEC_MAX_TOKENS) {
-            let tokens = MATVEC_MAX_TOKENS.min(x.rows - start);
-            let mut w_ptrs = Vec::with_capacity(3);
-            let mut n_rows = Vec::with_capacity(3);
-            let mut out_ptrs = Vec::with_capacity(3);
-            for &i in group {
-                let (n, buf) = &outs[i];
-                w_ptrs.push(weight_ptr(ws[i])?);
-                n_rows.push(*n as i32);
-                out_ptrs.push((buf.ptr() + (start * n) as u64 * elem) as *mut c_void);
+    } else {
+        let elem = dtype.size_in_bytes() as u64;
+        for group in (0..ws.len()).collect::<Vec<_>>().chunks(3) {
+            for start in (0..x.rows).step_by(MATVEC_MAX_TOKENS) {
+                let tokens = MATVEC_MAX_TOKENS.min(x.rows - start);
+                let mut w_ptrs = Vec::with_capacity(3);
+                let mut n_rows = Vec::with_capacity(3);
+                let mut out_ptrs = Vec::with_capacity(3);
+                for &i in group {
+                    let (n, buf) = &outs[i];
+                    w_ptrs.push(weight_ptr(ws[i])?);
+                    n_rows.push(*n as i32);
+                    out_ptrs.push((buf.ptr() + (start * n) as u64 * elem) as *mut c_void);
+                }
+                let (xq, xd, xs) = x.ptrs(start);
+                let status = unsafe {
+                    zopilot_q4k_matvec(
+                        w_ptrs.as_ptr(),
+                        n_rows.as_ptr(),
+                        out_ptrs.as_ptr(),
+                        group.len() as i32,
+                        k as i32,
+                        xq,
+                        xd,
+                        xs,
+                        tokens as i32,
+                        code,
+                        stream(&dev),
+                    )
+                };
+                check(status, "zopilot matvec")?;
             }
-            let (xq, xd, xs) = x.ptrs(start);
-            let status = unsafe {
-                zopilot_q4k_matvec(
-                    w_ptrs.as_ptr(),
-                    n_rows.as_ptr(),
-                    out_ptrs.as_ptr(),
-                    group.len() as i32,
-                    k as i32,
-                    xq,
-                    xd,
-                    xs,
-                    tokens as i32,
-                    code,
-                    stream(&dev),
-                )
-            };
-            check(status, "zopilot matvec")?;
         }
     }
     Ok(outs
@@ -723,13 +716,17 @@ struct Packed {
 }
 
 impl Packed {
+    /// Uninitialised room for `slots` rows of `k` values (the pack kernels fill it).
+    fn alloc(dev: &CudaDevice, slots: usize, k: usize) -> Result<Self> {
+        Ok(Self {
+            q: unsafe { dev.alloc::<i8>(slots * k)? },
+            f: unsafe { dev.alloc::<f32>(slots * k / 64 * 4)? },
+        })
+    }
+
     /// Packs all of `x`'s rows in chunks of `nt` (8 or 16) for the dense matmul.
     fn rows(dev: &CudaDevice, x: &Q8Rows, nt: usize) -> Result<Self> {
-        let slots = x.rows.div_ceil(nt) * nt;
-        let packed = Self {
-            q: unsafe { dev.alloc::<i8>(slots * x.k)? },
-            f: unsafe { dev.alloc::<f32>(slots * x.k / 64 * 4)? },
-        };
+        let packed = Self::alloc(dev, x.rows.div_ceil(nt) * nt, x.k)?;
         let (q, d, s) = x.ptrs(0);
         let code = unsafe {
             zopilot_q4k_pack_rows(
@@ -750,11 +747,7 @@ impl Packed {
 
     /// Packs `x`'s rows (token rows when `div` = top-k, pair rows when 1) chunk by chunk.
     fn new(dev: &CudaDevice, x: &Q8Rows, plan: &GroupPlan, div: usize) -> Result<Self> {
-        let slots = plan.max_chunks * plan.nt;
-        let packed = Self {
-            q: unsafe { dev.alloc::<i8>(slots * x.k)? },
-            f: unsafe { dev.alloc::<f32>(slots * x.k / 64 * 4)? },
-        };
+        let packed = Self::alloc(dev, plan.max_chunks * plan.nt, x.k)?;
         let (q, d, s) = x.ptrs(0);
         let code = unsafe {
             zopilot_moe_pack(

@@ -88,21 +88,28 @@ pub(crate) fn profile_skip_moe() -> bool {
     *SKIP.get_or_init(|| std::env::var("ZOPILOT_MOE_SKIP").is_ok_and(|v| v == "1"))
 }
 
+/// The value of environment variable `var` as a count, if it is set and one.
+pub(crate) fn env_usize(var: &str) -> Option<usize> {
+    std::env::var(var).ok().and_then(|v| v.parse().ok())
+}
+
+/// An on/off switch that is on unless environment variable `var` is `0`.
+pub(crate) fn switch_on(var: &str) -> bool {
+    std::env::var(var).map_or(true, |v| v != "0")
+}
+
 /// `ZOPILOT_MOE_FUSED=0` turns the fused Q4K decode kernels off (for comparison). Read once.
 #[cfg(feature = "cuda")]
 fn fused_enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("ZOPILOT_MOE_FUSED").map_or(true, |v| v != "0"))
+    *ON.get_or_init(|| switch_on("ZOPILOT_MOE_FUSED"))
 }
 
 /// Default 2, measured on an H100 (8 layers, same run): at 4 sequences the grouped path
 /// (each used expert read once) gives 636 tok/s against 548 with the indexed kernel; at 2
 /// sequences 394 against 385; with threshold 1, 2 sequences drop to 347.
 fn gather_max_tokens() -> usize {
-    std::env::var("ZOPILOT_MOE_GATHER_MAX_TOKENS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(2)
+    env_usize("ZOPILOT_MOE_GATHER_MAX_TOKENS").unwrap_or(2)
 }
 
 /// Most tokens the grouped tensor-core expert kernels take (`ZOPILOT_MOE_MMA_MAX_TOKENS`; 0 or
@@ -110,10 +117,7 @@ fn gather_max_tokens() -> usize {
 /// every batch of more than `ZOPILOT_MOE_GATHER_MAX_TOKENS`). Default 64: decode batches up to
 /// 64 sequences; longer batches (prefill) dequantize each expert for cuBLAS.
 fn mma_max_tokens() -> usize {
-    std::env::var("ZOPILOT_MOE_MMA_MAX_TOKENS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(64)
+    env_usize("ZOPILOT_MOE_MMA_MAX_TOKENS").unwrap_or(64)
 }
 
 /// Tokens candle's quantized mat-vec kernels take in one launch (they go up to 8 columns).
@@ -140,7 +144,7 @@ fn in_vec_launches(x: &Tensor, f: impl Fn(&Tensor) -> Result<Tensor>) -> Result<
 /// (q_proj: 9 µs a launch). `ZOPILOT_QMATMUL_SPLIT=0` turns the split off (for comparison).
 pub(crate) fn qmatmul(xs: &Tensor, w: &dyn QuantMethod) -> Result<Tensor> {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let on = *ON.get_or_init(|| std::env::var("ZOPILOT_QMATMUL_SPLIT").map_or(true, |v| v != "0"));
+    let on = *ON.get_or_init(|| switch_on("ZOPILOT_QMATMUL_SPLIT"));
     let dims = xs.dims().to_vec();
     let hidden = *dims.last().unwrap_or(&0);
     let tokens = if hidden == 0 { 0 } else { xs.elem_count() / hidden };
@@ -326,11 +330,7 @@ const AUTO_MMVQ_MAX_TOKENS: usize = 16;
 /// `ZOPILOT_MOE_MMVQ_MAX_TOKENS` overrides the mat-vec limit of `auto` or `mmvq`.
 fn mmvq_max_tokens() -> Option<usize> {
     static N: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
-    *N.get_or_init(|| {
-        std::env::var("ZOPILOT_MOE_MMVQ_MAX_TOKENS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-    })
+    *N.get_or_init(|| env_usize("ZOPILOT_MOE_MMVQ_MAX_TOKENS"))
 }
 
 /// `x` `[m, K]` in f32 on the GPU, quantized to Q8_1 the way candle's quantized matmuls

@@ -39,7 +39,7 @@ struct Q4k {
 }
 
 fn own_q4k_enabled() -> bool {
-    !matches!(std::env::var("ZOPILOT_Q4K_LINEAR").as_deref(), Ok("0"))
+    super::mixtral_stacked_moe::switch_on("ZOPILOT_Q4K_LINEAR")
 }
 
 fn addr(mm: &Arc<dyn QuantMethod>) -> usize {
