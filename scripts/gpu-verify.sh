@@ -32,6 +32,7 @@ if command -v nvcc > /dev/null; then
   if nvcc -O3 -arch=sm_"$cc" -o /tmp/q4k-kernel-bench "$here/q4k-kernel-bench.cu" > "$OUT/kbench-build.log" 2>&1; then
     run /tmp/q4k-kernel-bench --check 1 4 32 64
     run /tmp/q4k-kernel-bench --check --dense 1 4 32
+    run /tmp/q4k-kernel-bench --check --attention
   else
     echo "kernel bench did not build (see kbench-build.log)" >> "$OUT/summary.txt"
   fi

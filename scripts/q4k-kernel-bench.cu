@@ -2,11 +2,14 @@
 // shapes (8 experts, hidden 4096, FFN 14336, top-2), on random Q4_K weights: the per-pair
 // decode kernels (w1‖w3·SiLU, w2 + weighted sum) against the grouped ones (plan, w1‖w3,
 // w2, combine on tensor cores; w1‖w3 and w2 timed with their activation packing), and for
-// dense layers (q, k/v, lm_head shapes) the mat-vec against the tensor-core matmul. — agreement of their outputs and time per call (CUDA events). One JSON
-// object per line. Build and run on a GPU host (no Rust needed):
+// dense layers (q, k/v, lm_head shapes) the mat-vec against the tensor-core matmul: agreement
+// of their outputs and time per call (CUDA events). One JSON object per line. Build and run on
+// a GPU host (no Rust needed):
 //   nvcc -O3 -arch=sm_90 -o q4k-kernel-bench scripts/q4k-kernel-bench.cu
 //   ./q4k-kernel-bench [tokens ...]        (default 1 2 4 8 16 32 64)
 //   ./q4k-kernel-bench --dense [tokens ...] (dense layers: mat-vec against tensor cores)
+//   ./q4k-kernel-bench --chain              (one-token decode step: launch gaps, PDL, graph)
+//   ./q4k-kernel-bench --attention          (one-token rope + cache write + decode attention)
 //   add --check: exit 1 when an output disagrees with its reference (scripts/gpu-verify.sh)
 #include "../vendor/mistralrs-core/src/cuda/zopilot_q4k.cu"
 
@@ -179,82 +182,236 @@ static void bench_dense(const std::vector<int> &token_counts) {
   }
 }
 
-// ---- Experiments (not in the product until they win here): the per-pair w1‖w3 kernel with
-// each 32-row block's K split over SPLIT groups of 8 warps (SPLIT 2: 512 threads; 4 would
-// spill at 1,024 threads' 64 registers). Same blocks, each done in half the time by twice the
-// warps, one block per SM: 6.8 waves at one token instead of 3.4 — the product kernel's
-// bandwidth grows with the number of blocks (2.3 TB/s at 1 token, 2.6 at 2, 2.9 at 64).
-template <int SPLIT>
-__global__ void __launch_bounds__(SPLIT * zq::WARPS * 32)
-    exp_w13_splitk_kernel(const uint8_t *__restrict__ w1, const uint8_t *__restrict__ w3,
-                          const uint32_t *__restrict__ ids, int topk, zq::Act x_all, int n,
-                          int k, zq::Act act_out) {
-  using namespace zq;
-  __shared__ float part[SPLIT][2][32]; // [K part][gate / up][row]
-  const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
-  const int rw = warp % WARPS, kp = warp / WARPS; // row group, K part
-  const int pair = blockIdx.y, token = pair / topk;
-  const size_t e = ids[pair];
-  const int nb = k / QK;
-  const size_t row_bytes = (size_t)nb * QB;
-  const ActRow x = act_row(x_all, token, k);
-  const int sub = lane & 7, g = sub >> 1, h = sub & 1;
-  const int row0 = blockIdx.x * 32 + rw * 4;
-  const uint8_t *r1 = w1 + (e * n + row0) * row_bytes;
-  const uint8_t *r3 = w3 + (e * n + row0) * row_bytes;
-  float gate[4] = {0, 0, 0, 0}, up[4] = {0, 0, 0, 0};
-  for (int blk = (lane >> 3) + 4 * kp; blk < nb; blk += 4 * SPLIT) {
-    const LaneActSums a = load_act_sums(x, blk, g, h);
-    LaneW wg[4], wu[4];
-#pragma unroll
-    for (int r = 0; r < 4; ++r) {
-      wg[r] = load_w(r1 + r * row_bytes, blk, g, h);
-      wu[r] = load_w(r3 + r * row_bytes, blk, g, h);
+// One decode step at one token, as the fused decode layer runs our kernels: per layer
+// RMSNorm+quantize, q/k/v mat-vec, quantize (the attention output's; attention itself is
+// candle's and left out), o_proj, residual+RMSNorm+quantize, router+top-k, w1‖w3, w2 with the
+// residual; then the final norm and the lm_head. Eight layers with their own weights (2 GB,
+// nothing stays in L2). Timed back to back on the legacy stream and on a created stream, with
+// and without programmatic dependent launch, and replayed as a CUDA graph: what launch gaps
+// cost a step and what each remedy recovers. The logits of every mode must equal the first's.
+static int bench_chain() {
+  constexpr int L = 8, KV = 1024, V = 32000;
+  const long long b_attn = (long long)H * H / 256, b_kv = (long long)KV * H / 256;
+  const long long b_exp = (long long)E * F * H / 256, b_router = (long long)E * H / 256;
+  const long long b_head = (long long)V * H / 256;
+  Dev<uint8_t> wq(L * b_attn * 144), wk(L * b_kv * 144), wv(L * b_kv * 144),
+      wo(L * b_attn * 144), wr(L * b_router * 144), w1(L * b_exp * 144), w3(L * b_exp * 144),
+      w2(L * b_exp * 144), head(b_head * 144);
+  const struct {
+    uint8_t *p;
+    long long blocks;
+  } fills[] = {{wq, L * b_attn}, {wk, L * b_kv},     {wv, L * b_kv}, {wo, L * b_attn},
+               {wr, L * b_router}, {w1, L * b_exp}, {w3, L * b_exp}, {w2, L * b_exp},
+               {head, b_head}};
+  uint64_t seed = 100;
+  for (const auto &f : fills)
+    fill_q4k<<<(unsigned)((f.blocks * 36 + 255) / 256), 256>>>(f.p, f.blocks, seed++);
+  Dev<__nv_bfloat16> alpha(H), x(H), x0(H), q(H), k(KV), v(KV), o(H), h(H), logits(V);
+  fill_bf16<<<(H + 255) / 256, 256>>>(alpha, H, 40);
+  fill_bf16<<<(H + 255) / 256, 256>>>(x0, H, 41);
+  ActBuf X(1, H), A(1, H), M(1, H), G(TOPK, F);
+  Dev<uint32_t> ids(TOPK);
+  Dev<float> topw(TOPK);
+  CK(cudaDeviceSynchronize());
+  const float eps = 1e-5f;
+  auto step = [&](cudaStream_t st) -> int {
+    const long long s = (long long)st;
+    int rc = (int)cudaMemcpyAsync(x, x0, H * 2, cudaMemcpyDeviceToDevice, st);
+    for (int l = 0; l < L && !rc; ++l) {
+      const void *ws[3] = {wq + l * b_attn * 144, wk + l * b_kv * 144, wv + l * b_kv * 144};
+      const int ns[3] = {H, KV, KV};
+      void *outs[3] = {q, k, v};
+      const void *wos[1] = {wo + l * b_attn * 144};
+      const int nos[1] = {H};
+      void *oos[1] = {o};
+      const size_t eo = (size_t)l * b_exp * 144;
+      if ((rc = zopilot_rmsnorm_quantize(x, nullptr, nullptr, alpha, 1, H, eps, 1, X.q, X.d,
+                                         X.s, s)) ||
+          (rc = zopilot_q4k_matvec(ws, ns, outs, 3, H, X.q, X.d, X.s, 1, 1, s)) ||
+          (rc = zopilot_q8_quantize(q, 1, H, 1, H, A.q, A.d, A.s, s)) ||
+          (rc = zopilot_q4k_matvec(wos, nos, oos, 1, H, A.q, A.d, A.s, 1, 1, s)) ||
+          (rc = zopilot_rmsnorm_quantize(o, x, h, alpha, 1, H, eps, 1, M.q, M.d, M.s, s)) ||
+          (rc = zopilot_router_topk(wr + l * b_router * 144, E, H, M.q, M.d, M.s, 1, TOPK, 1,
+                                    ids, topw, s)) ||
+          (rc = zopilot_moe_w13_silu(w1 + eo, w3 + eo, ids, TOPK, TOPK, M.q, M.d, M.s, F, H,
+                                     G.q, G.d, G.s, s)) ||
+          (rc = zopilot_moe_w2(w2 + eo, ids, topw, 1, TOPK, G.q, G.d, G.s, H, F, h, x, 1, s)))
+        break;
     }
-#pragma unroll
-    for (int r = 0; r < 4; ++r) {
-      gate[r] += lane_dot_sums(wg[r], a, g);
-      up[r] += lane_dot_sums(wu[r], a, g);
-    }
-  }
-#pragma unroll
-  for (int r = 0; r < 4; ++r) {
-    const float gs = warp_sum(gate[r]), us = warp_sum(up[r]);
-    if (lane == 0) {
-      part[kp][0][rw * 4 + r] = gs;
-      part[kp][1][rw * 4 + r] = us;
-    }
-  }
-  __syncthreads();
-  if (warp == 0) {
-    float gs = 0, us = 0;
-    for (int p = 0; p < SPLIT; ++p) {
-      gs += part[p][0][lane];
-      us += part[p][1][lane];
-    }
-    quantize_group(gs / (1.0f + __expf(-gs)) * us, lane, act_out,
-                   (size_t)pair * n + blockIdx.x * 32);
-  }
+    const void *wh[1] = {head};
+    const int nh[1] = {V};
+    void *oh[1] = {logits};
+    if (!rc)
+      rc = zopilot_rmsnorm_quantize(x, nullptr, nullptr, alpha, 1, H, eps, 1, X.q, X.d, X.s, s);
+    if (!rc)
+      rc = zopilot_q4k_matvec(wh, nh, oh, 1, H, X.q, X.d, X.s, 1, 1, s);
+    return rc;
+  };
+  cudaStream_t created;
+  CK(cudaStreamCreateWithFlags(&created, cudaStreamNonBlocking));
+  auto time_on = [&](cudaStream_t st, auto f) {
+    for (int i = 0; i < 3; ++i)
+      CK(f());
+    cudaEvent_t a, b;
+    CK(cudaEventCreate(&a));
+    CK(cudaEventCreate(&b));
+    CK(cudaEventRecord(a, st));
+    constexpr int iters = 50;
+    for (int i = 0; i < iters; ++i)
+      CK(f());
+    CK(cudaEventRecord(b, st));
+    CK(cudaEventSynchronize(b));
+    float ms;
+    CK(cudaEventElapsedTime(&ms, a, b));
+    return ms * 1000.0f / iters;
+  };
+  std::vector<float> ref;
+  const int kernels = L * 8 + 2;
+  for (int graph = 0; graph < 2; ++graph)
+    for (int legacy = graph ? 0 : 1; legacy >= 0; --legacy)
+      for (int pdl = 0; pdl < 2; ++pdl) {
+        const int on = zopilot_set_pdl(pdl);
+        const cudaStream_t st = legacy ? (cudaStream_t)0 : created;
+        float us;
+        if (graph) {
+          cudaGraph_t g;
+          cudaGraphExec_t ge;
+          CK(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal));
+          CK(step(st));
+          CK(cudaStreamEndCapture(st, &g));
+          CK(cudaGraphInstantiate(&ge, g, 0));
+          us = time_on(st, [&] { return (int)cudaGraphLaunch(ge, st); });
+          CK(cudaGraphExecDestroy(ge));
+          CK(cudaGraphDestroy(g));
+        } else {
+          us = time_on(st, [&] { return step(st); });
+        }
+        CK(cudaDeviceSynchronize());
+        std::vector<float> got = bf16_host(logits, V);
+        if (ref.empty())
+          ref = got;
+        const double err = rel_err(ref, got);
+        printf("{\"chain\": \"%s\", \"pdl\": %d, \"kernels\": %d, \"step_us\": %.1f, "
+               "\"per_kernel_us\": %.2f, \"rel_err\": %.2e}\n",
+               graph ? "graph" : legacy ? "legacy-stream" : "created-stream", on, kernels, us,
+               us / kernels, err);
+        fflush(stdout);
+      }
+  zopilot_set_pdl(0);
+  CK(cudaStreamDestroy(created));
+  return 0;
 }
 
-template <int SPLIT>
-static int exp_w13_splitk(const void *w1, const void *w3, const uint32_t *ids, int pairs,
-                          int topk, const ActBuf &x, int n, int k, const ActBuf &out) {
-  const dim3 grid(n / 32, pairs), block(SPLIT * zq::WARPS * 32);
-  exp_w13_splitk_kernel<SPLIT><<<grid, block>>>(
-      static_cast<const uint8_t *>(w1), static_cast<const uint8_t *>(w3), ids, topk,
-      zq::Act{x.q, x.d, x.s}, n, k, zq::Act{out.q, out.d, out.s});
-  return (int)cudaGetLastError();
+// Decode attention of one token against a naive reference: random paged caches (blocks of 32
+// tokens, the block table a permutation), Mixtral's heads (32 query, 8 KV, 128 dims); first
+// rope_cache_kernel writes the new token's K/V and rotates q and k, checked against the rope
+// done here on the host, then the split-context attention against one thread per (head, dim)
+// doing softmax(q·K/√d)·V in f32 over the same cache.
+__global__ void ref_attention(const __nv_bfloat16 *q, const __nv_bfloat16 *kc,
+                              const __nv_bfloat16 *vc, const uint32_t *table, int ctx, int bs,
+                              int qh, int kvh, float scale, float *out) {
+  const int head = blockIdx.x, d = threadIdx.x, h = head / (qh / kvh), X = 8;
+  float m = -INFINITY, l = 0, acc = 0;
+  for (int t = 0; t < ctx; ++t) {
+    const size_t blk = table[t / bs];
+    const int off = t % bs;
+    float s = 0;
+    for (int j = 0; j < 128; ++j)
+      s += __bfloat162float(q[head * 128 + j]) *
+           __bfloat162float(kc[(((blk * kvh + h) * (128 / X) + j / X) * bs + off) * X + j % X]);
+    s *= scale;
+    const float v = __bfloat162float(vc[((blk * kvh + h) * 128 + d) * bs + off]);
+    const float mn = fmaxf(m, s), a = __expf(m - mn), b = __expf(s - mn);
+    acc = acc * a + b * v;
+    l = l * a + b;
+    m = mn;
+  }
+  out[head * 128 + d] = acc / l;
+}
+
+static void bench_attention() {
+  constexpr int QH = 32, KVH = 8, D = 128, BS = 32, NB = 128, X = 8;
+  const float scale = 1.0f / sqrtf((float)D);
+  Dev<__nv_bfloat16> kc((size_t)NB * KVH * D * BS), vc((size_t)NB * KVH * D * BS);
+  fill_bf16<<<(unsigned)((NB * KVH * D * BS + 255) / 256), 256>>>(kc, (long long)NB * KVH * D * BS, 61);
+  fill_bf16<<<(unsigned)((NB * KVH * D * BS + 255) / 256), 256>>>(vc, (long long)NB * KVH * D * BS, 62);
+  std::vector<uint32_t> perm(NB);
+  for (int i = 0; i < NB; ++i)
+    perm[i] = (uint32_t)((i * 37 + 11) % NB);
+  Dev<uint32_t> table(NB);
+  CK(cudaMemcpy(table, perm.data(), NB * 4, cudaMemcpyHostToDevice));
+  Dev<__nv_bfloat16> q(QH * D), k(KVH * D), v(KVH * D), cs(64), sn(64), out(QH * D);
+  Dev<float> ref(QH * D);
+  Dev<long long> slot(1);
+  for (int ctx : {1, 17, 64, 65, 640, 2000}) {
+    fill_bf16<<<(QH * D + 255) / 256, 256>>>(q, QH * D, 70 + ctx);
+    fill_bf16<<<(KVH * D + 255) / 256, 256>>>(k, KVH * D, 71 + ctx);
+    fill_bf16<<<(KVH * D + 255) / 256, 256>>>(v, KVH * D, 72 + ctx);
+    fill_bf16<<<1, 64>>>(cs, 64, 73 + ctx);
+    fill_bf16<<<1, 64>>>(sn, 64, 74 + ctx);
+    const int pos = ctx - 1;
+    const long long hslot = (long long)perm[pos / BS] * BS + pos % BS;
+    CK(cudaMemcpy(slot, &hslot, 8, cudaMemcpyHostToDevice));
+    // Host rope of q and k (bf16 arithmetic per operation, as candle's kernel).
+    std::vector<float> hq = bf16_host(q, QH * D), hk = bf16_host(k, KVH * D);
+    std::vector<float> hv = bf16_host(v, KVH * D), hc = bf16_host(cs, 64), hs = bf16_host(sn, 64);
+    auto bf = [](float x) { return __bfloat162float(__float2bfloat16(x)); };
+    auto rope = [&](std::vector<float> &x, int heads) {
+      for (int hd = 0; hd < heads; ++hd)
+        for (int j = 0; j < 64; ++j) {
+          const float a = x[hd * D + j], b = x[hd * D + j + 64];
+          x[hd * D + j] = bf(bf(a * hc[j]) - bf(b * hs[j]));
+          x[hd * D + j + 64] = bf(bf(a * hs[j]) + bf(b * hc[j]));
+        }
+    };
+    rope(hq, QH);
+    rope(hk, KVH);
+    CK(zopilot_rope_cache(q, k, v, cs, sn, QH, KVH, D, slot, BS, kc, vc, 1, 0));
+    CK(cudaDeviceSynchronize());
+    // q rotated in place; k and v now in the cache at the slot.
+    std::vector<float> gq = bf16_host(q, QH * D), gk(KVH * D), gv(KVH * D);
+    const size_t blk = perm[pos / BS];
+    const int off = pos % BS;
+    for (int hd = 0; hd < KVH; ++hd)
+      for (int j = 0; j < D; ++j) {
+        __nv_bfloat16 kv, vv;
+        CK(cudaMemcpy(&kv, kc + (((blk * KVH + hd) * (D / X) + j / X) * BS + off) * X + j % X, 2,
+                      cudaMemcpyDeviceToHost));
+        CK(cudaMemcpy(&vv, vc + ((blk * KVH + hd) * D + j) * BS + off, 2, cudaMemcpyDeviceToHost));
+        gk[hd * D + j] = __bfloat162float(kv);
+        gv[hd * D + j] = __bfloat162float(vv);
+      }
+    const double e_rope = std::max(rel_err(hq, gq), std::max(rel_err(hk, gk), rel_err(hv, gv)));
+    Dev<float> part((size_t)KVH * ((ctx + 63) / 64) * (QH / KVH) * (D + 2));
+    auto ours = [&] {
+      return zopilot_decode_attention(q, kc, vc, table, ctx, BS, QH, KVH, scale, part, out, 1, 0);
+    };
+    CK(ours());
+    ref_attention<<<QH, D>>>(q, kc, vc, table, ctx, BS, QH, KVH, scale, ref);
+    CK(cudaDeviceSynchronize());
+    std::vector<float> r(QH * D);
+    CK(cudaMemcpy(r.data(), ref, QH * D * 4, cudaMemcpyDeviceToHost));
+    const double e = rel_err(r, bf16_host(out, QH * D));
+    const float t = time_us(ours);
+    printf("{\"attention\": \"decode\", \"ctx\": %d, \"us\": %.1f, \"rope_cache_rel_err\": %.2e, "
+           "\"rel_err\": %.2e}\n",
+           ctx, t, e_rope, e);
+    fflush(stdout);
+  }
 }
 
 int main(int argc, char **argv) {
   std::vector<int> token_counts;
-  bool dense = false, check = false;
+  bool dense = false, check = false, chain = false, attention = false;
   for (int i = 1; i < argc; ++i) {
     if (std::string(argv[i]) == "--dense")
       dense = true;
     else if (std::string(argv[i]) == "--check")
       check = true;
+    else if (std::string(argv[i]) == "--chain")
+      chain = true;
+    else if (std::string(argv[i]) == "--attention")
+      attention = true;
     else
       token_counts.push_back(atoi(argv[i]));
   }
@@ -271,6 +428,14 @@ int main(int argc, char **argv) {
   };
   if (dense) {
     bench_dense(token_counts);
+    return verdict();
+  }
+  if (chain) {
+    bench_chain();
+    return verdict();
+  }
+  if (attention) {
+    bench_attention();
     return verdict();
   }
   const long long blocks13 = (long long)E * F * H / 256, blocks2 = (long long)E * H * F / 256;
@@ -330,18 +495,6 @@ int main(int argc, char **argv) {
       const char *name;
       int nt;
     } variants[] = {{"mma", 8}, {"mma", 16}};
-    // Experiments against the per-pair w1‖w3 (same outputs expected up to summation order).
-    for (int split : {2}) {
-      ActBuf A_x(P, F);
-      auto run = [&] { return exp_w13_splitk<2>(w1, w3, d_ids, P, TOPK, X, F, H, A_x); };
-      CK(run());
-      CK(cudaDeviceSynchronize());
-      const double err = rel_err(a_ref, A_x.values());
-      const float t = time_us(run);
-      printf("{\"tokens\": %d, \"kernel\": \"exp-w13-splitk%d\", \"w13_us\": %.1f, "
-             "\"w13_pair_GBps\": %.0f, \"w13_rel_err\": %.2e}\n",
-             T, split, t, 2 * P * expert_bytes / t / 1e3, err);
-    }
     for (const auto &v : variants) {
       const int nt = v.nt;
       const int max_chunks = P / nt + std::min(E, P);

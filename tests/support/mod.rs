@@ -208,17 +208,21 @@ pub fn binary() -> std::process::Command {
         "ZOPILOT_MODEL",
         "ZOPILOT_ISQ",
         "ZOPILOT_MIXTRAL_MOE",
+        "ZOPILOT_DECODE_ATTN",
         "ZOPILOT_DEQUANT",
         "ZOPILOT_MOE_FUSED",
         "ZOPILOT_MOE_MMA_MAX_TOKENS",
         "ZOPILOT_MMA",
         "ZOPILOT_MMA_MIN_TOKENS",
+        "ZOPILOT_PDL",
         "ZOPILOT_MOE_GATHER_MAX_TOKENS",
         "ZOPILOT_MOE_GROUPED",
         "ZOPILOT_MOE_SKIP",
         "ZOPILOT_Q4K_LINEAR",
         "ZOPILOT_QMATMUL_SPLIT",
+        "ZOPILOT_ROPE_CACHE",
         "ZOPILOT_STEP_TRACE",
+        "ZOPILOT_STEP_TRACE_HEAD_US",
     ] {
         c.env_remove(var);
     }

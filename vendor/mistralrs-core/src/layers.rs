@@ -2186,6 +2186,12 @@ pub struct RotaryEmbedding {
 }
 
 impl RotaryEmbedding {
+    /// zopilot-gpu patch: the cos and sin tables (`[positions, d/2]`) when this is the
+    /// GPT-NeoX form (rotation of halves, candle's `rope`), for kernels that fuse it.
+    pub fn neox_tables(&self) -> Option<(&Tensor, &Tensor)> {
+        self.is_gpt_neox.then_some((&self.cos, &self.sin))
+    }
+
     pub fn new(
         base: f32,
         head_dim: usize,

@@ -24,6 +24,8 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include <utility>
+
 namespace zq {
 
 constexpr int QK = 256; // values per Q4_K block
@@ -31,6 +33,39 @@ constexpr int QB = 144; // bytes per Q4_K block
 constexpr int Q8 = 32;  // activation values per scale
 constexpr int WARPS = 8; // warps per thread block (mat-vec, w2, router)
 constexpr int MAX_TOKENS = 8;
+
+// Programmatic dependent launch (Hopper and later; `zopilot_set_pdl`): a kernel launched with
+// the attribute may start while the previous kernel in the stream finishes, so its launch
+// and ramp-up overlap that kernel's tail instead of following its completion. Every kernel
+// here begins with `pdl_enter`: wait until the previous grid has completed and its writes
+// are visible (a no-op when launched without the attribute), then let the next kernel
+// launch. Kernels of others (candle, paged attention) are launched without the attribute,
+// so they keep full stream order.
+__device__ __forceinline__ void pdl_enter() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+static int g_pdl = 0; // set once by zopilot_set_pdl
+
+// `kernel<<<grid, block, smem, st>>>(args...)`, with the programmatic-launch attribute when on.
+template <typename... Params, typename... Args>
+static void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
+                   cudaStream_t st, Args &&...args) {
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = st;
+  cfg.attrs = attr;
+  cfg.numAttrs = g_pdl ? 1 : 0;
+  cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
+}
 
 // Quantized activation rows (see the layout above).
 struct Act {
@@ -251,6 +286,7 @@ __device__ __forceinline__ void quantize_group(float v, int lane, const Act &out
 template <typename T>
 __global__ void quantize_kernel(const T *__restrict__ x, long long stride,
                                 int rows, int k, Act out) {
+  pdl_enter();
   const int groups = k / Q8;
   const long long gw = ((long long)blockIdx.x * blockDim.x + threadIdx.x) / 32;
   const int lane = threadIdx.x & 31;
@@ -270,6 +306,7 @@ __global__ void __launch_bounds__(WARPS * 32)
                         const uint8_t *__restrict__ w3,
                         const uint32_t *__restrict__ ids, int topk, Act x_all,
                         int n, int k, Act act_out) {
+  pdl_enter();
   __shared__ float act[32];
   const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
   const int pair = blockIdx.y, token = pair / topk;
@@ -323,6 +360,7 @@ __global__ void __launch_bounds__(WARPS * 32)
     moe_w2_kernel(const uint8_t *__restrict__ w2, const uint32_t *__restrict__ ids,
                   const float *__restrict__ topw, int topk, Act act, int n, int k,
                   const OUT *__restrict__ resid, OUT *__restrict__ out) {
+  pdl_enter();
   __shared__ float part[WARPS];
   const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
   const int token = blockIdx.y, rows_per_block = WARPS / topk;
@@ -369,6 +407,7 @@ __global__ void __launch_bounds__(WARPS * 32)
     router_topk_kernel(const uint8_t *__restrict__ w, int experts, int k, Act x_all,
                        int topk, uint32_t *__restrict__ ids,
                        float *__restrict__ weights) {
+  pdl_enter();
   __shared__ float logits[256];
   const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
   const int token = blockIdx.x;
@@ -423,6 +462,7 @@ struct MvJobs {
 template <int NT, typename OUT, int ROUND>
 __global__ void __launch_bounds__(WARPS * 32)
     matvec_kernel(const MvJobs jobs, int k, Act x_all) {
+  pdl_enter();
   const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
   int row = blockIdx.x * WARPS + warp;
   int j = 0;
@@ -467,7 +507,7 @@ void launch_matvec(int tokens, dim3 grid, dim3 block, cudaStream_t st,
   switch (tokens) {
 #define ZQ_MV(NT)                                                              \
   case NT:                                                                     \
-    matvec_kernel<NT, OUT, ROUND><<<grid, block, 0, st>>>(jobs, k, x);         \
+    zq::launch(zq::matvec_kernel<NT, OUT, ROUND>, grid, block, 0, st, jobs, k, x);         \
     break;
     ZQ_MV(1) ZQ_MV(2) ZQ_MV(3) ZQ_MV(4) ZQ_MV(5) ZQ_MV(6) ZQ_MV(7) ZQ_MV(8)
 #undef ZQ_MV
@@ -485,6 +525,7 @@ __global__ void __launch_bounds__(1024)
     rmsnorm_quantize_kernel(const T *__restrict__ x, const T *__restrict__ resid,
                             T *__restrict__ h_out, const T *__restrict__ alpha,
                             int k, float eps, Act out) {
+  pdl_enter();
   __shared__ float partial[32];
   const size_t row = blockIdx.x;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid / 32;
@@ -516,6 +557,7 @@ __global__ void __launch_bounds__(1024)
 // 8 threads per block, each writing two runs of 16 values with 16-byte stores.
 __global__ void dequant_q4k_f16_kernel(const uint8_t *__restrict__ src,
                                        half *__restrict__ dst, long long nblocks) {
+  pdl_enter();
   const long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x;
   const long long blk = t / 8;
   if (blk >= nblocks)
@@ -560,6 +602,7 @@ __global__ void dequant_q4k_f16_kernel(const uint8_t *__restrict__ src,
 __global__ void __launch_bounds__(1024)
     moe_plan_kernel(const uint32_t *__restrict__ ids, int pairs, int experts, int nt,
                     int max_chunks, int *__restrict__ order, int4 *__restrict__ chunks) {
+  pdl_enter();
   __shared__ int count[256], offset[256];
   __shared__ uint32_t sid[4096];
   for (int e = threadIdx.x; e < experts; e += blockDim.x)
@@ -612,6 +655,7 @@ template <typename OUT>
 __global__ void moe_combine_kernel(const float *__restrict__ y, const float *__restrict__ topw,
                                    int topk, int n, const OUT *__restrict__ resid,
                                    OUT *__restrict__ out) {
+  pdl_enter();
   const int token = blockIdx.y;
   const int row = blockIdx.x * blockDim.x + threadIdx.x;
   if (row >= n)
@@ -745,6 +789,7 @@ template <int NB>
 __global__ void __launch_bounds__(256)
     moe_pack_kernel(Act src, const int *__restrict__ order, const int4 *__restrict__ chunks,
                     int div, int rows, int k, int8_t *__restrict__ pq, float4 *__restrict__ pf) {
+  pdl_enter();
   constexpr int NT = 8 * NB;
   const int c = blockIdx.x, blk = blockIdx.y;
   const int4 ch = chunks ? chunks[c] : make_int4(0, c * NT, min(NT, rows - c * NT), 0);
@@ -780,6 +825,7 @@ __global__ void __launch_bounds__(4 * S * 32)
     moe_w13_mma_kernel(const uint8_t *__restrict__ w1, const uint8_t *__restrict__ w3,
                        const int *__restrict__ order, const int4 *__restrict__ chunks,
                        int topk, Packed x, int n, int k, Act act_out) {
+  pdl_enter();
   constexpr int NT = 8 * NB;
   __shared__ int pair[NT], token[NT];
   __shared__ float out[2][NT][32]; // [w1 / w3][pair][row]
@@ -821,6 +867,7 @@ __global__ void __launch_bounds__(S * 32)
     moe_w2_mma_kernel(const uint8_t *__restrict__ w2, const int *__restrict__ order,
                       const int4 *__restrict__ chunks, int topk, Packed x, int n, int k,
                       float *__restrict__ y) {
+  pdl_enter();
   constexpr int NT = 8 * NB;
   __shared__ int pair[NT], token[NT];
   __shared__ float red[S > 1 ? (S - 1) * NB * 4 * 32 : 1];
@@ -856,6 +903,7 @@ template <int NB, int S, typename OUT, int ROUND>
 __global__ void __launch_bounds__(S * 32)
     matmul_mma_kernel(const uint8_t *__restrict__ w, Packed x, int rows, int n, int k,
                       OUT *__restrict__ out) {
+  pdl_enter();
   constexpr int NT = 8 * NB;
   __shared__ float red[S > 1 ? (S - 1) * NB * 4 * 32 : 1];
   const int slice = threadIdx.x / 32, lane = threadIdx.x & 31, gq = lane >> 2, tq = lane & 3;
@@ -879,10 +927,192 @@ __global__ void __launch_bounds__(S * 32)
       }
 }
 
+// One decode token's attention inputs, one launch instead of three (candle's rope for q and
+// for k, paged attention's reshape_and_cache): q and k rotated in place of candle's `rope`
+// (GPT-NeoX halves: x1·c − x2·s, x1·s + x2·c, in T's own arithmetic as candle computes it),
+// then k and v written to the paged cache at `slot` as reshape_and_cache does (key cache
+// [blocks, kv_heads, d/X, block_size, X] with X = 16 bytes of T, value cache [blocks, kv_heads,
+// d, block_size]). q: [qh·d], k, v: [kvh·d]; cos, sin: the position's rows [d/2].
+template <typename T>
+__global__ void __launch_bounds__(1024)
+    rope_cache_kernel(T *__restrict__ q, const T *__restrict__ k, const T *__restrict__ v,
+                      const T *__restrict__ cos, const T *__restrict__ sin, int qh, int kvh,
+                      int d, const long long *__restrict__ slot_mapping, int block_size,
+                      T *__restrict__ key_cache, T *__restrict__ value_cache) {
+  pdl_enter();
+  const int half_d = d / 2, x = 16 / (int)sizeof(T);
+  const int q_pairs = qh * half_d, k_pairs = kvh * half_d, v_vals = kvh * d;
+  const long long slot = slot_mapping[0];
+  const long long blk = slot / block_size, off = slot % block_size;
+  for (int i = threadIdx.x; i < q_pairs + k_pairs + v_vals; i += blockDim.x) {
+    if (i < q_pairs + k_pairs) {
+      const bool is_q = i < q_pairs;
+      const int p = is_q ? i : i - q_pairs;
+      const int head = p / half_d, j = p % half_d;
+      const T *src = is_q ? q : k;
+      const int i1 = head * d + j, i2 = i1 + half_d;
+      const T c = cos[j], s = sin[j], a = src[i1], b = src[i2];
+      const T r1 = a * c - b * s, r2 = a * s + b * c;
+      if (is_q) {
+        q[i1] = r1;
+        q[i2] = r2;
+      } else if (slot >= 0) {
+        const long long base = ((blk * kvh + head) * (d / x)) * block_size * x;
+        key_cache[base + ((long long)(j / x) * block_size + off) * x + j % x] = r1;
+        key_cache[base + ((long long)((j + half_d) / x) * block_size + off) * x +
+                  (j + half_d) % x] = r2;
+      }
+    } else if (slot >= 0) {
+      const int t = i - q_pairs - k_pairs, head = t / d, j = t % d;
+      value_cache[((blk * kvh + head) * d + j) * block_size + off] = v[t];
+    }
+  }
+}
+
+// Decode attention of one sequence's one token over its paged KV cache, split over the
+// context ("flash decoding"): block (kv head h, partition p) takes ATT_PART tokens, computes
+// the scores of the G query heads that share h, their softmax max and sum, and the weighted
+// sum of V; attn_combine_kernel merges the partitions per query head. Paged attention v1 runs
+// one block per query head over the whole context (32 blocks for Mixtral on 132 SMs); here
+// a 640-token context is 8 × 10 blocks. Caches as paged attention lays them out (key
+// [blocks, kvh, D/X, block_size, X], X = 16 bytes of T; value [blocks, kvh, D, block_size]);
+// block_table: the sequence's u32 cache blocks. part: [kvh, P, G, D + 2] f32 (acc, max, sum).
+constexpr int ATT_D = 128, ATT_PART = 64, ATT_THREADS = 128;
+
+template <typename T, int G>
+__global__ void __launch_bounds__(ATT_THREADS)
+    attn_partial_kernel(const T *__restrict__ q, const T *__restrict__ key_cache,
+                        const T *__restrict__ value_cache, const uint32_t *__restrict__ block_table,
+                        int ctx, int block_size, int kvh, float scale, float *__restrict__ part) {
+  pdl_enter();
+  constexpr int X = 16 / sizeof(T);
+  __shared__ float qs[G][ATT_D];
+  __shared__ float sc[G][ATT_PART];
+  __shared__ float stat[G][2];
+  const int h = blockIdx.x, p = blockIdx.y, P = gridDim.y;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid & 31;
+  const int t0 = p * ATT_PART, n = min(ATT_PART, ctx - t0);
+  for (int i = tid; i < G * ATT_D; i += ATT_THREADS)
+    qs[i / ATT_D][i % ATT_D] = to_float(q[(size_t)h * G * ATT_D + i]);
+  __syncthreads();
+  // Scores: half a warp per token, a lane per X-value chunk of the head (one 16-byte load).
+  const int c = lane & 15;
+  for (int tt = warp * 2 + (lane >> 4); tt < ATT_PART; tt += 2 * ATT_THREADS / 32) {
+    float dot[G];
+#pragma unroll
+    for (int g = 0; g < G; ++g)
+      dot[g] = 0.f;
+    if (tt < n) {
+      const int t = t0 + tt;
+      const size_t blk = block_table[t / block_size];
+      const int off = t % block_size;
+      const T *kp = key_cache + ((blk * kvh + h) * (ATT_D / X) + c) * (size_t)block_size * X +
+                    (size_t)off * X;
+      const uint4 raw = *reinterpret_cast<const uint4 *>(kp);
+      const T *kv = reinterpret_cast<const T *>(&raw);
+#pragma unroll
+      for (int j = 0; j < X; ++j) {
+        const float kf = to_float(kv[j]);
+#pragma unroll
+        for (int g = 0; g < G; ++g)
+          dot[g] += qs[g][c * X + j] * kf;
+      }
+    }
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+#pragma unroll
+      for (int o = 8; o > 0; o >>= 1)
+        dot[g] += __shfl_xor_sync(0xffffffffu, dot[g], o);
+    }
+    if (c == 0 && tt < n) {
+#pragma unroll
+      for (int g = 0; g < G; ++g)
+        sc[g][tt] = dot[g] * scale;
+    }
+  }
+  __syncthreads();
+  // Softmax statistics per query head: the partition's max, exp(s - max), their sum.
+  for (int g = warp; g < G; g += ATT_THREADS / 32) {
+    float m = -INFINITY;
+    for (int tt = lane; tt < n; tt += 32)
+      m = fmaxf(m, sc[g][tt]);
+    m = warp_max(m);
+    float l = 0.f;
+    for (int tt = lane; tt < n; tt += 32) {
+      const float e = __expf(sc[g][tt] - m);
+      sc[g][tt] = e;
+      l += e;
+    }
+    l = warp_sum(l);
+    if (lane == 0) {
+      stat[g][0] = m;
+      stat[g][1] = l;
+    }
+  }
+  __syncthreads();
+  // Weighted values: a thread per dimension, the partition's tokens in order.
+  const int d = tid;
+  float acc[G];
+#pragma unroll
+  for (int g = 0; g < G; ++g)
+    acc[g] = 0.f;
+  for (int tt = 0; tt < n; ++tt) {
+    const int t = t0 + tt;
+    const size_t blk = block_table[t / block_size];
+    const float v =
+        to_float(value_cache[((blk * kvh + h) * ATT_D + d) * (size_t)block_size + t % block_size]);
+#pragma unroll
+    for (int g = 0; g < G; ++g)
+      acc[g] += sc[g][tt] * v;
+  }
+#pragma unroll
+  for (int g = 0; g < G; ++g) {
+    float *o = part + (((size_t)h * P + p) * G + g) * (ATT_D + 2);
+    o[d] = acc[g];
+    if (d == 0) {
+      o[ATT_D] = stat[g][0];
+      o[ATT_D + 1] = stat[g][1];
+    }
+  }
+}
+
+// Merges attn_partial_kernel's partitions: block = query head, thread = dimension.
+template <typename T, int G>
+__global__ void __launch_bounds__(ATT_D)
+    attn_combine_kernel(const float *__restrict__ part, int P, T *__restrict__ out) {
+  pdl_enter();
+  const int qhd = blockIdx.x, h = qhd / G, g = qhd % G, d = threadIdx.x;
+  const float *base = part + ((size_t)h * P * G + g) * (ATT_D + 2);
+  const size_t stride = (size_t)G * (ATT_D + 2);
+  float m = -INFINITY;
+  for (int p = 0; p < P; ++p)
+    m = fmaxf(m, base[p * stride + ATT_D]);
+  float l = 0.f, o = 0.f;
+  for (int p = 0; p < P; ++p) {
+    const float *b = base + p * stride;
+    const float w = __expf(b[ATT_D] - m);
+    l += b[ATT_D + 1] * w;
+    o += b[d] * w;
+  }
+  out[(size_t)qhd * ATT_D + d] = from_float<T>(o / l);
+}
+
 } // namespace zq
 
 // dtype codes: 0 = f32, 1 = bf16, 2 = f16; for the mat-vec also 3 / 4 = f32 rounded
 // through bf16 / f16. Activations: q [rows, k] int8, d [rows, k/32] f32, s [rows, k/16] f32.
+
+// Programmatic dependent launch for every launcher below: on when `on` != 0 and the current
+// device is Hopper or later (compute capability >= 9.0); returns whether it is on.
+extern "C" int zopilot_set_pdl(int on) {
+  int dev = 0, major = 0;
+  if (on && cudaGetDevice(&dev) == cudaSuccess &&
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess)
+    zq::g_pdl = major >= 9;
+  else
+    zq::g_pdl = 0;
+  return zq::g_pdl;
+}
 
 static zq::Act act(const int8_t *q, const float *d, const float *s) {
   return zq::Act{const_cast<int8_t *>(q), const_cast<float *>(d), const_cast<float *>(s)};
@@ -897,15 +1127,15 @@ extern "C" int zopilot_q8_quantize(const void *x, int dtype, long long stride,
   const zq::Act out = act(q, d, s);
   switch (dtype) {
   case 0:
-    zq::quantize_kernel<float><<<grid, block, 0, st>>>(
+    zq::launch(zq::quantize_kernel<float>, grid, block, 0, st,
         static_cast<const float *>(x), stride, rows, k, out);
     break;
   case 1:
-    zq::quantize_kernel<__nv_bfloat16><<<grid, block, 0, st>>>(
+    zq::launch(zq::quantize_kernel<__nv_bfloat16>, grid, block, 0, st,
         static_cast<const __nv_bfloat16 *>(x), stride, rows, k, out);
     break;
   case 2:
-    zq::quantize_kernel<half><<<grid, block, 0, st>>>(
+    zq::launch(zq::quantize_kernel<half>, grid, block, 0, st,
         static_cast<const half *>(x), stride, rows, k, out);
     break;
   default:
@@ -923,7 +1153,7 @@ extern "C" int zopilot_moe_w13_silu(const void *w1, const void *w3,
                                     float *ad, float *as, long long stream) {
   const cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
   const dim3 grid(n / 32, pairs), block(zq::WARPS * 32);
-  zq::moe_w13_silu_kernel<<<grid, block, 0, st>>>(
+  zq::launch(zq::moe_w13_silu_kernel, grid, block, 0, st,
       static_cast<const uint8_t *>(w1), static_cast<const uint8_t *>(w3), ids,
       topk, act(xq, xd, xs), n, k, act(aq, ad, as));
   return (int)cudaGetLastError();
@@ -947,7 +1177,7 @@ extern "C" int zopilot_moe_w2(const void *w2, const uint32_t *ids,
   switch (dtype) {
 #define ZQ_W2(CODE, T)                                                         \
   case CODE:                                                                   \
-    zq::moe_w2_kernel<T><<<grid, block, 0, st>>>(                              \
+    zq::launch(zq::moe_w2_kernel<T>, grid, block, 0, st,                               \
         w, ids, topw, topk, a, n, k, static_cast<const T *>(resid),            \
         static_cast<T *>(out));                                                \
     break;
@@ -976,13 +1206,16 @@ extern "C" int zopilot_router_topk(const void *w, int experts, int k,
   const zq::Act x = act(xq, xd, xs);
   switch (round) {
   case 0:
-    zq::router_topk_kernel<0><<<grid, block, 0, st>>>(wb, experts, k, x, topk, ids, weights);
+    zq::launch(zq::router_topk_kernel<0>, grid, block, 0, st,
+        wb, experts, k, x, topk, ids, weights);
     break;
   case 1:
-    zq::router_topk_kernel<1><<<grid, block, 0, st>>>(wb, experts, k, x, topk, ids, weights);
+    zq::launch(zq::router_topk_kernel<1>, grid, block, 0, st,
+        wb, experts, k, x, topk, ids, weights);
     break;
   case 2:
-    zq::router_topk_kernel<2><<<grid, block, 0, st>>>(wb, experts, k, x, topk, ids, weights);
+    zq::launch(zq::router_topk_kernel<2>, grid, block, 0, st,
+        wb, experts, k, x, topk, ids, weights);
     break;
   default:
     return (int)cudaErrorInvalidValue;
@@ -1047,7 +1280,7 @@ extern "C" int zopilot_rmsnorm_quantize(const void *x, const void *resid,
   switch (dtype) {
 #define ZQ_RMS(CODE, T)                                                        \
   case CODE:                                                                   \
-    zq::rmsnorm_quantize_kernel<T><<<grid, block, 0, st>>>(                    \
+    zq::launch(zq::rmsnorm_quantize_kernel<T>, grid, block, 0, st,                     \
         static_cast<const T *>(x), static_cast<const T *>(resid),              \
         static_cast<T *>(h_out), static_cast<const T *>(alpha), k, eps, out);  \
     break;
@@ -1066,7 +1299,7 @@ extern "C" int zopilot_q4k_dequant_f16(const void *src, void *dst,
                                        long long nblocks, long long stream) {
   const cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
   const long long threads = nblocks * 8;
-  zq::dequant_q4k_f16_kernel<<<(unsigned)((threads + 255) / 256), 256, 0, st>>>(
+  zq::launch(zq::dequant_q4k_f16_kernel, (unsigned)((threads + 255) / 256), 256, 0, st,
       static_cast<const uint8_t *>(src), static_cast<half *>(dst), nblocks);
   return (int)cudaGetLastError();
 }
@@ -1081,7 +1314,7 @@ extern "C" int zopilot_moe_plan(const uint32_t *ids, int pairs, int experts, int
   if (pairs < 1 || pairs > 4096 || experts < 1 || experts > 256 || nt < 1)
     return (int)cudaErrorInvalidValue;
   const cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
-  zq::moe_plan_kernel<<<1, 1024, 0, st>>>(ids, pairs, experts, nt, max_chunks, order,
+  zq::launch(zq::moe_plan_kernel, 1, 1024, 0, st, ids, pairs, experts, nt, max_chunks, order,
                                           static_cast<int4 *>(chunks));
   return (int)cudaGetLastError();
 }
@@ -1096,7 +1329,7 @@ extern "C" int zopilot_moe_combine(const float *y, const float *topw, int tokens
   switch (dtype) {
 #define ZQ_CMB(CODE, T)                                                        \
   case CODE:                                                                   \
-    zq::moe_combine_kernel<T><<<grid, 256, 0, st>>>(                           \
+    zq::launch(zq::moe_combine_kernel<T>, grid, 256, 0, st,                            \
         y, topw, topk, n, static_cast<const T *>(resid), static_cast<T *>(out)); \
     break;
     ZQ_CMB(0, float)
@@ -1128,10 +1361,10 @@ extern "C" int zopilot_moe_pack(const int8_t *q, const float *d, const float *s,
   float4 *f = static_cast<float4 *>(pf);
   switch (nt) {
   case 8:
-    zq::moe_pack_kernel<1><<<grid, 256, 0, st>>>(act(q, d, s), order, c, div, 0, k, pq, f);
+    zq::launch(zq::moe_pack_kernel<1>, grid, 256, 0, st, act(q, d, s), order, c, div, 0, k, pq, f);
     break;
   case 16:
-    zq::moe_pack_kernel<2><<<grid, 256, 0, st>>>(act(q, d, s), order, c, div, 0, k, pq, f);
+    zq::launch(zq::moe_pack_kernel<2>, grid, 256, 0, st, act(q, d, s), order, c, div, 0, k, pq, f);
     break;
   default:
     return (int)cudaErrorInvalidValue;
@@ -1152,10 +1385,12 @@ extern "C" int zopilot_moe_w13_mma(const void *w1, const void *w3, const int *or
   const zq::Act out = act(aq, ad, as);
   switch (nt) {
   case 8:
-    zq::moe_w13_mma_kernel<1, S><<<grid, 4 * S * 32, 0, st>>>(a, b, order, c, topk, x, n, k, out);
+    zq::launch(zq::moe_w13_mma_kernel<1, S>, grid, 4 * S * 32, 0, st,
+        a, b, order, c, topk, x, n, k, out);
     break;
   case 16:
-    zq::moe_w13_mma_kernel<2, S><<<grid, 4 * S * 32, 0, st>>>(a, b, order, c, topk, x, n, k, out);
+    zq::launch(zq::moe_w13_mma_kernel<2, S>, grid, 4 * S * 32, 0, st,
+        a, b, order, c, topk, x, n, k, out);
     break;
   default:
     return (int)cudaErrorInvalidValue;
@@ -1174,10 +1409,10 @@ extern "C" int zopilot_moe_w2_mma(const void *w2, const int *order, const void *
   const zq::Packed x{pq, static_cast<const float4 *>(pf)};
   switch (nt) {
   case 8:
-    zq::moe_w2_mma_kernel<1, S><<<grid, S * 32, 0, st>>>(w, order, c, topk, x, n, k, y);
+    zq::launch(zq::moe_w2_mma_kernel<1, S>, grid, S * 32, 0, st, w, order, c, topk, x, n, k, y);
     break;
   case 16:
-    zq::moe_w2_mma_kernel<2, S><<<grid, S * 32, 0, st>>>(w, order, c, topk, x, n, k, y);
+    zq::launch(zq::moe_w2_mma_kernel<2, S>, grid, S * 32, 0, st, w, order, c, topk, x, n, k, y);
     break;
   default:
     return (int)cudaErrorInvalidValue;
@@ -1197,10 +1432,12 @@ extern "C" int zopilot_q4k_pack_rows(const int8_t *q, const float *d, const floa
   float4 *f = static_cast<float4 *>(pf);
   switch (nt) {
   case 8:
-    zq::moe_pack_kernel<1><<<grid, 256, 0, st>>>(act(q, d, s), nullptr, nullptr, 1, rows, k, pq, f);
+    zq::launch(zq::moe_pack_kernel<1>, grid, 256, 0, st,
+        act(q, d, s), nullptr, nullptr, 1, rows, k, pq, f);
     break;
   case 16:
-    zq::moe_pack_kernel<2><<<grid, 256, 0, st>>>(act(q, d, s), nullptr, nullptr, 1, rows, k, pq, f);
+    zq::launch(zq::moe_pack_kernel<2>, grid, 256, 0, st,
+        act(q, d, s), nullptr, nullptr, 1, rows, k, pq, f);
     break;
   default:
     return (int)cudaErrorInvalidValue;
@@ -1214,8 +1451,8 @@ extern "C" int zopilot_q4k_pack_rows(const int8_t *q, const float *d, const floa
 template <int NB, typename OUT, int ROUND = 0>
 static void launch_matmul_mma(dim3 grid, cudaStream_t st, const uint8_t *w, zq::Packed x,
                               int rows, int n, int k, void *out) {
-  zq::matmul_mma_kernel<NB, ZQ_SMM, OUT, ROUND>
-      <<<grid, ZQ_SMM * 32, 0, st>>>(w, x, rows, n, k, static_cast<OUT *>(out));
+  zq::launch(zq::matmul_mma_kernel<NB, ZQ_SMM, OUT, ROUND>, grid, ZQ_SMM * 32, 0, st,
+      w, x, rows, n, k, static_cast<OUT *>(out));
 }
 
 template <int NB>
@@ -1257,4 +1494,81 @@ extern "C" int zopilot_q4k_mma(const void *w, int n, int k, int rows, int nt, co
   default:
     return (int)cudaErrorInvalidValue;
   }
+}
+
+// Decode attention inputs of one token (rope_cache_kernel): dtype 1 bf16, 2 f16.
+extern "C" int zopilot_rope_cache(void *q, const void *k, const void *v, const void *cos,
+                                  const void *sin, int qh, int kvh, int d,
+                                  const long long *slot_mapping, int block_size,
+                                  void *key_cache, void *value_cache, int dtype,
+                                  long long stream) {
+  if (d % 2 || d % (16 / 2))
+    return (int)cudaErrorInvalidValue;
+  const cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
+  switch (dtype) {
+#define ZQ_ROPE(CODE, T)                                                       \
+  case CODE:                                                                   \
+    zq::launch(zq::rope_cache_kernel<T>, 1, 1024, 0, st, static_cast<T *>(q),  \
+               static_cast<const T *>(k), static_cast<const T *>(v),           \
+               static_cast<const T *>(cos), static_cast<const T *>(sin), qh,   \
+               kvh, d, slot_mapping, block_size, static_cast<T *>(key_cache),  \
+               static_cast<T *>(value_cache));                                 \
+    break;
+    ZQ_ROPE(1, __nv_bfloat16)
+    ZQ_ROPE(2, half)
+#undef ZQ_ROPE
+  default:
+    return (int)cudaErrorInvalidValue;
+  }
+  return (int)cudaGetLastError();
+}
+
+// One sequence's decode attention (attn_partial_kernel + attn_combine_kernel): q [qh, 128]
+// (already rotated), out [qh, 128], both in `dtype` (1 bf16, 2 f16); part: scratch of
+// kvh · ceil(ctx / 64) · (qh / kvh) · 130 f32. qh / kvh in {1, 2, 4, 8}.
+extern "C" int zopilot_decode_attention(const void *q, const void *key_cache,
+                                        const void *value_cache, const uint32_t *block_table,
+                                        int ctx, int block_size, int qh, int kvh, float scale,
+                                        float *part, void *out, int dtype, long long stream) {
+  if (ctx < 1 || kvh < 1 || qh % kvh || block_size < 1)
+    return (int)cudaErrorInvalidValue;
+  const cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
+  const int P = (ctx + zq::ATT_PART - 1) / zq::ATT_PART, G = qh / kvh;
+  const dim3 grid(kvh, P);
+#define ZQ_ATT(TT, GG)                                                         \
+  if (G == GG) {                                                               \
+    zq::launch(zq::attn_partial_kernel<TT, GG>, grid, zq::ATT_THREADS, 0, st,   \
+               static_cast<const TT *>(q), static_cast<const TT *>(key_cache),  \
+               static_cast<const TT *>(value_cache), block_table, ctx,         \
+               block_size, kvh, scale, part);                                  \
+    zq::launch(zq::attn_combine_kernel<TT, GG>, qh, zq::ATT_D, 0, st,           \
+               static_cast<const float *>(part), P, static_cast<TT *>(out));   \
+    return (int)cudaGetLastError();                                            \
+  }
+  if (dtype == 1) {
+    ZQ_ATT(__nv_bfloat16, 1) ZQ_ATT(__nv_bfloat16, 2) ZQ_ATT(__nv_bfloat16, 4)
+    ZQ_ATT(__nv_bfloat16, 8)
+  } else if (dtype == 2) {
+    ZQ_ATT(half, 1) ZQ_ATT(half, 2) ZQ_ATT(half, 4) ZQ_ATT(half, 8)
+  }
+#undef ZQ_ATT
+  return (int)cudaErrorInvalidValue;
+}
+
+// Profiling (`ZOPILOT_STEP_TRACE_HEAD_US`): one thread spins `us` microseconds on the stream, so
+// the host queues the step's kernels ahead of the GPU; forward time minus `us` is then the GPU's
+// own time for the step, without the gaps where it waited for the host to launch.
+__global__ void zopilot_spin_kernel(unsigned long long ns) {
+  unsigned long long t0, t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
+  do {
+    __nanosleep(1000);
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  } while (t - t0 < ns);
+}
+
+extern "C" int zopilot_spin(int us, long long stream) {
+  zopilot_spin_kernel<<<1, 1, 0, reinterpret_cast<cudaStream_t>(stream)>>>(
+      (unsigned long long)us * 1000ull);
+  return (int)cudaGetLastError();
 }

@@ -19,6 +19,39 @@ use candle_core::{
 };
 
 extern "C" {
+    fn zopilot_set_pdl(on: i32) -> i32;
+    fn zopilot_spin(us: i32, stream: i64) -> i32;
+    fn zopilot_decode_attention(
+        q: *const c_void,
+        key_cache: *const c_void,
+        value_cache: *const c_void,
+        block_table: *const u32,
+        ctx: i32,
+        block_size: i32,
+        qh: i32,
+        kvh: i32,
+        scale: f32,
+        part: *mut f32,
+        out: *mut c_void,
+        dtype: i32,
+        stream: i64,
+    ) -> i32;
+    fn zopilot_rope_cache(
+        q: *mut c_void,
+        k: *const c_void,
+        v: *const c_void,
+        cos: *const c_void,
+        sin: *const c_void,
+        qh: i32,
+        kvh: i32,
+        d: i32,
+        slot_mapping: *const i64,
+        block_size: i32,
+        key_cache: *mut c_void,
+        value_cache: *mut c_void,
+        dtype: i32,
+        stream: i64,
+    ) -> i32;
     fn zopilot_q8_quantize(
         x: *const c_void,
         dtype: i32,
@@ -263,7 +296,168 @@ fn cuda_dev(t: &Tensor) -> Result<CudaDevice> {
 }
 
 fn stream(dev: &CudaDevice) -> i64 {
+    pdl_init();
     dev.cuda_stream().cu_stream() as i64
+}
+
+/// One decode token's attention inputs in one kernel: q `[1, qh, 1, d]` rotated in place and k
+/// `[1, kvh, 1, d]` rotated (candle's GPT-NeoX `rope`, the same arithmetic) with the
+/// position's `cos`/`sin` rows (`[1, d/2]`), then k and v written into the paged cache at
+/// `slot_mapping[0]` as paged attention's `reshape_and_cache` writes them (key cache
+/// `[blocks, kvh, d/x, block_size, x]`, x = 16 bytes of the dtype; value cache `[blocks, kvh,
+/// d, block_size]`). bf16 or f16, cache in the same dtype.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn rope_cache_decode(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    key_cache: &Tensor,
+    value_cache: &Tensor,
+    slot_mapping: &Tensor,
+) -> Result<()> {
+    let dev = cuda_dev(q)?;
+    let dtype = match q.dtype() {
+        DType::BF16 => 1,
+        DType::F16 => 2,
+        other => candle_core::bail!("rope_cache_decode: no {other:?}"),
+    };
+    let (b, qh, s, d) = q.dims4()?;
+    let (kb, kvh, ks, kd) = k.dims4()?;
+    let (nb, ckvh, dx, block_size, x) = key_cache.dims5()?;
+    let x_want = 16 / q.dtype().size_in_bytes();
+    if (b, s, kb, ks, kd) != (1, 1, 1, 1, d)
+        || v.dims4()? != (1, kvh, 1, d)
+        || cos.dims2()? != (1, d / 2)
+        || sin.dims2()? != (1, d / 2)
+        || (ckvh, dx * x, x) != (kvh, d, x_want)
+        || value_cache.dims4()? != (nb, kvh, d, block_size)
+        || slot_mapping.elem_count() != 1
+        || slot_mapping.dtype() != DType::I64
+        || [k, v, cos, sin, key_cache, value_cache]
+            .iter()
+            .any(|t| t.dtype() != q.dtype())
+    {
+        candle_core::bail!(
+            "rope_cache_decode: shapes q {:?} k {:?} v {:?} cos {:?} cache {:?}/{:?} slots {:?}",
+            q.shape(),
+            k.shape(),
+            v.shape(),
+            cos.shape(),
+            key_cache.shape(),
+            value_cache.shape(),
+            slot_mapping.shape()
+        );
+    }
+    let ptr = |t: &Tensor| tensor_ptr(t).map(|p| p as *mut c_void);
+    // SAFETY: every pointer is a contiguous CUDA tensor checked above to have the shape the
+    // kernel indexes (q is rotated in place; the caches are written at one slot).
+    let code = unsafe {
+        zopilot_rope_cache(
+            ptr(q)?,
+            ptr(k)?,
+            ptr(v)?,
+            ptr(cos)?,
+            ptr(sin)?,
+            qh as i32,
+            kvh as i32,
+            d as i32,
+            tensor_ptr(slot_mapping)? as *const i64,
+            block_size as i32,
+            ptr(key_cache)?,
+            ptr(value_cache)?,
+            dtype,
+            stream(&dev),
+        )
+    };
+    check(code, "rope_cache_decode")
+}
+
+/// One sequence's decode attention over its paged KV cache (split over the context in
+/// 64-token partitions, then merged): q `[1, qh, 1, 128]` already rotated, the caches as
+/// [`rope_cache_decode`] writes them, `block_table` the sequence's u32 cache blocks (`[1,
+/// max_blocks]`), `ctx` its length including this token. Returns `[1, qh, 128]` in q's dtype.
+pub(crate) fn decode_attention(
+    q: &Tensor,
+    key_cache: &Tensor,
+    value_cache: &Tensor,
+    block_table: &Tensor,
+    ctx: usize,
+    scale: f32,
+) -> Result<Tensor> {
+    let dev = cuda_dev(q)?;
+    let dtype = match q.dtype() {
+        DType::BF16 => 1,
+        DType::F16 => 2,
+        other => candle_core::bail!("decode_attention: no {other:?}"),
+    };
+    let (b, qh, s, d) = q.dims4()?;
+    let (nb, kvh, dx, block_size, x) = key_cache.dims5()?;
+    let (_, max_blocks) = block_table.dims2()?;
+    if (b, s, d, dx * x, x) != (1, 1, 128, d, 16 / q.dtype().size_in_bytes())
+        || value_cache.dims4()? != (nb, kvh, d, block_size)
+        || qh % kvh != 0
+        || ![1, 2, 4, 8].contains(&(qh / kvh))
+        || block_table.dtype() != DType::U32
+        || ctx == 0
+        || ctx > max_blocks * block_size
+        || key_cache.dtype() != q.dtype()
+        || value_cache.dtype() != q.dtype()
+    {
+        candle_core::bail!(
+            "decode_attention: q {:?} cache {:?}/{:?} block table {:?} ctx {ctx}",
+            q.shape(),
+            key_cache.shape(),
+            value_cache.shape(),
+            block_table.shape()
+        );
+    }
+    let parts = ctx.div_ceil(64);
+    // SAFETY: scratch written in full by the partition kernel before the merge reads it.
+    let part = unsafe { dev.alloc::<f32>(kvh * parts * (qh / kvh) * (d + 2))? };
+    let out = Out::alloc(&dev, q.dtype(), qh * d)?;
+    // SAFETY: shapes checked above; every pointer is a contiguous CUDA buffer of them.
+    let code = unsafe {
+        zopilot_decode_attention(
+            tensor_ptr(q)? as *const c_void,
+            tensor_ptr(key_cache)? as *const c_void,
+            tensor_ptr(value_cache)? as *const c_void,
+            tensor_ptr(block_table)? as *const u32,
+            ctx as i32,
+            block_size as i32,
+            qh as i32,
+            kvh as i32,
+            scale,
+            slice_ptr(&part) as *mut f32,
+            out.ptr() as *mut c_void,
+            dtype,
+            stream(&dev),
+        )
+    };
+    check(code, "decode_attention")?;
+    out.into_tensor(&dev, qh, d).reshape((1, qh, d))
+}
+
+/// Profiling: the GPU spins `us` microseconds on the device's stream (the step trace's head
+/// start, `ZOPILOT_STEP_TRACE_HEAD_US`).
+pub(crate) fn spin(dev: &Device, us: i32) -> Result<()> {
+    if let Device::Cuda(d) = dev {
+        // SAFETY: a one-thread kernel on the device's stream; no pointers.
+        check(unsafe { zopilot_spin(us, stream(d)) }, "spin")?;
+    }
+    Ok(())
+}
+
+/// Programmatic dependent launch for every kernel of ours (`ZOPILOT_PDL`, on unless `0`; the
+/// kernels take it only on Hopper and later): each may start while the one before it in the
+/// stream finishes. Set once per process, before the first launch.
+fn pdl_init() {
+    static DONE: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+    DONE.get_or_init(|| {
+        // SAFETY: sets a flag the launchers read; no pointers are passed.
+        unsafe { zopilot_set_pdl(i32::from(switch_on("ZOPILOT_PDL"))) };
+    });
 }
 
 fn check(code: i32, what: &str) -> Result<()> {
@@ -297,6 +491,7 @@ fn tensor_ptr(t: &Tensor) -> Result<u64> {
         CudaStorageSlice::BF16(x) => x.slice(offset..).device_ptr(x.stream()).0,
         CudaStorageSlice::F16(x) => x.slice(offset..).device_ptr(x.stream()).0,
         CudaStorageSlice::U32(x) => x.slice(offset..).device_ptr(x.stream()).0,
+        CudaStorageSlice::I64(x) => x.slice(offset..).device_ptr(x.stream()).0,
         _ => candle_core::bail!("zopilot q4k kernels: unsupported dtype {:?}", t.dtype()),
     };
     Ok(ptr)

@@ -194,6 +194,17 @@ impl Attention {
         flash_params: &FlashParams,
     ) -> Result<Tensor> {
         let original_dtype = q.dtype();
+        #[cfg(feature = "cuda")]
+        if let Some(out) = self.attend_one_token(
+            (&q, &k, &v),
+            (b_sz, q_len),
+            attention_mask,
+            seqlen_offsets,
+            metadata.as_ref(),
+            flash_params,
+        )? {
+            return self.o_proj.forward(&out, original_dtype);
+        }
 
         let (q, k, v) = if q_len != 1 {
             let q = q
@@ -268,6 +279,122 @@ impl Attention {
         };
         self.o_proj.forward(&attn_output, original_dtype)
     }
+}
+
+impl Attention {
+    /// zopilot-gpu patch: one decode token (batch 1) with paged attention on CUDA: the rope of
+    /// q and k and the KV-cache write in one kernel of ours (`rope_cache_decode`), then paged
+    /// attention's decode over the cache (`forward_donor_cache`, which does not write it) —
+    /// one launch where rope q, rope k and `reshape_and_cache` were three. `None` when the
+    /// layer is not set up that way (no paged attention, a cache in another dtype than the
+    /// activations — FP8, whose scales the kernel does not apply —, interleaved rope) or with
+    /// `ZOPILOT_ROPE_CACHE=0`: the caller then takes the general path.
+    #[cfg(feature = "cuda")]
+    #[allow(clippy::too_many_arguments)]
+    fn attend_one_token(
+        &self,
+        (q, k, v): (&Tensor, &Tensor, &Tensor),
+        (b_sz, q_len): (usize, usize),
+        attention_mask: Option<&Tensor>,
+        seqlen_offsets: &[usize],
+        metadata: Option<&((Tensor, Tensor), &PagedAttentionInputMetadata)>,
+        flash_params: &FlashParams,
+    ) -> Result<Option<Tensor>> {
+        let (Some(paged_attn), Some(((key_cache, value_cache), input_metadata)), Some((cos, sin))) =
+            (&self.paged_attn, metadata, self.rotary_emb.neox_tables())
+        else {
+            return Ok(None);
+        };
+        let slots = input_metadata.slot_mappings.get(&q.device().location());
+        let Some(slots) = slots else {
+            return Ok(None);
+        };
+        if b_sz * q_len != 1
+            || attention_mask.is_some()
+            || seqlen_offsets.len() != 1
+            || seqlen_offsets[0] >= cos.dim(0)?
+            || key_cache.dtype() != q.dtype()
+            || key_cache.rank() != 5
+            || slots.dtype() != DType::I64
+            || slots.elem_count() != 1
+            || !q.device().is_cuda()
+            || !rope_cache_enabled()
+        {
+            return Ok(None);
+        }
+        let pos = seqlen_offsets[0];
+        let q = q.reshape((1, self.num_heads, 1, self.head_dim))?;
+        let k = k.reshape((1, self.num_kv_heads, 1, self.head_dim))?;
+        let v = v.reshape((1, self.num_kv_heads, 1, self.head_dim))?;
+        crate::cuda::zopilot_q4k::rope_cache_decode(
+            &q,
+            &k,
+            &v,
+            &cos.narrow(0, pos, 1)?,
+            &sin.narrow(0, pos, 1)?,
+            key_cache,
+            value_cache,
+            slots,
+        )?;
+        // Our split-context decode attention where it applies (plain causal attention of one
+        // sequence, head dim 128), else paged attention's decode kernel over the same cache.
+        let sdpa = &self.sdpa_params;
+        let table = input_metadata.full_block_tables.as_ref();
+        let (table, ctx) = match (sdpa.sliding_window, table) {
+            (None, Some(t)) => (Some(t), input_metadata.full_max_context_len),
+            _ => (
+                input_metadata.block_tables.as_ref(),
+                input_metadata.max_context_len,
+            ),
+        };
+        let table = table.and_then(|t| t.get(&q.device().location()));
+        let out = match (table, ctx) {
+            (Some(table), Some(ctx))
+                if decode_attention_enabled()
+                    && table.dtype() == DType::U32
+                    && self.head_dim == 128
+                    && sdpa.sliding_window.is_none()
+                    && sdpa.softcap.is_none_or(|c| c == 1.0)
+                    && sdpa.sinks.is_none()
+                    && !paged_attn.has_alibi() =>
+            {
+                crate::cuda::zopilot_q4k::decode_attention(
+                    &q,
+                    key_cache,
+                    value_cache,
+                    table,
+                    ctx,
+                    sdpa.softmax_scale,
+                )?
+            }
+            _ => paged_attn.forward_donor_cache(
+                &q,
+                key_cache,
+                value_cache,
+                None,
+                input_metadata,
+                sdpa,
+                Some(flash_params),
+            )?,
+        };
+        Ok(Some(out.reshape((b_sz, q_len, ()))?))
+    }
+}
+
+/// zopilot-gpu patch: `ZOPILOT_DECODE_ATTN` (on unless `0`): the one-token path attends with
+/// our split-context kernel instead of paged attention's (read once).
+#[cfg(feature = "cuda")]
+fn decode_attention_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| super::mixtral_stacked_moe::switch_on("ZOPILOT_DECODE_ATTN"))
+}
+
+/// zopilot-gpu patch: `ZOPILOT_ROPE_CACHE` (on unless `0`): one-token decode attention through
+/// [`Attention::attend_one_token`] (read once).
+#[cfg(feature = "cuda")]
+fn rope_cache_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| super::mixtral_stacked_moe::switch_on("ZOPILOT_ROPE_CACHE"))
 }
 
 #[derive(Clone)]

@@ -505,8 +505,10 @@ pub trait Pipeline:
 
                     let start = Instant::now();
                     trace.inputs_done(i, start);
+                    trace.head_start(&self.device())?;
                     let raw_logits = self.forward_inputs(inputs, return_raw_logits)?;
                     if zopilot_step_trace() {
+                        trace.launch += start.elapsed();
                         self.device().synchronize()?;
                     }
                     let end = Instant::now();
@@ -750,8 +752,10 @@ pub trait Pipeline:
 
                     let start = Instant::now();
                     trace.inputs_done(i, start);
+                    trace.head_start(&self.device())?;
                     let raw_logits = self.forward_inputs(inputs, return_raw_logits)?;
                     if zopilot_step_trace() {
+                        trace.launch += start.elapsed();
                         self.device().synchronize()?;
                     }
                     let end = Instant::now();
@@ -1224,8 +1228,13 @@ fn zopilot_batch_to_host(
 struct ZopilotStepTrace {
     start: Instant,
     inputs: Duration,
+    /// Host time until the forward returned (its kernels queued, the GPU maybe still busy):
+    /// close to `forward` means the host's launching, not the GPU, set the pace.
+    launch: Duration,
     forward: Duration,
     copy: Duration,
+    /// GPU head start before the forward (`ZOPILOT_STEP_TRACE_HEAD_US`), in µs.
+    head_us: u64,
 }
 
 impl ZopilotStepTrace {
@@ -1233,7 +1242,9 @@ impl ZopilotStepTrace {
         Self {
             start: Instant::now(),
             inputs: Duration::ZERO,
+            launch: Duration::ZERO,
             forward: Duration::ZERO,
+            head_us: 0,
             copy: Duration::ZERO,
         }
     }
@@ -1245,14 +1256,37 @@ impl ZopilotStepTrace {
         }
     }
 
+    /// With `ZOPILOT_STEP_TRACE_HEAD_US=N` (tracing only), the GPU spins N µs before the
+    /// forward is queued: the host then runs ahead, so `forward_us - head_us` is the GPU's
+    /// own time for the step, and its difference from the plain trace's forward is time the GPU
+    /// spent waiting for launches.
+    fn head_start(&mut self, device: &Device) -> candle_core::Result<()> {
+        static HEAD: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+        let us = *HEAD.get_or_init(|| {
+            std::env::var("ZOPILOT_STEP_TRACE_HEAD_US")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        });
+        if us > 0 && zopilot_step_trace() {
+            #[cfg(feature = "cuda")]
+            crate::cuda::zopilot_q4k::spin(device, us.min(1_000_000) as i32)?;
+            self.head_us = us;
+        }
+        let _ = device;
+        Ok(())
+    }
+
     fn report(&self, seqs: usize, is_prompt: bool) {
         if zopilot_step_trace() {
             eprintln!(
-                "zopilot-step seqs={seqs} prompt={is_prompt} inputs_us={} forward_us={} copy_us={} total_us={}",
+                "zopilot-step seqs={seqs} prompt={is_prompt} inputs_us={} launch_us={} forward_us={} copy_us={} total_us={} head_us={}",
                 self.inputs.as_micros(),
+                self.launch.as_micros(),
                 self.forward.as_micros(),
                 self.copy.as_micros(),
-                self.start.elapsed().as_micros()
+                self.start.elapsed().as_micros(),
+                self.head_us
             );
         }
     }

@@ -111,6 +111,11 @@ pub struct PagedAttention {
 }
 
 impl PagedAttention {
+    /// zopilot-gpu patch: whether attention adds ALiBi slopes (a kernel of ours does not).
+    pub fn has_alibi(&self) -> bool {
+        self.alibi_slopes.is_some()
+    }
+
     pub fn new(head_dim: usize, device: &Device, alibi_slopes: Option<Vec<f32>>) -> Result<Self> {
         let alibi_slopes = if let Some(alibi_slopes) = alibi_slopes {
             assert_eq!(alibi_slopes.len(), head_dim);
