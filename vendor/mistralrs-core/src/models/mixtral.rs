@@ -314,6 +314,7 @@ impl Attention {
             || seqlen_offsets.len() != 1
             || seqlen_offsets[0] >= cos.dim(0)?
             || key_cache.dtype() != q.dtype()
+            || cos.dtype() != q.dtype()
             || key_cache.rank() != 5
             || slots.dtype() != DType::I64
             || slots.elem_count() != 1
