@@ -531,6 +531,77 @@ fn bench_json_on_the_tiny_model_emits_the_documented_fields() {
     }
 }
 
+/// `ZOPILOT_STEP_TRACE=1` prints one `zopilot-step` line per engine step in the format
+/// scripts/gpu-profile.sh parses (docs/performance.md reads GPU runs through it): every field
+/// present and in that order, prompt and decode steps told apart, decode batches as large as
+/// the streams, and the parts no longer than the whole (the host's launch time within the
+/// forward, the forward within the step).
+#[test]
+fn step_trace_lines_carry_what_the_profile_script_reads() {
+    let out = binary()
+        .env("ZOPILOT_STEP_TRACE", "1")
+        .args([
+            "bench",
+            "--model",
+            "synthetic:tiny",
+            "--cpu",
+            "--json",
+            "--prompt-tokens",
+            "8",
+            "--max-tokens",
+            "4",
+            "--concurrency",
+            "1,2",
+        ])
+        .output()
+        .unwrap();
+    json_stdout(&out);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let fields = [
+        "seqs",
+        "prompt",
+        "inputs_us",
+        "launch_us",
+        "forward_us",
+        "copy_us",
+        "total_us",
+        "head_us",
+    ];
+    let mut decode_batches = std::collections::BTreeSet::new();
+    let mut prompts = 0;
+    for line in stderr
+        .lines()
+        .filter_map(|l| l.split("zopilot-step ").nth(1))
+    {
+        let kv: Vec<(&str, &str)> = line
+            .split_whitespace()
+            .map(|f| f.split_once('=').unwrap_or((f, "")))
+            .collect();
+        let names: Vec<&str> = kv.iter().map(|(k, _)| *k).collect();
+        assert_eq!(names, fields, "{line}");
+        let num = |name: &str| -> u64 {
+            let v = kv.iter().find(|(k, _)| *k == name).unwrap().1;
+            v.parse().unwrap_or_else(|_| panic!("{name}={v} in {line}"))
+        };
+        assert!(num("launch_us") <= num("forward_us"), "{line}");
+        assert!(
+            num("inputs_us") + num("forward_us") + num("copy_us") <= num("total_us") + 1,
+            "{line}"
+        );
+        assert_eq!(num("head_us"), 0, "no head start unless asked: {line}");
+        match kv[1].1 {
+            "true" => prompts += 1,
+            "false" => {
+                decode_batches.insert(num("seqs"));
+            }
+            other => panic!("prompt={other} in {line}"),
+        }
+    }
+    assert!(prompts >= 2, "a prompt step per level at least:\n{stderr}");
+    assert!(decode_batches.contains(&1), "{decode_batches:?}");
+    assert_eq!(decode_batches.iter().max(), Some(&2), "{decode_batches:?}");
+}
+
 /// A Hugging Face endpoint on loopback: one open model, one gated, nothing else.
 async fn hub_emulator() -> String {
     use axum::extract::Path;
