@@ -469,15 +469,17 @@ async fn bench_over_http_reports_the_served_model_and_no_guessed_floor() {
     }
 }
 
+/// `bench --json` on the built-in tiny model, on the CPU; the caller adds the shape flags.
+fn tiny_cpu_bench() -> std::process::Command {
+    let mut c = binary();
+    c.args(["bench", "--model", "synthetic:tiny", "--cpu", "--json"]);
+    c
+}
+
 #[test]
 fn bench_json_on_the_tiny_model_emits_the_documented_fields() {
-    let out = binary()
+    let out = tiny_cpu_bench()
         .args([
-            "bench",
-            "--model",
-            "synthetic:tiny",
-            "--cpu",
-            "--json",
             "--prompt-tokens",
             "32",
             "--max-tokens",
@@ -538,14 +540,9 @@ fn bench_json_on_the_tiny_model_emits_the_documented_fields() {
 /// forward, the forward within the step).
 #[test]
 fn step_trace_lines_carry_what_the_profile_script_reads() {
-    let out = binary()
+    let out = tiny_cpu_bench()
         .env("ZOPILOT_STEP_TRACE", "1")
         .args([
-            "bench",
-            "--model",
-            "synthetic:tiny",
-            "--cpu",
-            "--json",
             "--prompt-tokens",
             "8",
             "--max-tokens",
