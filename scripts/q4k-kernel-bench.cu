@@ -115,19 +115,23 @@ static double rel_err(const std::vector<float> &a, const std::vector<float> &b) 
   return e;
 }
 
-template <typename F> static float time_us(F f, int iters = 20) {
+// Mean µs of `f` (which queues its work on `st`) over `iters` calls, after 3 warm-up calls.
+template <typename F>
+static float time_us(F f, int iters = 20, cudaStream_t st = nullptr) {
   for (int i = 0; i < 3; ++i)
     CK(f());
   cudaEvent_t a, b;
   CK(cudaEventCreate(&a));
   CK(cudaEventCreate(&b));
-  CK(cudaEventRecord(a));
+  CK(cudaEventRecord(a, st));
   for (int i = 0; i < iters; ++i)
     CK(f());
-  CK(cudaEventRecord(b));
+  CK(cudaEventRecord(b, st));
   CK(cudaEventSynchronize(b));
   float ms;
   CK(cudaEventElapsedTime(&ms, a, b));
+  CK(cudaEventDestroy(a));
+  CK(cudaEventDestroy(b));
   return ms * 1000.0f / iters;
 }
 
@@ -249,22 +253,6 @@ static int bench_chain() {
   };
   cudaStream_t created;
   CK(cudaStreamCreateWithFlags(&created, cudaStreamNonBlocking));
-  auto time_on = [&](cudaStream_t st, auto f) {
-    for (int i = 0; i < 3; ++i)
-      CK(f());
-    cudaEvent_t a, b;
-    CK(cudaEventCreate(&a));
-    CK(cudaEventCreate(&b));
-    CK(cudaEventRecord(a, st));
-    constexpr int iters = 50;
-    for (int i = 0; i < iters; ++i)
-      CK(f());
-    CK(cudaEventRecord(b, st));
-    CK(cudaEventSynchronize(b));
-    float ms;
-    CK(cudaEventElapsedTime(&ms, a, b));
-    return ms * 1000.0f / iters;
-  };
   std::vector<float> ref;
   const int kernels = L * 8 + 2;
   for (int graph = 0; graph < 2; ++graph)
@@ -280,11 +268,11 @@ static int bench_chain() {
           CK(step(st));
           CK(cudaStreamEndCapture(st, &g));
           CK(cudaGraphInstantiate(&ge, g, 0));
-          us = time_on(st, [&] { return (int)cudaGraphLaunch(ge, st); });
+          us = time_us([&] { return (int)cudaGraphLaunch(ge, st); }, 50, st);
           CK(cudaGraphExecDestroy(ge));
           CK(cudaGraphDestroy(g));
         } else {
-          us = time_on(st, [&] { return step(st); });
+          us = time_us([&] { return step(st); }, 50, st);
         }
         CK(cudaDeviceSynchronize());
         std::vector<float> got = bf16_host(logits, V);

@@ -318,11 +318,7 @@ pub(crate) fn rope_cache_decode(
     slot_mapping: &Tensor,
 ) -> Result<()> {
     let dev = cuda_dev(q)?;
-    let dtype = match q.dtype() {
-        DType::BF16 => 1,
-        DType::F16 => 2,
-        other => candle_core::bail!("rope_cache_decode: no {other:?}"),
-    };
+    let dtype = half_dtype_code(q.dtype(), "rope_cache_decode")?;
     let (b, qh, s, d) = q.dims4()?;
     let (kb, kvh, ks, kd) = k.dims4()?;
     let (nb, ckvh, dx, block_size, x) = key_cache.dims5()?;
@@ -387,11 +383,7 @@ pub(crate) fn decode_attention(
     scale: f32,
 ) -> Result<Tensor> {
     let dev = cuda_dev(q)?;
-    let dtype = match q.dtype() {
-        DType::BF16 => 1,
-        DType::F16 => 2,
-        other => candle_core::bail!("decode_attention: no {other:?}"),
-    };
+    let dtype = half_dtype_code(q.dtype(), "decode_attention")?;
     let (b, qh, s, d) = q.dims4()?;
     let (nb, kvh, dx, block_size, x) = key_cache.dims5()?;
     let (_, max_blocks) = block_table.dims2()?;
@@ -474,6 +466,14 @@ fn dtype_code(dtype: DType) -> Result<i32> {
         DType::F16 => 2,
         other => candle_core::bail!("zopilot q4k kernels: no {other:?} activations"),
     })
+}
+
+/// [`dtype_code`] for the kernels that take only 16-bit activations (bf16, f16).
+fn half_dtype_code(dtype: DType, what: &str) -> Result<i32> {
+    match dtype_code(dtype) {
+        Ok(code) if code != 0 => Ok(code),
+        _ => candle_core::bail!("{what}: no {dtype:?}"),
+    }
 }
 
 /// Device address of a contiguous tensor's first element.

@@ -732,9 +732,10 @@ impl DecoderLayer {
     }
 
     /// RMSNorm fused with the quantization of its output, q/k/v in one mat-vec launch (on
-    /// tensor cores, one packing for the three, from 3 tokens), attention as upstream, then residual add + RMSNorm + quantization in one kernel and
-    /// the fused MoE adding the second residual itself: the same arithmetic as `forward`
-    /// (values rounded to the model's dtype where it rounds them) in about half the launches.
+    /// tensor cores, one packing for the three, from 3 tokens), attention as upstream, then
+    /// residual add + RMSNorm + quantization in one kernel and the fused MoE adding the second
+    /// residual itself: the same arithmetic as `forward` (values rounded to the model's dtype
+    /// where it rounds them) in about half the launches.
     #[allow(clippy::too_many_arguments)]
     fn forward_fused(
         &self,

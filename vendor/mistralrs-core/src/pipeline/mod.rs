@@ -505,7 +505,9 @@ pub trait Pipeline:
 
                     let start = Instant::now();
                     trace.inputs_done(i, start);
-                    trace.head_start(&self.device())?;
+                    if zopilot_step_trace() {
+                        trace.head_start(&self.device())?;
+                    }
                     let raw_logits = self.forward_inputs(inputs, return_raw_logits)?;
                     if zopilot_step_trace() {
                         trace.launch += start.elapsed();
@@ -752,7 +754,9 @@ pub trait Pipeline:
 
                     let start = Instant::now();
                     trace.inputs_done(i, start);
-                    trace.head_start(&self.device())?;
+                    if zopilot_step_trace() {
+                        trace.head_start(&self.device())?;
+                    }
                     let raw_logits = self.forward_inputs(inputs, return_raw_logits)?;
                     if zopilot_step_trace() {
                         trace.launch += start.elapsed();
@@ -1256,22 +1260,21 @@ impl ZopilotStepTrace {
         }
     }
 
-    /// With `ZOPILOT_STEP_TRACE_HEAD_US=N` (tracing only), the GPU spins N µs before the
-    /// forward is queued: the host then runs ahead, so `forward_us - head_us` is the GPU's
-    /// own time for the step, and its difference from the plain trace's forward is time the GPU
-    /// spent waiting for launches.
+    /// With `ZOPILOT_STEP_TRACE_HEAD_US=N` (called only when tracing), the GPU spins N µs
+    /// before the forward is queued: the host then runs ahead, so `forward_us - head_us` is the
+    /// GPU's own time for the step, and its difference from the plain trace's forward is time
+    /// the GPU spent waiting for launches.
     fn head_start(&mut self, device: &Device) -> candle_core::Result<()> {
-        static HEAD: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+        static HEAD: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
         let us = *HEAD.get_or_init(|| {
-            std::env::var("ZOPILOT_STEP_TRACE_HEAD_US")
-                .ok()
-                .and_then(|v| v.parse().ok())
+            crate::models::mixtral_stacked_moe::env_usize("ZOPILOT_STEP_TRACE_HEAD_US")
                 .unwrap_or(0)
+                .min(1_000_000)
         });
-        if us > 0 && zopilot_step_trace() {
+        if us > 0 {
             #[cfg(feature = "cuda")]
-            crate::cuda::zopilot_q4k::spin(device, us.min(1_000_000) as i32)?;
-            self.head_us = us;
+            crate::cuda::zopilot_q4k::spin(device, us as i32)?;
+            self.head_us = us as u64;
         }
         let _ = device;
         Ok(())
