@@ -535,7 +535,7 @@ fn bench_json_on_the_tiny_model_emits_the_documented_fields() {
 
 /// `ZOPILOT_STEP_TRACE=1` prints one `zopilot-step` line per engine step in the format
 /// scripts/gpu-profile.sh parses (docs/performance.md reads GPU runs through it): every field
-/// present and in that order, prompt and decode steps told apart, decode batches as large as
+/// present and in that order, prompt and decode steps told apart, decode batches no larger than
 /// the streams, and the parts no longer than the whole (the host's launch time within the
 /// forward, the forward within the step).
 #[test]
@@ -595,8 +595,10 @@ fn step_trace_lines_carry_what_the_profile_script_reads() {
         }
     }
     assert!(prompts >= 2, "a prompt step per level at least:\n{stderr}");
+    // Two streams share a decode step only when their sequences are the same length (the CPU
+    // scheduler batches by length), so whether a step of 2 shows up is a race: never more.
     assert!(decode_batches.contains(&1), "{decode_batches:?}");
-    assert_eq!(decode_batches.iter().max(), Some(&2), "{decode_batches:?}");
+    assert!(decode_batches.iter().all(|&n| n <= 2), "{decode_batches:?}");
 }
 
 /// A Hugging Face endpoint on loopback: one open model, one gated, nothing else.

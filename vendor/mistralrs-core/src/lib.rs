@@ -522,6 +522,18 @@ impl Drop for MistralRs {
                 let _ = engine.sender.try_send(Request::Terminate);
             }
         }
+        // zopilot-gpu patch: wait (bounded) for the engine threads to finish. Upstream returns
+        // at once, so a process that exits right after dropping this (a CLI run) can tear the
+        // CUDA context down while an engine thread still frees its pipeline's device memory:
+        // an intermittent SIGSEGV after the last output.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        if let Ok(engines) = self.engines.read() {
+            for engine in engines.values() {
+                while !engine.engine_handler.is_finished() && Instant::now() < deadline {
+                    thread::sleep(Duration::from_millis(2));
+                }
+            }
+        }
     }
 }
 
