@@ -193,7 +193,40 @@ static void bench_dense(const std::vector<int> &token_counts) {
 // nothing stays in L2). Timed back to back on the legacy stream and on a created stream, with
 // and without programmatic dependent launch, and replayed as a CUDA graph: what launch gaps
 // cost a step and what each remedy recovers. The logits of every mode must equal the first's.
+// The routing computed inside the RMSNorm kernel must equal router_topk_kernel's on the same
+// quantized rows (ids and weights bit for bit), for 1 and 7 rows.
+static void check_router_in_norm() {
+  const long long b_router = (long long)E * H / 256;
+  Dev<uint8_t> wr(b_router * 144);
+  fill_q4k<<<(unsigned)((b_router * 36 + 255) / 256), 256>>>(wr, b_router, 91);
+  Dev<__nv_bfloat16> alpha(H);
+  fill_bf16<<<(H + 255) / 256, 256>>>(alpha, H, 92);
+  for (int rows : {1, 7}) {
+    Dev<__nv_bfloat16> x((size_t)rows * H), r((size_t)rows * H), h((size_t)rows * H);
+    fill_bf16<<<(rows * H + 255) / 256, 256>>>(x, (long long)rows * H, 93 + rows);
+    fill_bf16<<<(rows * H + 255) / 256, 256>>>(r, (long long)rows * H, 94 + rows);
+    ActBuf M(rows, H);
+    Dev<uint32_t> ids(rows * TOPK), ids2(rows * TOPK);
+    Dev<float> w(rows * TOPK), w2(rows * TOPK);
+    CK(zopilot_rmsnorm_quantize(x, r, h, alpha, rows, H, 1e-5f, 1, M.q, M.d, M.s, wr, E, TOPK,
+                                ids, w, 0));
+    CK(zopilot_router_topk(wr, E, H, M.q, M.d, M.s, rows, TOPK, 1, ids2, w2, 0));
+    CK(cudaDeviceSynchronize());
+    std::vector<uint32_t> a(rows * TOPK), b(rows * TOPK);
+    std::vector<float> fa(rows * TOPK), fb(rows * TOPK);
+    CK(cudaMemcpy(a.data(), ids, rows * TOPK * 4, cudaMemcpyDeviceToHost));
+    CK(cudaMemcpy(b.data(), ids2, rows * TOPK * 4, cudaMemcpyDeviceToHost));
+    CK(cudaMemcpy(fa.data(), w, rows * TOPK * 4, cudaMemcpyDeviceToHost));
+    CK(cudaMemcpy(fb.data(), w2, rows * TOPK * 4, cudaMemcpyDeviceToHost));
+    const bool same = a == b && fa == fb;
+    g_worst = std::max(g_worst, same ? 0.0 : 1.0);
+    printf("{\"router_in_norm\": \"%s\", \"rows\": %d, \"first_ids\": [%u, %u]}\n",
+           same ? "equal" : "DIFFERENT", rows, a[0], a[1]);
+  }
+}
+
 static int bench_chain() {
+  check_router_in_norm();
   constexpr int L = 8, KV = 1024, V = 32000;
   const long long b_attn = (long long)H * H / 256, b_kv = (long long)KV * H / 256;
   const long long b_exp = (long long)E * F * H / 256, b_router = (long long)E * H / 256;
@@ -230,13 +263,12 @@ static int bench_chain() {
       void *oos[1] = {o};
       const size_t eo = (size_t)l * b_exp * 144;
       if ((rc = zopilot_rmsnorm_quantize(x, nullptr, nullptr, alpha, 1, H, eps, 1, X.q, X.d,
-                                         X.s, s)) ||
+                                         X.s, nullptr, 0, 0, nullptr, nullptr, s)) ||
           (rc = zopilot_q4k_matvec(ws, ns, outs, 3, H, X.q, X.d, X.s, 1, 1, s)) ||
           (rc = zopilot_q8_quantize(q, 1, H, 1, H, A.q, A.d, A.s, s)) ||
           (rc = zopilot_q4k_matvec(wos, nos, oos, 1, H, A.q, A.d, A.s, 1, 1, s)) ||
-          (rc = zopilot_rmsnorm_quantize(o, x, h, alpha, 1, H, eps, 1, M.q, M.d, M.s, s)) ||
-          (rc = zopilot_router_topk(wr + l * b_router * 144, E, H, M.q, M.d, M.s, 1, TOPK, 1,
-                                    ids, topw, s)) ||
+          (rc = zopilot_rmsnorm_quantize(o, x, h, alpha, 1, H, eps, 1, M.q, M.d, M.s,
+                                         wr + l * b_router * 144, E, TOPK, ids, topw, s)) ||
           (rc = zopilot_moe_w13_silu(w1 + eo, w3 + eo, ids, TOPK, TOPK, M.q, M.d, M.s, F, H,
                                      G.q, G.d, G.s, s)) ||
           (rc = zopilot_moe_w2(w2 + eo, ids, topw, 1, TOPK, G.q, G.d, G.s, H, F, h, x, 1, s)))
@@ -246,7 +278,8 @@ static int bench_chain() {
     const int nh[1] = {V};
     void *oh[1] = {logits};
     if (!rc)
-      rc = zopilot_rmsnorm_quantize(x, nullptr, nullptr, alpha, 1, H, eps, 1, X.q, X.d, X.s, s);
+      rc = zopilot_rmsnorm_quantize(x, nullptr, nullptr, alpha, 1, H, eps, 1, X.q, X.d, X.s,
+                                    nullptr, 0, 0, nullptr, nullptr, s);
     if (!rc)
       rc = zopilot_q4k_matvec(wh, nh, oh, 1, H, X.q, X.d, X.s, 1, 1, s);
     return rc;
@@ -354,36 +387,75 @@ static void bench_attention() {
     };
     rope(hq, QH);
     rope(hk, KVH);
-    CK(zopilot_rope_cache(q, k, v, cs, sn, QH, KVH, D, slot, BS, kc, vc, 1, 0));
-    CK(cudaDeviceSynchronize());
-    // q rotated in place; k and v now in the cache at the slot.
-    std::vector<float> gq = bf16_host(q, QH * D), gk(KVH * D), gv(KVH * D);
+    // This token's k / v as they sit in the cache (X-interleaved key layout).
     const size_t blk = perm[pos / BS];
     const int off = pos % BS;
-    for (int hd = 0; hd < KVH; ++hd)
-      for (int j = 0; j < D; ++j) {
-        __nv_bfloat16 kv, vv;
-        CK(cudaMemcpy(&kv, kc + (((blk * KVH + hd) * (D / X) + j / X) * BS + off) * X + j % X, 2,
-                      cudaMemcpyDeviceToHost));
-        CK(cudaMemcpy(&vv, vc + ((blk * KVH + hd) * D + j) * BS + off, 2, cudaMemcpyDeviceToHost));
-        gk[hd * D + j] = __bfloat162float(kv);
-        gv[hd * D + j] = __bfloat162float(vv);
-      }
-    const double e_rope = std::max(rel_err(hq, gq), std::max(rel_err(hk, gk), rel_err(hv, gv)));
+    auto cached = [&](std::vector<float> &gk, std::vector<float> &gv) {
+      gk.resize(KVH * D);
+      gv.resize(KVH * D);
+      for (int hd = 0; hd < KVH; ++hd)
+        for (int j = 0; j < D; ++j) {
+          __nv_bfloat16 kv, vv;
+          CK(cudaMemcpy(&kv, kc + (((blk * KVH + hd) * (D / X) + j / X) * BS + off) * X + j % X,
+                        2, cudaMemcpyDeviceToHost));
+          CK(cudaMemcpy(&vv, vc + ((blk * KVH + hd) * D + j) * BS + off, 2,
+                        cudaMemcpyDeviceToHost));
+          gk[hd * D + j] = __bfloat162float(kv);
+          gv[hd * D + j] = __bfloat162float(vv);
+        }
+    };
     Dev<float> part((size_t)KVH * ((ctx + 63) / 64) * (QH / KVH) * (D + 2));
+    Dev<__nv_bfloat16> out_sep(QH * D);
+    ActBuf fused(1, QH * D), sep(1, QH * D);
+    // Fused: rope, cache write and attention in one launch pair, q left as it was. The slot
+    // holds stale values before it, so the output is right only if the kernel wrote them.
     auto ours = [&] {
-      return zopilot_decode_attention(q, kc, vc, table, ctx, BS, QH, KVH, scale, part, out, 1, 0);
+      return zopilot_decode_attention(q, k, v, cs, sn, slot, kc, vc, table, ctx, BS, QH, KVH,
+                                      scale, part, out, fused.q, fused.d, fused.s, 1, 0);
     };
     CK(ours());
+    CK(cudaDeviceSynchronize());
+    std::vector<float> gk, gv;
+    cached(gk, gv);
+    const double e_fused_cache = std::max(rel_err(hk, gk), rel_err(hv, gv));
+    const std::vector<float> o_fused = bf16_host(out, QH * D);
+    // Separate: the rope + cache kernel (q rotated in place), then attention of a rotated q.
+    auto separate = [&] {
+      CK(zopilot_rope_cache(q, k, v, cs, sn, QH, KVH, D, slot, BS, kc, vc, 1, 0));
+      return zopilot_decode_attention(q, nullptr, nullptr, nullptr, nullptr, nullptr, kc, vc,
+                                      table, ctx, BS, QH, KVH, scale, part, out_sep, nullptr,
+                                      nullptr, nullptr, 1, 0);
+    };
+    CK(zopilot_rope_cache(q, k, v, cs, sn, QH, KVH, D, slot, BS, kc, vc, 1, 0));
+    CK(cudaDeviceSynchronize());
+    std::vector<float> gq = bf16_host(q, QH * D);
+    cached(gk, gv);
+    const double e_rope = std::max(rel_err(hq, gq), std::max(rel_err(hk, gk), rel_err(hv, gv)));
+    CK(zopilot_decode_attention(q, nullptr, nullptr, nullptr, nullptr, nullptr, kc, vc, table,
+                                ctx, BS, QH, KVH, scale, part, out_sep, nullptr, nullptr, nullptr,
+                                1, 0));
     ref_attention<<<QH, D>>>(q, kc, vc, table, ctx, BS, QH, KVH, scale, ref);
     CK(cudaDeviceSynchronize());
     std::vector<float> r(QH * D);
     CK(cudaMemcpy(r.data(), ref, QH * D * 4, cudaMemcpyDeviceToHost));
-    const double e = rel_err(r, bf16_host(out, QH * D));
-    const float t = time_us(ours);
-    printf("{\"attention\": \"decode\", \"ctx\": %d, \"us\": %.1f, \"rope_cache_rel_err\": %.2e, "
-           "\"rel_err\": %.2e}\n",
-           ctx, t, e_rope, e);
+    const std::vector<float> o_sep = bf16_host(out_sep, QH * D);
+    const double e = std::max(rel_err(r, o_fused), rel_err(r, o_sep));
+    // Fused and separate do the same arithmetic: their outputs must be equal.
+    double fused_diff = 0;
+    for (int i = 0; i < QH * D; ++i)
+      fused_diff = std::max(fused_diff, (double)std::fabs(o_fused[i] - o_sep[i]));
+    g_worst = std::max(g_worst, fused_diff > 0 ? 1.0 : 0.0);
+    // The output's quantization done in the merge kernel must equal quantize_kernel's.
+    CK(zopilot_q8_quantize(out, 1, QH * D, 1, QH * D, sep.q, sep.d, sep.s, 0));
+    CK(cudaDeviceSynchronize());
+    const double e_q = rel_err(sep.values(), fused.values());
+    // Timing of the fused path from an unrotated q (it leaves q as it is); the separate path's
+    // repeats rotate q again each time, which changes its values, not its work.
+    const float t = time_us(ours), t_sep = time_us(separate);
+    printf("{\"attention\": \"decode\", \"ctx\": %d, \"us\": %.1f, \"separate_us\": %.1f, "
+           "\"rope_cache_rel_err\": %.2e, \"fused_cache_rel_err\": %.2e, \"rel_err\": %.2e, "
+           "\"fused_vs_separate_max_diff\": %.1e, \"quantized_rel_err\": %.2e}\n",
+           ctx, t, t_sep, e_rope, e_fused_cache, e, fused_diff, e_q);
     fflush(stdout);
   }
 }

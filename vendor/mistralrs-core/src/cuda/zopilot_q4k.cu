@@ -22,6 +22,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#include <type_traits>
 #include <stdint.h>
 
 #include <utility>
@@ -157,16 +158,25 @@ __device__ __forceinline__ int dp4(const int4 &a, const int4 &b) {
   return __dp4a(a.w, b.w, s);
 }
 
+// A read-only-cache load, or (NC false: data the same kernel wrote) a plain one.
+template <bool NC, typename V> __device__ __forceinline__ V ld(const V *p) {
+  if constexpr (NC)
+    return __ldg(p);
+  else
+    return *p;
+}
+
+template <bool NC = true>
 __device__ __forceinline__ LaneAct load_act(const ActRow &x, int blk, int g,
                                             int h) {
   const int v0 = blk * QK + 64 * g + 16 * h;
   LaneAct a;
-  a.lo = __ldg(reinterpret_cast<const int4 *>(x.q + v0));
-  a.hi = __ldg(reinterpret_cast<const int4 *>(x.q + v0 + 32));
-  a.dlo = __ldg(x.d + v0 / Q8);
-  a.dhi = __ldg(x.d + v0 / Q8 + 1);
-  a.slo = __ldg(x.s + v0 / 16);
-  a.shi = __ldg(x.s + v0 / 16 + 2);
+  a.lo = ld<NC>(reinterpret_cast<const int4 *>(x.q + v0));
+  a.hi = ld<NC>(reinterpret_cast<const int4 *>(x.q + v0 + 32));
+  a.dlo = ld<NC>(x.d + v0 / Q8);
+  a.dhi = ld<NC>(x.d + v0 / Q8 + 1);
+  a.slo = ld<NC>(x.s + v0 / 16);
+  a.shi = ld<NC>(x.s + v0 / 16 + 2);
   return a;
 }
 
@@ -301,7 +311,13 @@ __global__ void quantize_kernel(const T *__restrict__ x, long long stride,
 // warp, 8 warps): act = silu(x·w1) * (x·w3), written quantized (the block's 32 rows are one
 // quantization group). Four rows of each matrix per warp keep 8 row streams in flight per
 // lane; two rows per warp with twice the warps was 35 % slower on an H100 (ncu).
-__global__ void __launch_bounds__(WARPS * 32)
+#ifndef ZQ_W13_MIN_BLOCKS // blocks per SM asked of the compiler (kernel bench experiments)
+#define ZQ_W13_MIN_BLOCKS 1
+#endif
+#ifndef ZQ_W2_MIN_BLOCKS
+#define ZQ_W2_MIN_BLOCKS 1
+#endif
+__global__ void __launch_bounds__(WARPS * 32, ZQ_W13_MIN_BLOCKS)
     moe_w13_silu_kernel(const uint8_t *__restrict__ w1,
                         const uint8_t *__restrict__ w3,
                         const uint32_t *__restrict__ ids, int topk, Act x_all,
@@ -356,7 +372,7 @@ __device__ __forceinline__ void store_moe_out(OUT *out, const OUT *resid, size_t
 // block adds its rows' slots (in slot order, routing-weighted) through shared memory, plus
 // `resid` when given. A block is WARPS / topk rows × topk slots (topk ≤ WARPS).
 template <typename OUT>
-__global__ void __launch_bounds__(WARPS * 32)
+__global__ void __launch_bounds__(WARPS * 32, ZQ_W2_MIN_BLOCKS)
     moe_w2_kernel(const uint8_t *__restrict__ w2, const uint32_t *__restrict__ ids,
                   const float *__restrict__ topw, int topk, Act act, int n, int k,
                   const OUT *__restrict__ resid, OUT *__restrict__ out) {
@@ -399,26 +415,24 @@ __global__ void __launch_bounds__(WARPS * 32)
   }
 }
 
-// Router logits (one warp per expert, rounded through ROUND as the model's dtype would) and
-// top-k routing for token blockIdx.x in one block: the k largest logits (lowest index on
-// ties) and their softmax, as mistral.rs' topk_softmax computes it. experts ≤ 256, topk ≤ 8.
-template <int ROUND>
-__global__ void __launch_bounds__(WARPS * 32)
-    router_topk_kernel(const uint8_t *__restrict__ w, int experts, int k, Act x_all,
-                       int topk, uint32_t *__restrict__ ids,
-                       float *__restrict__ weights) {
-  pdl_enter();
+// Router logits of one token (one warp per expert, rounded through ROUND as the model's dtype
+// would) and its top-k routing: the k largest logits (lowest index on ties) and their
+// softmax, as mistral.rs' topk_softmax computes it. experts ≤ 256, topk ≤ 8. Every thread of
+// the block calls it (it synchronizes the block); NC false where the same kernel wrote x.
+template <int ROUND, bool NC>
+__device__ __forceinline__ void route_token(const uint8_t *__restrict__ w, int experts, int k,
+                                            const ActRow &x, int topk, int token,
+                                            uint32_t *__restrict__ ids,
+                                            float *__restrict__ weights) {
   __shared__ float logits[256];
-  const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
-  const int token = blockIdx.x;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x & 31, warps = blockDim.x / 32;
   const int nb = k / QK;
   const size_t row_bytes = (size_t)nb * QB;
   const int sub = lane & 7, g = sub >> 1, h = sub & 1;
-  const ActRow x = act_row(x_all, token, k);
-  for (int e = warp; e < experts; e += WARPS) {
+  for (int e = warp; e < experts; e += warps) {
     float acc = 0.0f;
     for (int blk = lane >> 3; blk < nb; blk += 4)
-      acc += lane_dot(load_w(w + e * row_bytes, blk, g, h), load_act(x, blk, g, h), g);
+      acc += lane_dot(load_w(w + e * row_bytes, blk, g, h), load_act<NC>(x, blk, g, h), g);
     acc = warp_sum(acc);
     if (lane == 0)
       logits[e] = round_via<ROUND>(acc);
@@ -447,6 +461,17 @@ __global__ void __launch_bounds__(WARPS * 32)
     ids[token * topk + j] = (uint32_t)idx[j];
     weights[token * topk + j] = val[j] * inv;
   }
+}
+
+// route_token for token blockIdx.x of x_all.
+template <int ROUND>
+__global__ void __launch_bounds__(WARPS * 32)
+    router_topk_kernel(const uint8_t *__restrict__ w, int experts, int k, Act x_all,
+                       int topk, uint32_t *__restrict__ ids,
+                       float *__restrict__ weights) {
+  pdl_enter();
+  const int token = blockIdx.x;
+  route_token<ROUND, true>(w, experts, k, act_row(x_all, token, k), topk, token, ids, weights);
 }
 
 // Up to three weight matrices with the same row length, one launch: their rows numbered
@@ -516,16 +541,30 @@ void launch_matvec(int tokens, dim3 grid, dim3 block, cudaStream_t st,
   }
 }
 
+// The round_via code of a model dtype T (router logits come back in it).
+template <typename T> __host__ __device__ constexpr int round_code() {
+  return std::is_same<T, __nv_bfloat16>::value ? 1 : (std::is_same<T, half>::value ? 2 : 0);
+}
+
 // RMSNorm (candle's arithmetic: f32 sum of squares, scale * x * alpha rounded to T) of
 // `x`, or of h = x + resid (rounded to T, written to `h_out`), quantized for the
 // mat-vec. One 1024-thread block per row; k % 32 == 0, so each warp's 32 values of an
-// iteration are one quantization group.
+// iteration are one quantization group. With `router` (Q4_K [experts, k]), the row's MoE
+// routing too, from the quantized row, as router_topk_kernel would compute it (its weight
+// rows prefetched into L2 while the norm runs): the router's launch saved.
 template <typename T>
 __global__ void __launch_bounds__(1024)
     rmsnorm_quantize_kernel(const T *__restrict__ x, const T *__restrict__ resid,
                             T *__restrict__ h_out, const T *__restrict__ alpha,
-                            int k, float eps, Act out) {
+                            int k, float eps, Act out, const uint8_t *__restrict__ router,
+                            int experts, int topk, uint32_t *__restrict__ ids,
+                            float *__restrict__ weights) {
   pdl_enter();
+  if (router != nullptr) {
+    const size_t lines = (size_t)experts * (k / QK) * QB / 128;
+    for (size_t i = threadIdx.x; i < lines; i += blockDim.x)
+      asm volatile("prefetch.global.L2 [%0];" ::"l"(router + i * 128));
+  }
   __shared__ float partial[32];
   const size_t row = blockIdx.x;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid / 32;
@@ -550,6 +589,11 @@ __global__ void __launch_bounds__(1024)
     const float v = resid ? to_float(h_out[row * k + col]) : to_float(xr[col]);
     const float y = to_float(from_float<T>(scale * v * to_float(alpha[col])));
     quantize_group(y, lane, out, row * k + (col - lane));
+  }
+  if (router != nullptr) {
+    __syncthreads(); // the quantized row, written by every warp, read by the router's
+    route_token<round_code<T>(), false>(router, experts, k, act_row(out, row, k), topk, (int)row,
+                                        ids, weights);
   }
 }
 
@@ -975,41 +1019,88 @@ __global__ void __launch_bounds__(1024)
 // sum of V; attn_combine_kernel merges the partitions per query head. Paged attention v1 runs
 // one block per query head over the whole context (32 blocks for Mixtral on 132 SMs); here
 // a 640-token context is 8 × 10 blocks. Caches as paged attention lays them out (key
-// [blocks, kvh, D/X, block_size, X], X = 16 bytes of T; value [blocks, kvh, D, block_size]);
+// [blocks, kvh, D/X, block_size, X], X = 16 bytes of T; value [blocks, kvh, D, block_size];
+// block_size a multiple of X, so X consecutive tokens share a cache block);
 // block_table: the sequence's u32 cache blocks. part: [kvh, P, G, D + 2] f32 (acc, max, sum).
+//
+// With `cos` (else q is already rotated and the token's k/v already cached): q, k_new and
+// v_new are the projections before rotary embedding. Each block rotates its G query heads as
+// rope_cache_kernel does (NeoX halves, T arithmetic per operation), and the last partition's
+// block, the one that reads this token, first writes head h's rotated k and its v into the
+// cache at slot_mapping[0] (rope_cache_kernel's launch and its round trip saved).
+// Every load of a phase is issued before the first is used (one round trip per phase).
 constexpr int ATT_D = 128, ATT_PART = 64, ATT_THREADS = 128;
 
 template <typename T, int G>
 __global__ void __launch_bounds__(ATT_THREADS)
-    attn_partial_kernel(const T *__restrict__ q, const T *__restrict__ key_cache,
-                        const T *__restrict__ value_cache, const uint32_t *__restrict__ block_table,
+    attn_partial_kernel(const T *__restrict__ q, const T *__restrict__ k_new,
+                        const T *__restrict__ v_new, const T *__restrict__ cos,
+                        const T *__restrict__ sin, const long long *__restrict__ slot_mapping,
+                        T *key_cache, T *value_cache, const uint32_t *__restrict__ block_table,
                         int ctx, int block_size, int kvh, float scale, float *__restrict__ part) {
   pdl_enter();
-  constexpr int X = 16 / sizeof(T);
+  constexpr int X = 16 / sizeof(T), HALF = ATT_D / 2;
+  constexpr int PER_PASS = 2 * ATT_THREADS / 32, PASSES = ATT_PART / PER_PASS;
+  constexpr int CHUNKS = ATT_PART / X; // X-token runs of a partition
   __shared__ float qs[G][ATT_D];
   __shared__ float sc[G][ATT_PART];
   __shared__ float stat[G][2];
+  __shared__ uint32_t cblk[CHUNKS]; // cache block of each X-token run
   const int h = blockIdx.x, p = blockIdx.y, P = gridDim.y;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid & 31;
   const int t0 = p * ATT_PART, n = min(ATT_PART, ctx - t0);
-  for (int i = tid; i < G * ATT_D; i += ATT_THREADS)
-    qs[i / ATT_D][i % ATT_D] = to_float(q[(size_t)h * G * ATT_D + i]);
-  __syncthreads();
-  // Scores: half a warp per token, a lane per X-value chunk of the head (one 16-byte load).
-  const int c = lane & 15;
-  for (int tt = warp * 2 + (lane >> 4); tt < ATT_PART; tt += 2 * ATT_THREADS / 32) {
+  if (tid < CHUNKS && tid * X < n)
+    cblk[tid] = block_table[(t0 + tid * X) / block_size];
+  const T *qh = q + (size_t)h * G * ATT_D;
+  if (cos != nullptr) {
+    for (int i = tid; i < G * HALF; i += ATT_THREADS) {
+      const int g = i / HALF, j = i % HALF;
+      const T c = cos[j], s = sin[j], a = qh[g * ATT_D + j], b = qh[g * ATT_D + j + HALF];
+      const T r1 = a * c - b * s, r2 = a * s + b * c;
+      qs[g][j] = to_float(r1);
+      qs[g][j + HALF] = to_float(r2);
+    }
+    const long long slot = slot_mapping[0];
+    if (p == P - 1 && slot >= 0) {
+      const long long blk = slot / block_size, off = slot % block_size;
+      T *kc = key_cache + (blk * kvh + h) * ATT_D * block_size;
+      for (int j = tid; j < HALF; j += ATT_THREADS) {
+        const T c = cos[j], s = sin[j], a = k_new[h * ATT_D + j], b = k_new[h * ATT_D + j + HALF];
+        const T r1 = a * c - b * s, r2 = a * s + b * c;
+        kc[((long long)(j / X) * block_size + off) * X + j % X] = r1;
+        kc[((long long)((j + HALF) / X) * block_size + off) * X + (j + HALF) % X] = r2;
+      }
+      for (int j = tid; j < ATT_D; j += ATT_THREADS)
+        value_cache[((blk * kvh + h) * ATT_D + j) * block_size + off] = v_new[h * ATT_D + j];
+    }
+  } else {
+    for (int i = tid; i < G * ATT_D; i += ATT_THREADS)
+      qs[i / ATT_D][i % ATT_D] = to_float(qh[i]);
+  }
+  __syncthreads(); // qs, cblk and this token's cache entries visible to the block
+  // Scores: half a warp per token, a lane per X-value chunk of the head (one 16-byte load),
+  // PER_PASS tokens a pass; the passes' loads first.
+  const int c = lane & 15, tb = warp * 2 + (lane >> 4);
+  uint4 raw[PASSES];
+#pragma unroll
+  for (int u = 0; u < PASSES; ++u) {
+    const int tt = tb + PER_PASS * u;
+    if (tt < n) {
+      const size_t blk = cblk[tt / X];
+      const int off = (t0 + tt) % block_size;
+      raw[u] = *reinterpret_cast<const uint4 *>(
+          key_cache + ((blk * kvh + h) * (ATT_D / X) + c) * (size_t)block_size * X + (size_t)off * X);
+    }
+  }
+#pragma unroll
+  for (int u = 0; u < PASSES; ++u) {
+    const int tt = tb + PER_PASS * u;
     float dot[G];
 #pragma unroll
     for (int g = 0; g < G; ++g)
       dot[g] = 0.f;
     if (tt < n) {
-      const int t = t0 + tt;
-      const size_t blk = block_table[t / block_size];
-      const int off = t % block_size;
-      const T *kp = key_cache + ((blk * kvh + h) * (ATT_D / X) + c) * (size_t)block_size * X +
-                    (size_t)off * X;
-      const uint4 raw = *reinterpret_cast<const uint4 *>(kp);
-      const T *kv = reinterpret_cast<const T *>(&raw);
+      const T *kv = reinterpret_cast<const T *>(&raw[u]);
 #pragma unroll
       for (int j = 0; j < X; ++j) {
         const float kf = to_float(kv[j]);
@@ -1049,21 +1140,34 @@ __global__ void __launch_bounds__(ATT_THREADS)
       stat[g][1] = l;
     }
   }
-  __syncthreads();
-  // Weighted values: a thread per dimension, the partition's tokens in order.
+  // Weighted values: a thread per dimension, the partition's tokens in order; its X-token runs
+  // are one 16-byte load each, all issued before the (shared-memory) weights are needed.
   const int d = tid;
+  uint4 vraw[CHUNKS];
+#pragma unroll
+  for (int u = 0; u < CHUNKS; ++u)
+    if (u * X < n)
+      vraw[u] = *reinterpret_cast<const uint4 *>(
+          value_cache + (((size_t)cblk[u] * kvh + h) * ATT_D + d) * block_size +
+          (t0 + u * X) % block_size);
+  __syncthreads();
   float acc[G];
 #pragma unroll
   for (int g = 0; g < G; ++g)
     acc[g] = 0.f;
-  for (int tt = 0; tt < n; ++tt) {
-    const int t = t0 + tt;
-    const size_t blk = block_table[t / block_size];
-    const float v =
-        to_float(value_cache[((blk * kvh + h) * ATT_D + d) * (size_t)block_size + t % block_size]);
 #pragma unroll
-    for (int g = 0; g < G; ++g)
-      acc[g] += sc[g][tt] * v;
+  for (int u = 0; u < CHUNKS; ++u) {
+    const T *vv = reinterpret_cast<const T *>(&vraw[u]);
+#pragma unroll
+    for (int j = 0; j < X; ++j) {
+      const int tt = u * X + j;
+      if (tt < n) {
+        const float v = to_float(vv[j]);
+#pragma unroll
+        for (int g = 0; g < G; ++g)
+          acc[g] += sc[g][tt] * v;
+      }
+    }
   }
 #pragma unroll
   for (int g = 0; g < G; ++g) {
@@ -1079,7 +1183,7 @@ __global__ void __launch_bounds__(ATT_THREADS)
 // Merges attn_partial_kernel's partitions: block = query head, thread = dimension.
 template <typename T, int G>
 __global__ void __launch_bounds__(ATT_D)
-    attn_combine_kernel(const float *__restrict__ part, int P, T *__restrict__ out) {
+    attn_combine_kernel(const float *__restrict__ part, int P, T *__restrict__ out, Act qout) {
   pdl_enter();
   const int qhd = blockIdx.x, h = qhd / G, g = qhd % G, d = threadIdx.x;
   const float *base = part + ((size_t)h * P * G + g) * (ATT_D + 2);
@@ -1094,7 +1198,12 @@ __global__ void __launch_bounds__(ATT_D)
     l += b[ATT_D + 1] * w;
     o += b[d] * w;
   }
-  out[(size_t)qhd * ATT_D + d] = from_float<T>(o / l);
+  const T y = from_float<T>(o / l);
+  out[(size_t)qhd * ATT_D + d] = y;
+  // The output row quantized for o_proj as quantize_kernel would quantize `out` (a warp's 32
+  // dimensions are one group).
+  if (qout.q != nullptr)
+    quantize_group(to_float(y), d & 31, qout, (size_t)qhd * ATT_D + (d & ~31));
 }
 
 } // namespace zq
@@ -1273,7 +1382,12 @@ extern "C" int zopilot_rmsnorm_quantize(const void *x, const void *resid,
                                         void *h_out, const void *alpha,
                                         int rows, int k, float eps, int dtype,
                                         int8_t *q, float *d, float *s,
+                                        const void *router, int experts, int topk,
+                                        uint32_t *ids, float *weights,
                                         long long stream) {
+  if (router != nullptr && (experts < 1 || experts > 256 || topk < 1 || topk > 8 ||
+                            topk > experts || k % zq::QK || !ids || !weights))
+    return (int)cudaErrorInvalidValue;
   const cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
   const dim3 grid(rows), block(1024);
   const zq::Act out = act(q, d, s);
@@ -1282,7 +1396,8 @@ extern "C" int zopilot_rmsnorm_quantize(const void *x, const void *resid,
   case CODE:                                                                   \
     zq::launch(zq::rmsnorm_quantize_kernel<T>, grid, block, 0, st,                     \
         static_cast<const T *>(x), static_cast<const T *>(resid),              \
-        static_cast<T *>(h_out), static_cast<const T *>(alpha), k, eps, out);  \
+        static_cast<T *>(h_out), static_cast<const T *>(alpha), k, eps, out,   \
+        static_cast<const uint8_t *>(router), experts, topk, ids, weights);    \
     break;
     ZQ_RMS(0, float)
     ZQ_RMS(1, __nv_bfloat16)
@@ -1523,14 +1638,22 @@ extern "C" int zopilot_rope_cache(void *q, const void *k, const void *v, const v
   return (int)cudaGetLastError();
 }
 
-// One sequence's decode attention (attn_partial_kernel + attn_combine_kernel): q [qh, 128]
-// (already rotated), out [qh, 128], both in `dtype` (1 bf16, 2 f16); part: scratch of
-// kvh · ceil(ctx / 64) · (qh / kvh) · 130 f32. qh / kvh in {1, 2, 4, 8}.
-extern "C" int zopilot_decode_attention(const void *q, const void *key_cache,
-                                        const void *value_cache, const uint32_t *block_table,
+// One sequence's decode attention (attn_partial_kernel + attn_combine_kernel): q [qh, 128],
+// out [qh, 128], both in `dtype` (1 bf16, 2 f16); part: scratch of kvh · ceil(ctx / 64) ·
+// (qh / kvh) · 130 f32. qh / kvh in {1, 2, 4, 8}; block_size a multiple of 8. With cos / sin
+// (the position's [64] row each): q is not yet rotated, and k / v ([kvh, 128], not rotated)
+// go into the caches at slot_mapping[0] first, as zopilot_rope_cache would put them; without:
+// q already rotated, the token already cached (k, v, sin, slot_mapping unused). oq, od, os
+// (nullable): the output also quantized (one row of qh · 128) for the o_proj mat-vec.
+extern "C" int zopilot_decode_attention(const void *q, const void *k, const void *v,
+                                        const void *cos, const void *sin,
+                                        const long long *slot_mapping, void *key_cache,
+                                        void *value_cache, const uint32_t *block_table,
                                         int ctx, int block_size, int qh, int kvh, float scale,
-                                        float *part, void *out, int dtype, long long stream) {
-  if (ctx < 1 || kvh < 1 || qh % kvh || block_size < 1)
+                                        float *part, void *out, int8_t *oq, float *od,
+                                        float *os, int dtype, long long stream) {
+  if (ctx < 1 || kvh < 1 || qh % kvh || block_size < 1 || block_size % 8 ||
+      (cos != nullptr && (k == nullptr || v == nullptr || sin == nullptr || !slot_mapping)))
     return (int)cudaErrorInvalidValue;
   const cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
   const int P = (ctx + zq::ATT_PART - 1) / zq::ATT_PART, G = qh / kvh;
@@ -1538,11 +1661,14 @@ extern "C" int zopilot_decode_attention(const void *q, const void *key_cache,
 #define ZQ_ATT(TT, GG)                                                         \
   if (G == GG) {                                                               \
     zq::launch(zq::attn_partial_kernel<TT, GG>, grid, zq::ATT_THREADS, 0, st,   \
-               static_cast<const TT *>(q), static_cast<const TT *>(key_cache),  \
-               static_cast<const TT *>(value_cache), block_table, ctx,         \
-               block_size, kvh, scale, part);                                  \
+               static_cast<const TT *>(q), static_cast<const TT *>(k),          \
+               static_cast<const TT *>(v), static_cast<const TT *>(cos),        \
+               static_cast<const TT *>(sin), slot_mapping,                     \
+               static_cast<TT *>(key_cache), static_cast<TT *>(value_cache),    \
+               block_table, ctx, block_size, kvh, scale, part);                \
     zq::launch(zq::attn_combine_kernel<TT, GG>, qh, zq::ATT_D, 0, st,           \
-               static_cast<const float *>(part), P, static_cast<TT *>(out));   \
+               static_cast<const float *>(part), P, static_cast<TT *>(out),    \
+               act(oq, od, os));                                               \
     return (int)cudaGetLastError();                                            \
   }
   if (dtype == 1) {

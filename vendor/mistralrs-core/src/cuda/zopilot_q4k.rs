@@ -23,8 +23,13 @@ extern "C" {
     fn zopilot_spin(us: i32, stream: i64) -> i32;
     fn zopilot_decode_attention(
         q: *const c_void,
-        key_cache: *const c_void,
-        value_cache: *const c_void,
+        k: *const c_void,
+        v: *const c_void,
+        cos: *const c_void,
+        sin: *const c_void,
+        slot_mapping: *const i64,
+        key_cache: *mut c_void,
+        value_cache: *mut c_void,
         block_table: *const u32,
         ctx: i32,
         block_size: i32,
@@ -33,6 +38,9 @@ extern "C" {
         scale: f32,
         part: *mut f32,
         out: *mut c_void,
+        oq: *mut i8,
+        od: *mut f32,
+        os: *mut f32,
         dtype: i32,
         stream: i64,
     ) -> i32;
@@ -224,6 +232,11 @@ extern "C" {
         q: *mut i8,
         d: *mut f32,
         s: *mut f32,
+        router: *const c_void,
+        experts: i32,
+        topk: i32,
+        ids: *mut u32,
+        weights: *mut f32,
         stream: i64,
     ) -> i32;
 }
@@ -300,52 +313,31 @@ fn stream(dev: &CudaDevice) -> i64 {
     dev.cuda_stream().cu_stream() as i64
 }
 
-/// One decode token's attention inputs in one kernel: q `[1, qh, 1, d]` rotated in place and k
-/// `[1, kvh, 1, d]` rotated (candle's GPT-NeoX `rope`, the same arithmetic) with the
-/// position's `cos`/`sin` rows (`[1, d/2]`), then k and v written into the paged cache at
-/// `slot_mapping[0]` as paged attention's `reshape_and_cache` writes them (key cache
-/// `[blocks, kvh, d/x, block_size, x]`, x = 16 bytes of the dtype; value cache `[blocks, kvh,
-/// d, block_size]`). bf16 or f16, cache in the same dtype.
-#[allow(clippy::too_many_arguments)]
+/// One decode token's attention inputs in one kernel: q `[1, qh, 1, d]` rotated in place and
+/// `rope.k` rotated (candle's GPT-NeoX `rope`, the same arithmetic) with the position's
+/// `cos`/`sin` rows, then k and v written into the paged cache at the slot as paged attention's
+/// `reshape_and_cache` writes them (key cache `[blocks, kvh, d/x, block_size, x]`, x = 16 bytes
+/// of the dtype; value cache `[blocks, kvh, d, block_size]`). bf16 or f16, cache in the same
+/// dtype.
 pub(crate) fn rope_cache_decode(
     q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    cos: &Tensor,
-    sin: &Tensor,
+    rope: &DecodeRope<'_>,
     key_cache: &Tensor,
     value_cache: &Tensor,
-    slot_mapping: &Tensor,
 ) -> Result<()> {
     let dev = cuda_dev(q)?;
     let dtype = half_dtype_code(q.dtype(), "rope_cache_decode")?;
-    let (b, qh, s, d) = q.dims4()?;
-    let (kb, kvh, ks, kd) = k.dims4()?;
-    let (nb, ckvh, dx, block_size, x) = key_cache.dims5()?;
-    let x_want = 16 / q.dtype().size_in_bytes();
-    if (b, s, kb, ks, kd) != (1, 1, 1, 1, d)
-        || v.dims4()? != (1, kvh, 1, d)
-        || cos.dims2()? != (1, d / 2)
-        || sin.dims2()? != (1, d / 2)
-        || (ckvh, dx * x, x) != (kvh, d, x_want)
-        || value_cache.dims4()? != (nb, kvh, d, block_size)
-        || slot_mapping.elem_count() != 1
-        || slot_mapping.dtype() != DType::I64
-        || [k, v, cos, sin, key_cache, value_cache]
-            .iter()
-            .any(|t| t.dtype() != q.dtype())
-    {
-        candle_core::bail!(
-            "rope_cache_decode: shapes q {:?} k {:?} v {:?} cos {:?} cache {:?}/{:?} slots {:?}",
-            q.shape(),
-            k.shape(),
-            v.shape(),
-            cos.shape(),
-            key_cache.shape(),
-            value_cache.shape(),
-            slot_mapping.shape()
-        );
-    }
+    rope.check(q, key_cache, value_cache)?;
+    let DecodeRope {
+        k,
+        v,
+        cos,
+        sin,
+        slot_mapping,
+    } = *rope;
+    let (_, qh, _, d) = q.dims4()?;
+    let (_, kvh, _, _) = k.dims4()?;
+    let (_, _, _, block_size, _) = key_cache.dims5()?;
     let ptr = |t: &Tensor| tensor_ptr(t).map(|p| p as *mut c_void);
     // SAFETY: every pointer is a contiguous CUDA tensor checked above to have the shape the
     // kernel indexes (q is rotated in place; the caches are written at one slot).
@@ -370,18 +362,72 @@ pub(crate) fn rope_cache_decode(
     check(code, "rope_cache_decode")
 }
 
+/// One token's rotary-embedding inputs for [`rope_cache_decode`] or, fused, for
+/// [`decode_attention`]: k and v `[1, kvh, 1, d]` before rotation, the position's `cos` / `sin`
+/// rows (`[1, d / 2]`, NeoX halves), and the token's cache slot (one i64).
+pub(crate) struct DecodeRope<'a> {
+    pub k: &'a Tensor,
+    pub v: &'a Tensor,
+    pub cos: &'a Tensor,
+    pub sin: &'a Tensor,
+    pub slot_mapping: &'a Tensor,
+}
+
+impl DecodeRope<'_> {
+    /// Shapes and dtypes as the kernels index them, against q `[1, qh, 1, d]` and the paged
+    /// caches (key `[blocks, kvh, d / x, block_size, x]`, value `[blocks, kvh, d, block_size]`).
+    fn check(&self, q: &Tensor, key_cache: &Tensor, value_cache: &Tensor) -> Result<()> {
+        let (b, _, s, d) = q.dims4()?;
+        let (kb, kvh, ks, kd) = self.k.dims4()?;
+        let (nb, ckvh, dx, block_size, x) = key_cache.dims5()?;
+        let x_want = 16 / q.dtype().size_in_bytes();
+        if (b, s, kb, ks, kd) != (1, 1, 1, 1, d)
+            || self.v.dims4()? != (1, kvh, 1, d)
+            || self.cos.dims2()? != (1, d / 2)
+            || self.sin.dims2()? != (1, d / 2)
+            || (ckvh, dx * x, x) != (kvh, d, x_want)
+            || value_cache.dims4()? != (nb, kvh, d, block_size)
+            || self.slot_mapping.elem_count() != 1
+            || self.slot_mapping.dtype() != DType::I64
+            || [self.k, self.v, self.cos, self.sin, key_cache, value_cache]
+                .iter()
+                .any(|t| t.dtype() != q.dtype())
+        {
+            candle_core::bail!(
+                "decode rope: shapes q {:?} k {:?} v {:?} cos {:?} cache {:?}/{:?} slots {:?}",
+                q.shape(),
+                self.k.shape(),
+                self.v.shape(),
+                self.cos.shape(),
+                key_cache.shape(),
+                value_cache.shape(),
+                self.slot_mapping.shape()
+            );
+        }
+        Ok(())
+    }
+}
+
 /// One sequence's decode attention over its paged KV cache (split over the context in
-/// 64-token partitions, then merged): q `[1, qh, 1, 128]` already rotated, the caches as
-/// [`rope_cache_decode`] writes them, `block_table` the sequence's u32 cache blocks (`[1,
-/// max_blocks]`), `ctx` its length including this token. Returns `[1, qh, 128]` in q's dtype.
+/// 64-token partitions, then merged): q `[1, qh, 1, 128]`, the caches as [`rope_cache_decode`]
+/// writes them (block size a multiple of 8), `block_table` the sequence's u32 cache blocks
+/// (`[1, max_blocks]`), `ctx` its length including this token. With `rope`, q and the token's
+/// k / v are not yet rotated: the kernel does what [`rope_cache_decode`] would (q rotated in
+/// its own copy, k / v into the caches) in the same launch; without, q is rotated and the token
+/// cached. Returns `[1, qh, 128]` in q's dtype and, with `quantize`, the same row (`qh · 128`
+/// values) quantized for the o_proj mat-vec — what [`quantize`] of the returned tensor would
+/// give, without its launch.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn decode_attention(
     q: &Tensor,
+    rope: Option<&DecodeRope<'_>>,
     key_cache: &Tensor,
     value_cache: &Tensor,
     block_table: &Tensor,
     ctx: usize,
     scale: f32,
-) -> Result<Tensor> {
+    quantize: bool,
+) -> Result<(Tensor, Option<Q8Rows>)> {
     let dev = cuda_dev(q)?;
     let dtype = half_dtype_code(q.dtype(), "decode_attention")?;
     let (b, qh, s, d) = q.dims4()?;
@@ -394,6 +440,7 @@ pub(crate) fn decode_attention(
         || block_table.dtype() != DType::U32
         || ctx == 0
         || ctx > max_blocks * block_size
+        || block_size % 8 != 0
         || key_cache.dtype() != q.dtype()
         || value_cache.dtype() != q.dtype()
     {
@@ -409,12 +456,32 @@ pub(crate) fn decode_attention(
     // SAFETY: scratch written in full by the partition kernel before the merge reads it.
     let part = unsafe { dev.alloc::<f32>(kvh * parts * (qh / kvh) * (d + 2))? };
     let out = Out::alloc(&dev, q.dtype(), qh * d)?;
-    // SAFETY: shapes checked above; every pointer is a contiguous CUDA buffer of them.
+    let q8 = if quantize {
+        Some(Q8Rows::alloc(&dev, 1, qh * d)?)
+    } else {
+        None
+    };
+    let (oq, od, os) = q8.as_ref().map_or(
+        (std::ptr::null_mut(), std::ptr::null_mut(), std::ptr::null_mut()),
+        |x| x.ptrs(0),
+    );
+    if let Some(r) = rope {
+        r.check(q, key_cache, value_cache)?;
+    }
+    let opt = |t: Option<&Tensor>| t.map_or(Ok(std::ptr::null()), |t| tensor_ptr(t).map(|p| p as *const c_void));
+    // SAFETY: shapes checked above; every pointer is a contiguous CUDA buffer of them (the
+    // quantized row: qh · d values, null when not asked for; the rope inputs null without
+    // `rope`, and the caches written at one slot with it).
     let code = unsafe {
         zopilot_decode_attention(
             tensor_ptr(q)? as *const c_void,
-            tensor_ptr(key_cache)? as *const c_void,
-            tensor_ptr(value_cache)? as *const c_void,
+            opt(rope.map(|r| r.k))?,
+            opt(rope.map(|r| r.v))?,
+            opt(rope.map(|r| r.cos))?,
+            opt(rope.map(|r| r.sin))?,
+            opt(rope.map(|r| r.slot_mapping))? as *const i64,
+            tensor_ptr(key_cache)? as *mut c_void,
+            tensor_ptr(value_cache)? as *mut c_void,
             tensor_ptr(block_table)? as *const u32,
             ctx as i32,
             block_size as i32,
@@ -423,12 +490,15 @@ pub(crate) fn decode_attention(
             scale,
             slice_ptr(&part) as *mut f32,
             out.ptr() as *mut c_void,
+            oq,
+            od,
+            os,
             dtype,
             stream(&dev),
         )
     };
     check(code, "decode_attention")?;
-    out.into_tensor(&dev, qh, d).reshape((1, qh, d))
+    Ok((out.into_tensor(&dev, qh, d).reshape((1, qh, d))?, q8))
 }
 
 /// Profiling: the GPU spins `us` microseconds on the device's stream (the step trace's head
@@ -774,12 +844,16 @@ impl Out {
 
 /// RMSNorm of `x` `[rows, K]` with `alpha` `[K]` (candle's arithmetic), quantized for the
 /// mat-vec; with `resid`, of `h = x + resid` instead, `h` returned too (the next residual).
+/// With `route` (a Q4K router `[E, K]` and top k), each row's MoE routing from the quantized
+/// row in the same launch: what [`router_topk`] of the returned rows would give (logits
+/// rounded through x's dtype).
 pub(crate) fn rmsnorm_quantize(
     x: &Tensor,
     resid: Option<&Tensor>,
     alpha: &Tensor,
     eps: f32,
-) -> Result<(Option<Tensor>, Q8Rows)> {
+    route: Option<(&QTensor, usize)>,
+) -> Result<(Option<Tensor>, Q8Rows, Option<(Tensor, Tensor)>)> {
     let dev = cuda_dev(x)?;
     let (rows, k) = x.dims2()?;
     let dtype = x.dtype();
@@ -798,6 +872,25 @@ pub(crate) fn rmsnorm_quantize(
     let out = Q8Rows::alloc(&dev, rows, k)?;
     let (q, d, s) = out.ptrs(0);
     let resid_ptr = resid.as_ref().map_or(Ok(0), tensor_ptr)?;
+    let routing = match route {
+        Some((w, top_k)) => {
+            let experts = router_experts(w, k, top_k)?;
+            Some((w, experts, top_k, Routing::alloc(&dev, rows, top_k)?))
+        }
+        None => None,
+    };
+    let (router, experts, top_k, ids, weights) = match &routing {
+        Some((w, experts, top_k, r)) => (
+            weight_ptr(w)?,
+            *experts as i32,
+            *top_k as i32,
+            slice_ptr(&r.ids) as *mut u32,
+            slice_ptr(&r.weights) as *mut f32,
+        ),
+        None => (std::ptr::null(), 0, 0, std::ptr::null_mut(), std::ptr::null_mut()),
+    };
+    // SAFETY: x, resid, alpha: contiguous CUDA tensors of the checked shapes; h, the quantized
+    // rows and the routing buffers allocated above for `rows` rows (null when not asked for).
     let code = unsafe {
         zopilot_rmsnorm_quantize(
             tensor_ptr(&x)? as *const c_void,
@@ -811,12 +904,58 @@ pub(crate) fn rmsnorm_quantize(
             q,
             d,
             s,
+            router,
+            experts,
+            top_k,
+            ids,
+            weights,
             stream(&dev),
         )
     };
     check(code, "zopilot rmsnorm")?;
     let h = h.map(|h| h.into_tensor(&dev, rows, k));
-    Ok((h, out))
+    let routing = routing.map(|(_, _, top_k, r)| r.into_tensors(&dev, rows, top_k));
+    Ok((h, out, routing))
+}
+
+/// Device buffers for `rows` tokens' top-k routing: expert ids (u32) and weights (f32).
+struct Routing {
+    ids: CudaSlice<u32>,
+    weights: CudaSlice<f32>,
+}
+
+impl Routing {
+    fn alloc(dev: &CudaDevice, rows: usize, top_k: usize) -> Result<Self> {
+        // SAFETY: written in full by the routing kernel before any read.
+        Ok(Self {
+            ids: unsafe { dev.alloc::<u32>(rows * top_k)? },
+            weights: unsafe { dev.alloc::<f32>(rows * top_k)? },
+        })
+    }
+
+    /// ids `[rows, top_k]` u32 and weights `[rows, top_k]` f32.
+    fn into_tensors(self, dev: &CudaDevice, rows: usize, top_k: usize) -> (Tensor, Tensor) {
+        let shape = Shape::from((rows, top_k));
+        let ids = Tensor::from((
+            Storage::Cuda(CudaStorage::wrap_cuda_slice(self.ids, dev.clone())),
+            shape.clone(),
+        ));
+        let weights = Tensor::from((
+            Storage::Cuda(CudaStorage::wrap_cuda_slice(self.weights, dev.clone())),
+            shape,
+        ));
+        (ids, weights)
+    }
+}
+
+/// The number of experts of a Q4K router `[E, K]` that the routing kernels take (E ≤ 256,
+/// top_k ≤ min(8, E)), for rows of length `k`.
+fn router_experts(w: &QTensor, k: usize, top_k: usize) -> Result<usize> {
+    let (experts, wk) = w.shape().dims2()?;
+    if !q4k_applies(w) || wk != k || experts > 256 || top_k == 0 || top_k > 8.min(experts) {
+        candle_core::bail!("zopilot router: w {:?}, x k {k}, top_k {top_k}", w.shape());
+    }
+    Ok(experts)
 }
 
 /// `n × k` values of Q4K blocks at `src` (an address inside `dev`'s memory, e.g. one expert
@@ -853,45 +992,32 @@ pub(crate) fn router_topk(
     let Device::Cuda(dev) = w.device() else {
         candle_core::bail!("zopilot router needs a CUDA weight");
     };
-    let (experts, k) = w.shape().dims2()?;
-    if !q4k_applies(w) || x.k != k || experts > 256 || top_k == 0 || top_k > 8.min(experts) {
-        candle_core::bail!("zopilot router: w {:?}, x k {}, top_k {top_k}", w.shape(), x.k);
-    }
+    let experts = router_experts(w, x.k, top_k)?;
     let round = match round_via {
         Some(DType::BF16) => 1,
         Some(DType::F16) => 2,
         _ => 0,
     };
-    let ids = unsafe { dev.alloc::<u32>(x.rows * top_k)? };
-    let weights = unsafe { dev.alloc::<f32>(x.rows * top_k)? };
+    let r = Routing::alloc(&dev, x.rows, top_k)?;
     let (xq, xd, xs) = x.ptrs(0);
     let code = unsafe {
         zopilot_router_topk(
             weight_ptr(w)?,
             experts as i32,
-            k as i32,
+            x.k as i32,
             xq,
             xd,
             xs,
             x.rows as i32,
             top_k as i32,
             round,
-            slice_ptr(&ids) as *mut u32,
-            slice_ptr(&weights) as *mut f32,
+            slice_ptr(&r.ids) as *mut u32,
+            slice_ptr(&r.weights) as *mut f32,
             stream(&dev),
         )
     };
     check(code, "zopilot router")?;
-    let shape = Shape::from((x.rows, top_k));
-    let ids = Tensor::from((
-        Storage::Cuda(CudaStorage::wrap_cuda_slice(ids, dev.clone())),
-        shape.clone(),
-    ));
-    let weights = Tensor::from((
-        Storage::Cuda(CudaStorage::wrap_cuda_slice(weights, dev.clone())),
-        shape,
-    ));
-    Ok((ids, weights))
+    Ok(r.into_tensors(&dev, x.rows, top_k))
 }
 
 /// Pairs per chunk of the grouped expert kernels for `tokens` tokens: 8 (measured faster up

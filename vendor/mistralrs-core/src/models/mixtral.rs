@@ -195,7 +195,7 @@ impl Attention {
     ) -> Result<Tensor> {
         let original_dtype = q.dtype();
         #[cfg(feature = "cuda")]
-        if let Some(out) = self.attend_one_token(
+        if let Some((out, quantized)) = self.attend_one_token(
             (&q, &k, &v),
             (b_sz, q_len),
             attention_mask,
@@ -203,6 +203,12 @@ impl Attention {
             metadata.as_ref(),
             flash_params,
         )? {
+            // The attention kernel quantized its output for o_proj already: straight to the
+            // mat-vec (what `o_proj.forward` would do after quantizing `out` the same way).
+            if let (Some(x), Some(w)) = (quantized, self.o_proj.q4k_for(1, out.device())) {
+                let y = crate::cuda::zopilot_q4k::matvec_many(&[w], &x, original_dtype, None)?;
+                return y[0].reshape((b_sz, q_len, ()));
+            }
             return self.o_proj.forward(&out, original_dtype);
         }
 
@@ -288,7 +294,8 @@ impl Attention {
     /// one launch where rope q, rope k and `reshape_and_cache` were three. `None` when the
     /// layer is not set up that way (no paged attention, a cache in another dtype than the
     /// activations — FP8, whose scales the kernel does not apply —, interleaved rope) or with
-    /// `ZOPILOT_ROPE_CACHE=0`: the caller then takes the general path.
+    /// `ZOPILOT_ROPE_CACHE=0`: the caller then takes the general path. With our attention
+    /// kernel and a Q4K o_proj the output also comes quantized for o_proj's mat-vec.
     #[cfg(feature = "cuda")]
     #[allow(clippy::too_many_arguments)]
     fn attend_one_token(
@@ -299,7 +306,7 @@ impl Attention {
         seqlen_offsets: &[usize],
         metadata: Option<&((Tensor, Tensor), &PagedAttentionInputMetadata)>,
         flash_params: &FlashParams,
-    ) -> Result<Option<Tensor>> {
+    ) -> Result<Option<(Tensor, Option<crate::cuda::zopilot_q4k::Q8Rows>)>> {
         let (Some(paged_attn), Some(((key_cache, value_cache), input_metadata)), Some((cos, sin))) =
             (&self.paged_attn, metadata, self.rotary_emb.neox_tables())
         else {
@@ -327,18 +334,17 @@ impl Attention {
         let q = q.reshape((1, self.num_heads, 1, self.head_dim))?;
         let k = k.reshape((1, self.num_kv_heads, 1, self.head_dim))?;
         let v = v.reshape((1, self.num_kv_heads, 1, self.head_dim))?;
-        crate::cuda::zopilot_q4k::rope_cache_decode(
-            &q,
-            &k,
-            &v,
-            &cos.narrow(0, pos, 1)?,
-            &sin.narrow(0, pos, 1)?,
-            key_cache,
-            value_cache,
-            slots,
-        )?;
+        let (cos, sin) = (cos.narrow(0, pos, 1)?, sin.narrow(0, pos, 1)?);
+        let rope = crate::cuda::zopilot_q4k::DecodeRope {
+            k: &k,
+            v: &v,
+            cos: &cos,
+            sin: &sin,
+            slot_mapping: slots,
+        };
         // Our split-context decode attention where it applies (plain causal attention of one
-        // sequence, head dim 128), else paged attention's decode kernel over the same cache.
+        // sequence, head dim 128), rotary embedding and cache write in its launch; else the
+        // rope + cache kernel, then paged attention's decode kernel over the same cache.
         let sdpa = &self.sdpa_params;
         let table = input_metadata.full_block_tables.as_ref();
         let (table, ctx) = match (sdpa.sliding_window, table) {
@@ -349,36 +355,50 @@ impl Attention {
             ),
         };
         let table = table.and_then(|t| t.get(&q.device().location()));
-        let out = match (table, ctx) {
+        let (out, quantized) = match (table, ctx) {
             (Some(table), Some(ctx))
                 if decode_attention_enabled()
                     && table.dtype() == DType::U32
                     && self.head_dim == 128
+                    && key_cache.dim(3)? % 8 == 0
                     && sdpa.sliding_window.is_none()
                     && sdpa.softcap.is_none_or(|c| c == 1.0)
                     && sdpa.sinks.is_none()
                     && !paged_attn.has_alibi() =>
             {
+                let quantize = self.o_proj.q4k_for(1, q.device()).is_some();
+                let fused = attention_rope_fused();
+                if !fused {
+                    crate::cuda::zopilot_q4k::rope_cache_decode(&q, &rope, key_cache, value_cache)?;
+                }
                 crate::cuda::zopilot_q4k::decode_attention(
                     &q,
+                    fused.then_some(&rope),
                     key_cache,
                     value_cache,
                     table,
                     ctx,
                     sdpa.softmax_scale,
+                    quantize,
                 )?
             }
-            _ => paged_attn.forward_donor_cache(
-                &q,
-                key_cache,
-                value_cache,
-                None,
-                input_metadata,
-                sdpa,
-                Some(flash_params),
-            )?,
+            _ => {
+                crate::cuda::zopilot_q4k::rope_cache_decode(&q, &rope, key_cache, value_cache)?;
+                (
+                    paged_attn.forward_donor_cache(
+                        &q,
+                        key_cache,
+                        value_cache,
+                        None,
+                        input_metadata,
+                        sdpa,
+                        Some(flash_params),
+                    )?,
+                    None,
+                )
+            }
         };
-        Ok(Some(out.reshape((b_sz, q_len, ()))?))
+        Ok(Some((out.reshape((b_sz, q_len, ()))?, quantized)))
     }
 }
 
@@ -388,6 +408,14 @@ impl Attention {
 fn decode_attention_enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| super::mixtral_stacked_moe::switch_on("ZOPILOT_DECODE_ATTN"))
+}
+
+/// zopilot-gpu patch: `ZOPILOT_ATTN_ROPE_FUSED` (on unless `0`): our decode attention rotates
+/// q and writes the token's k/v itself, else the rope + cache kernel runs first (read once).
+#[cfg(feature = "cuda")]
+fn attention_rope_fused() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| super::mixtral_stacked_moe::switch_on("ZOPILOT_ATTN_ROPE_FUSED"))
 }
 
 /// zopilot-gpu patch: `ZOPILOT_ROPE_CACHE` (on unless `0`): one-token decode attention through
@@ -732,10 +760,11 @@ impl DecoderLayer {
     }
 
     /// RMSNorm fused with the quantization of its output, q/k/v in one mat-vec launch (on
-    /// tensor cores, one packing for the three, from 3 tokens), attention as upstream, then
-    /// residual add + RMSNorm + quantization in one kernel and the fused MoE adding the second
-    /// residual itself: the same arithmetic as `forward` (values rounded to the model's dtype
-    /// where it rounds them) in about half the launches.
+    /// tensor cores, one packing for the three, from 3 tokens), attention (ours for one token,
+    /// [`Attention::attend_one_token`]), then residual add + RMSNorm + quantization + the MoE
+    /// routing in one kernel and the fused MoE adding the second residual itself: the same
+    /// arithmetic as `forward` (values rounded to the model's dtype where it rounds them) in
+    /// about a third of the launches.
     #[allow(clippy::too_many_arguments)]
     fn forward_fused(
         &self,
@@ -752,7 +781,7 @@ impl DecoderLayer {
         let dtype = xs.dtype();
         let x = xs.reshape((b * s, hidden))?;
         let norm = &self.input_layernorm;
-        let (_, xq) = zq::rmsnorm_quantize(&x, None, norm.weight(), norm.eps() as f32)?;
+        let (_, xq, _) = zq::rmsnorm_quantize(&x, None, norm.weight(), norm.eps() as f32, None)?;
         let mut proj = zq::matvec_many(&qkv, &xq, dtype, None)?.into_iter();
         let mut next = || -> Result<Tensor> {
             let t = proj
@@ -771,14 +800,16 @@ impl DecoderLayer {
             flash_params,
         )?;
         let norm = &self.post_attention_layernorm;
-        let (h, mq) = zq::rmsnorm_quantize(
+        let (h, mq, routing) = zq::rmsnorm_quantize(
             &attn.reshape((b * s, hidden))?,
             Some(&x),
             norm.weight(),
             norm.eps() as f32,
+            moe.router_for_norm(),
         )?;
         let h = h.ok_or_else(|| candle_core::Error::Msg("fused RMSNorm: no residual".into()))?;
-        moe.forward(&mq, dtype, Some(&h))?.reshape((b, s, hidden))
+        moe.forward(&mq, routing, dtype, Some(&h))?
+            .reshape((b, s, hidden))
     }
 }
 

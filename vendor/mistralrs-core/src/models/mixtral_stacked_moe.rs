@@ -481,22 +481,36 @@ pub(crate) struct FusedMoe<'a> {
 }
 
 #[cfg(feature = "cuda")]
-impl FusedMoe<'_> {
+impl<'a> FusedMoe<'a> {
+    /// The router and top k for the RMSNorm before this block to compute the routing in its
+    /// launch (`zq::rmsnorm_quantize`); None when `ZOPILOT_ROUTER_IN_NORM=0`.
+    pub(crate) fn router_for_norm(&self) -> Option<(&'a QTensor, usize)> {
+        static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        ON.get_or_init(|| switch_on("ZOPILOT_ROUTER_IN_NORM"))
+            .then_some((self.router, self.top_k))
+    }
+
     /// The MoE block on an input already quantized (`x`, e.g. from the fused RMSNorm):
-    /// router and routing in one kernel (logits rounded through `dtype`, as the unfused
-    /// router returns them); then per (token, expert) pair w1‖w3 with SiLU·mul and the
-    /// activation's quantization in a second kernel, w2 with the weighted sum (and `resid`,
-    /// when given) in a third, written in `dtype` — three launches where the unfused path
-    /// takes about sixteen; or, `grouped`, the pairs grouped by expert on the device and each
-    /// expert read once per chunk of pairs (tensor cores; [`zq::moe_grouped`]), no host sync.
+    /// `routing` (the tokens' expert ids and weights) as the caller computed it (the fused
+    /// RMSNorm, from [`Self::router_for_norm`]), else router and routing in one kernel here
+    /// (logits rounded through `dtype`, as the unfused router returns them); then per (token,
+    /// expert) pair w1‖w3 with SiLU·mul and the activation's quantization in one kernel, w2
+    /// with the weighted sum (and `resid`, when given) in another, written in `dtype` — two or
+    /// three launches where the unfused path takes about sixteen; or, `grouped`, the pairs
+    /// grouped by expert on the device and each expert read once per chunk of pairs (tensor
+    /// cores; [`zq::moe_grouped`]), no host sync.
     pub(crate) fn forward(
         &self,
         x: &crate::cuda::zopilot_q4k::Q8Rows,
+        routing: Option<(Tensor, Tensor)>,
         dtype: DType,
         resid: Option<&Tensor>,
     ) -> Result<Tensor> {
         use crate::cuda::zopilot_q4k as zq;
-        let (ids, weights) = zq::router_topk(self.router, x, self.top_k, Some(dtype))?;
+        let (ids, weights) = match routing {
+            Some(r) => r,
+            None => zq::router_topk(self.router, x, self.top_k, Some(dtype))?,
+        };
         if self.grouped {
             return zq::moe_grouped((self.w1, self.w3, self.w2), &ids, &weights, x, dtype, resid);
         }
@@ -667,7 +681,7 @@ impl StackedExperts {
             return Ok(None);
         };
         let x = crate::cuda::zopilot_q4k::quantize(xs)?;
-        moe.forward(&x, xs.dtype(), None).map(Some)
+        moe.forward(&x, None, xs.dtype(), None).map(Some)
     }
 
     #[cfg(not(feature = "cuda"))]
