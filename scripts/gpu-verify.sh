@@ -33,6 +33,7 @@ if command -v nvcc > /dev/null; then
     run /tmp/q4k-kernel-bench --check 1 4 32 64
     run /tmp/q4k-kernel-bench --check --dense 1 4 32
     run /tmp/q4k-kernel-bench --check --attention
+    run /tmp/q4k-kernel-bench --check --chain
   else
     echo "kernel bench did not build (see kbench-build.log)" >> "$OUT/summary.txt"
   fi
