@@ -10,9 +10,11 @@
 //   ./q4k-kernel-bench --dense [tokens ...] (dense layers: mat-vec against tensor cores)
 //   ./q4k-kernel-bench --chain              (one-token decode step: launch gaps, PDL, graph)
 //   ./q4k-kernel-bench --attention          (one-token rope + cache write + decode attention)
+//   ./q4k-kernel-bench --host               (host µs per launch and per allocate + free)
 //   add --check: exit 1 when an output disagrees with its reference (scripts/gpu-verify.sh)
 #include "../vendor/mistralrs-core/src/cuda/zopilot_q4k.cu"
 
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -460,9 +462,46 @@ static void bench_attention() {
   }
 }
 
+__global__ void empty_kernel() { zq::pdl_enter(); }
+
+// Host cost of what a decode step does ~70 (launches) and ~180 (allocations) times: mean µs
+// of host time per empty-kernel launch (zq::launch, PDL as the product sets it) and per
+// stream-ordered allocate + free pair (cudaMallocAsync / cudaFreeAsync, what candle's
+// allocations come down to), the GPU kept busy meanwhile so neither waits for it.
+static void bench_host() {
+  cudaStream_t st;
+  CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
+  zopilot_set_pdl(1);
+  auto host_us = [&](auto f, int n) {
+    zopilot_spin(20000, (long long)st); // the GPU busy for 20 ms: the host never waits
+    const auto t0 = std::chrono::steady_clock::now();
+    for (int i = 0; i < n; ++i)
+      f();
+    const auto t1 = std::chrono::steady_clock::now();
+    CK(cudaStreamSynchronize(st));
+    return std::chrono::duration<double, std::micro>(t1 - t0).count() / n;
+  };
+  for (int rep = 0; rep < 2; ++rep) {
+    const double launch = host_us([&] { zq::launch(empty_kernel, 1, 32, 0, st); }, 500);
+    for (size_t bytes : {(size_t)16 << 10, (size_t)256 << 10}) {
+      const double alloc = host_us(
+          [&] {
+            void *p;
+            CK(cudaMallocAsync(&p, bytes, st));
+            CK(cudaFreeAsync(p, st));
+          },
+          500);
+      printf("{\"host\": \"per call\", \"launch_us\": %.2f, \"alloc_free_bytes\": %zu, "
+             "\"alloc_free_us\": %.2f}\n",
+             launch, bytes, alloc);
+    }
+  }
+  CK(cudaStreamDestroy(st));
+}
+
 int main(int argc, char **argv) {
   std::vector<int> token_counts;
-  bool dense = false, check = false, chain = false, attention = false;
+  bool dense = false, check = false, chain = false, attention = false, host = false;
   for (int i = 1; i < argc; ++i) {
     if (std::string(argv[i]) == "--dense")
       dense = true;
@@ -472,6 +511,8 @@ int main(int argc, char **argv) {
       chain = true;
     else if (std::string(argv[i]) == "--attention")
       attention = true;
+    else if (std::string(argv[i]) == "--host")
+      host = true;
     else
       token_counts.push_back(atoi(argv[i]));
   }
@@ -497,6 +538,10 @@ int main(int argc, char **argv) {
   if (attention) {
     bench_attention();
     return verdict();
+  }
+  if (host) {
+    bench_host();
+    return 0;
   }
   const long long blocks13 = (long long)E * F * H / 256, blocks2 = (long long)E * H * F / 256;
   Dev<uint8_t> w1(blocks13 * 144), w3(blocks13 * 144), w2(blocks2 * 144);

@@ -257,23 +257,87 @@ pub(crate) fn mma_enabled() -> bool {
     *ON.get_or_init(|| switch_on("ZOPILOT_MMA"))
 }
 
+/// Device scratch that goes back to a small per-thread pool when dropped instead of being
+/// freed, and is taken from it by the next request of the same size on the same stream. Our
+/// scratch (quantized activations, attention partials) is only ever touched by kernels on the
+/// device's one stream, so a buffer dropped once its last use is queued can back the next
+/// request: stream order puts that use before any later kernel's writes. A one-token step
+/// makes about a hundred such requests; each pooled one saves a `cuMemAllocAsync` /
+/// `cuMemFreeAsync` pair of host time, which at batch 1 is time the GPU waits for launches.
+struct Scratch(Option<CudaSlice<u8>>);
+
+thread_local! {
+    static SCRATCH_POOL: std::cell::RefCell<Vec<CudaSlice<u8>>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Most buffers the pool keeps per thread.
+const SCRATCH_POOL_MAX: usize = 64;
+
+impl Scratch {
+    /// `bytes` of uninitialised device memory (our kernels fill them).
+    fn alloc(dev: &CudaDevice, bytes: usize) -> Result<Self> {
+        let stream = dev.cuda_stream();
+        let pooled = SCRATCH_POOL
+            .try_with(|p| {
+                let mut p = p.borrow_mut();
+                let i = p
+                    .iter()
+                    .rposition(|b| b.len() == bytes && std::sync::Arc::ptr_eq(b.stream(), &stream))?;
+                Some(p.swap_remove(i))
+            })
+            .ok()
+            .flatten();
+        match pooled {
+            Some(b) => Ok(Self(Some(b))),
+            // SAFETY: uninitialised bytes, written by our kernels before they are read.
+            None => Ok(Self(Some(unsafe { dev.alloc::<u8>(bytes)? }))),
+        }
+    }
+
+    fn ptr(&self) -> u64 {
+        self.0.as_ref().map_or(0, slice_ptr)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if let Some(b) = self.0.take() {
+            // Outside the pool's thread-local lifetime `b` is freed; a full pool frees its
+            // oldest buffer (sizes that stopped coming back, e.g. a past prompt's).
+            let _ = SCRATCH_POOL.try_with(|p| {
+                let mut p = p.borrow_mut();
+                if p.len() >= SCRATCH_POOL_MAX {
+                    p.remove(0);
+                }
+                p.push(b);
+            });
+        }
+    }
+}
+
 /// Rows of activations quantized to int8 with one f32 scale per 32 values and the
-/// scaled sum of every 16 values (`zopilot_q4k.cu` has the layout).
+/// scaled sum of every 16 values (`zopilot_q4k.cu` has the layout), in one pooled buffer:
+/// values, then scales, then sums, each part 256-byte aligned.
 pub(crate) struct Q8Rows {
-    q: CudaSlice<i8>,
-    d: CudaSlice<f32>,
-    s: CudaSlice<f32>,
+    buf: Scratch,
     rows: usize,
     k: usize,
 }
 
 impl Q8Rows {
+    /// Byte offsets of the scales and the sums, and the whole size.
+    fn layout(rows: usize, k: usize) -> (usize, usize, usize) {
+        let d = (rows * k).next_multiple_of(256);
+        let s = (d + rows * k / 32 * 4).next_multiple_of(256);
+        (d, s, s + rows * k / 16 * 4)
+    }
+
     /// Uninitialised buffers for `rows` rows of `k` values (our kernels fill them).
     fn alloc(dev: &CudaDevice, rows: usize, k: usize) -> Result<Self> {
+        let (_, _, bytes) = Self::layout(rows, k);
         Ok(Self {
-            q: unsafe { dev.alloc::<i8>(rows * k)? },
-            d: unsafe { dev.alloc::<f32>(rows * k / 32)? },
-            s: unsafe { dev.alloc::<f32>(rows * k / 16)? },
+            buf: Scratch::alloc(dev, bytes)?,
             rows,
             k,
         })
@@ -281,12 +345,12 @@ impl Q8Rows {
 
     /// Device addresses of the values, scales and sums from row `row` on.
     fn ptrs(&self, row: usize) -> (*mut i8, *mut f32, *mut f32) {
-        let k = self.k as u64;
-        let row = row as u64;
+        let (d, s, _) = Self::layout(self.rows, self.k);
+        let (base, k, row) = (self.buf.ptr(), self.k as u64, row as u64);
         (
-            (slice_ptr(&self.q) + row * k) as *mut i8,
-            (slice_ptr(&self.d) + row * k / 32 * 4) as *mut f32,
-            (slice_ptr(&self.s) + row * k / 16 * 4) as *mut f32,
+            (base + row * k) as *mut i8,
+            (base + d as u64 + row * k / 32 * 4) as *mut f32,
+            (base + s as u64 + row * k / 16 * 4) as *mut f32,
         )
     }
 }
@@ -453,8 +517,8 @@ pub(crate) fn decode_attention(
         );
     }
     let parts = ctx.div_ceil(64);
-    // SAFETY: scratch written in full by the partition kernel before the merge reads it.
-    let part = unsafe { dev.alloc::<f32>(kvh * parts * (qh / kvh) * (d + 2))? };
+    // Written in full by the partition kernel before the merge reads it.
+    let part = Scratch::alloc(&dev, kvh * parts * (qh / kvh) * (d + 2) * 4)?;
     let out = Out::alloc(&dev, q.dtype(), qh * d)?;
     let q8 = if quantize {
         Some(Q8Rows::alloc(&dev, 1, qh * d)?)
@@ -488,7 +552,7 @@ pub(crate) fn decode_attention(
             qh as i32,
             kvh as i32,
             scale,
-            slice_ptr(&part) as *mut f32,
+            part.ptr() as *mut f32,
             out.ptr() as *mut c_void,
             oq,
             od,
