@@ -761,10 +761,10 @@ impl DecoderLayer {
 
     /// RMSNorm fused with the quantization of its output, q/k/v in one mat-vec launch (on
     /// tensor cores, one packing for the three, from 3 tokens), attention (ours for one token,
-    /// [`Attention::attend_one_token`]), then residual add + RMSNorm + quantization + the MoE
-    /// routing in one kernel and the fused MoE adding the second residual itself: the same
-    /// arithmetic as `forward` (values rounded to the model's dtype where it rounds them) in
-    /// about a third of the launches.
+    /// [`Attention::attend_one_token`]), then residual add + RMSNorm + quantization (+ the MoE
+    /// routing, when asked for) in one kernel and the fused MoE adding the second residual
+    /// itself: the same arithmetic as `forward` (values rounded to the model's dtype where it
+    /// rounds them) in about a third of the launches.
     #[allow(clippy::too_many_arguments)]
     fn forward_fused(
         &self,

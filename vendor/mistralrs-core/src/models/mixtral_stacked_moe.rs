@@ -483,10 +483,12 @@ pub(crate) struct FusedMoe<'a> {
 #[cfg(feature = "cuda")]
 impl<'a> FusedMoe<'a> {
     /// The router and top k for the RMSNorm before this block to compute the routing in its
-    /// launch (`zq::rmsnorm_quantize`); None when `ZOPILOT_ROUTER_IN_NORM=0`.
+    /// launch (`zq::rmsnorm_quantize`), when `ZOPILOT_ROUTER_IN_NORM=1` asks for it. Off by
+    /// default: on an H100 it saved no GPU time at 1 or 4 streams and cost about 0.11 ms a
+    /// step at 16 (docs/performance.md §13).
     pub(crate) fn router_for_norm(&self) -> Option<(&'a QTensor, usize)> {
         static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        ON.get_or_init(|| switch_on("ZOPILOT_ROUTER_IN_NORM"))
+        ON.get_or_init(|| std::env::var("ZOPILOT_ROUTER_IN_NORM").is_ok_and(|v| v == "1"))
             .then_some((self.router, self.top_k))
     }
 
