@@ -450,21 +450,47 @@ impl Sampler {
             None
         };
 
-        let bytes = if let Some(tokenizer) = &self.tokenizer {
-            Some(
-                tokenizer
-                    .decode(&[next_token], false)
-                    .map_err(|x| Error::Msg(x.to_string()))?,
-            )
-        } else {
-            None
-        };
-
         Ok(Logprobs {
             token: next_token,
             logprob,
             top_logprobs,
-            bytes,
+            bytes: self.token_bytes(next_token)?,
+        })
+    }
+
+    fn token_bytes(&self, token: u32) -> Result<Option<String>> {
+        self.tokenizer
+            .as_ref()
+            .map(|t| t.decode(&[token], false).map_err(|x| Error::Msg(x.to_string())))
+            .transpose()
+    }
+
+    /// zopilot-gpu patch: plain greedy decoding — no temperature, penalties, DRY, logits
+    /// processors or logprobs — of logits on a GPU: the largest logit's index and value
+    /// come back (8 bytes) instead of the whole vocabulary's logits (a 128 KB copy, then two
+    /// host copies and a host pass over them), host time the GPU otherwise idles through at
+    /// one stream. On an exact tie for the largest logit the device may pick another of the
+    /// tied indices than the host loop (which takes the last).
+    fn greedy_on_device(&self, logits: &Tensor, return_logprobs: bool) -> bool {
+        !return_logprobs
+            && self.temperature.is_none()
+            && self.frequency_penalty.is_none()
+            && self.presence_penalty.is_none()
+            && self.repetition_penalty.is_none()
+            && self.dry_params.as_ref().is_none_or(|d| d.multiplier == 0.)
+            && self.logits_processors.is_empty()
+            && logits.device().is_cuda()
+            && logits.rank() == 1
+    }
+
+    fn sample_argmax_device(&self, logits: &Tensor) -> Result<Logprobs> {
+        let next_token = logits.argmax(0)?.to_scalar::<u32>()?;
+        let logit = logits.get(next_token as usize)?.to_scalar::<f32>()?;
+        Ok(Logprobs {
+            token: next_token,
+            logprob: logit.log(10.0),
+            top_logprobs: None,
+            bytes: self.token_bytes(next_token)?,
         })
     }
 
@@ -1030,6 +1056,9 @@ impl Sampler {
         //     );
         // }
 
+        if !sample_speculative && self.greedy_on_device(&logits, return_logprobs) {
+            return self.sample_argmax_device(&logits.to_dtype(DType::F32)?);
+        }
         let logits = logits.to_vec1()?;
         let mut logits = self.apply_penalties(logits, context)?;
         for processor in &self.logits_processors {
