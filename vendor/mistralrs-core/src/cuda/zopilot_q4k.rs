@@ -271,8 +271,11 @@ thread_local! {
         const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// Most buffers the pool keeps per thread.
-const SCRATCH_POOL_MAX: usize = 64;
+/// Most buffers the pool keeps per thread, and the largest it keeps (a prompt's activations
+/// are freed as usual): at most 64 MiB of device memory held, where a one-token step reuses
+/// about five buffers of a few KB to 40 KB.
+const SCRATCH_POOL_MAX: usize = 16;
+const SCRATCH_POOL_MAX_BYTES: usize = 4 << 20;
 
 impl Scratch {
     /// `bytes` of uninitialised device memory (our kernels fill them).
@@ -302,9 +305,9 @@ impl Scratch {
 
 impl Drop for Scratch {
     fn drop(&mut self) {
-        if let Some(b) = self.0.take() {
+        if let Some(b) = self.0.take().filter(|b| b.len() <= SCRATCH_POOL_MAX_BYTES) {
             // Outside the pool's thread-local lifetime `b` is freed; a full pool frees its
-            // oldest buffer (sizes that stopped coming back, e.g. a past prompt's).
+            // oldest buffer (sizes that stopped coming back, e.g. a past batch's).
             let _ = SCRATCH_POOL.try_with(|p| {
                 let mut p = p.borrow_mut();
                 if p.len() >= SCRATCH_POOL_MAX {

@@ -288,14 +288,17 @@ impl Attention {
 }
 
 impl Attention {
-    /// zopilot-gpu patch: one decode token (batch 1) with paged attention on CUDA: the rope of
-    /// q and k and the KV-cache write in one kernel of ours (`rope_cache_decode`), then paged
-    /// attention's decode over the cache (`forward_donor_cache`, which does not write it) —
-    /// one launch where rope q, rope k and `reshape_and_cache` were three. `None` when the
-    /// layer is not set up that way (no paged attention, a cache in another dtype than the
-    /// activations — FP8, whose scales the kernel does not apply —, interleaved rope) or with
-    /// `ZOPILOT_ROPE_CACHE=0`: the caller then takes the general path. With our attention
-    /// kernel and a Q4K o_proj the output also comes quantized for o_proj's mat-vec.
+    /// zopilot-gpu patch: one decode token (batch 1) with paged attention on CUDA. Where our
+    /// split-context attention applies (head dim 128, plain causal attention, block size a
+    /// multiple of 8): its two kernels also rotate q and k and write the KV cache
+    /// (`decode_attention` with [`DecodeRope`](crate::cuda::zopilot_q4k::DecodeRope)), and
+    /// with a Q4K o_proj quantize the output for o_proj's mat-vec — two launches where rope q,
+    /// rope k, `reshape_and_cache`, paged attention and the quantization were five. Otherwise
+    /// the rope and the cache write in one kernel of ours (`rope_cache_decode`), then paged
+    /// attention's decode over the cache (`forward_donor_cache`, which does not write it).
+    /// `None` when the layer is not set up that way (no paged attention, a cache in another
+    /// dtype than the activations — FP8, whose scales the kernels do not apply —, interleaved
+    /// rope) or with `ZOPILOT_ROPE_CACHE=0`: the caller then takes the general path.
     #[cfg(feature = "cuda")]
     #[allow(clippy::too_many_arguments)]
     fn attend_one_token(
