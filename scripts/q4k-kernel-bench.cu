@@ -422,20 +422,24 @@ static void bench_attention() {
     const double e_fused_cache = std::max(rel_err(hk, gk), rel_err(hv, gv));
     const std::vector<float> o_fused = bf16_host(out, QH * D);
     // Separate: the rope + cache kernel (q rotated in place), then attention of a rotated q.
-    auto separate = [&] {
-      CK(zopilot_rope_cache(q, k, v, cs, sn, QH, KVH, D, slot, BS, kc, vc, 1, 0));
+    auto rope_sep = [&] {
+      return zopilot_rope_cache(q, k, v, cs, sn, QH, KVH, D, slot, BS, kc, vc, 1, 0);
+    };
+    auto attend_sep = [&] {
       return zopilot_decode_attention(q, nullptr, nullptr, nullptr, nullptr, nullptr, kc, vc,
                                       table, ctx, BS, QH, KVH, scale, part, out_sep, nullptr,
                                       nullptr, nullptr, 1, 0);
     };
-    CK(zopilot_rope_cache(q, k, v, cs, sn, QH, KVH, D, slot, BS, kc, vc, 1, 0));
+    auto separate = [&] {
+      CK(rope_sep());
+      return attend_sep();
+    };
+    CK(rope_sep());
     CK(cudaDeviceSynchronize());
     std::vector<float> gq = bf16_host(q, QH * D);
     cached(gk, gv);
     const double e_rope = std::max(rel_err(hq, gq), std::max(rel_err(hk, gk), rel_err(hv, gv)));
-    CK(zopilot_decode_attention(q, nullptr, nullptr, nullptr, nullptr, nullptr, kc, vc, table,
-                                ctx, BS, QH, KVH, scale, part, out_sep, nullptr, nullptr, nullptr,
-                                1, 0));
+    CK(attend_sep());
     ref_attention<<<QH, D>>>(q, kc, vc, table, ctx, BS, QH, KVH, scale, ref);
     CK(cudaDeviceSynchronize());
     std::vector<float> r(QH * D);

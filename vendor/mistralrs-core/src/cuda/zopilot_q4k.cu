@@ -971,6 +971,26 @@ __global__ void __launch_bounds__(S * 32)
       }
 }
 
+// GPT-NeoX rotation of the pair (a, b) by the position's (c, s), in T's own arithmetic as
+// candle's rope computes it.
+template <typename T>
+__device__ __forceinline__ void neox_rotate(T a, T b, T c, T s, T &r1, T &r2) {
+  r1 = a * c - b * s;
+  r2 = a * s + b * c;
+}
+
+// Paged attention's cache layouts: element j of KV head `head` of the token at offset `off` of
+// cache block `blk` — key [blocks, kvh, d/x, block_size, x] (x values of 16 bytes), value
+// [blocks, kvh, d, block_size].
+__device__ __forceinline__ long long key_cache_at(long long blk, int head, int kvh, int d, int x,
+                                                  int j, int block_size, long long off) {
+  return (((blk * kvh + head) * (d / x) + j / x) * block_size + off) * x + j % x;
+}
+__device__ __forceinline__ long long value_cache_at(long long blk, int head, int kvh, int d, int j,
+                                                    int block_size, long long off) {
+  return ((blk * kvh + head) * d + j) * block_size + off;
+}
+
 // One decode token's attention inputs, one launch instead of three (candle's rope for q and
 // for k, paged attention's reshape_and_cache): q and k rotated in place of candle's `rope`
 // (GPT-NeoX halves: x1·c − x2·s, x1·s + x2·c, in T's own arithmetic as candle computes it),
@@ -995,20 +1015,18 @@ __global__ void __launch_bounds__(1024)
       const int head = p / half_d, j = p % half_d;
       const T *src = is_q ? q : k;
       const int i1 = head * d + j, i2 = i1 + half_d;
-      const T c = cos[j], s = sin[j], a = src[i1], b = src[i2];
-      const T r1 = a * c - b * s, r2 = a * s + b * c;
+      T r1, r2;
+      neox_rotate(src[i1], src[i2], cos[j], sin[j], r1, r2);
       if (is_q) {
         q[i1] = r1;
         q[i2] = r2;
       } else if (slot >= 0) {
-        const long long base = ((blk * kvh + head) * (d / x)) * block_size * x;
-        key_cache[base + ((long long)(j / x) * block_size + off) * x + j % x] = r1;
-        key_cache[base + ((long long)((j + half_d) / x) * block_size + off) * x +
-                  (j + half_d) % x] = r2;
+        key_cache[key_cache_at(blk, head, kvh, d, x, j, block_size, off)] = r1;
+        key_cache[key_cache_at(blk, head, kvh, d, x, j + half_d, block_size, off)] = r2;
       }
     } else if (slot >= 0) {
       const int t = i - q_pairs - k_pairs, head = t / d, j = t % d;
-      value_cache[((blk * kvh + head) * d + j) * block_size + off] = v[t];
+      value_cache[value_cache_at(blk, head, kvh, d, j, block_size, off)] = v[t];
     }
   }
 }
@@ -1055,23 +1073,22 @@ __global__ void __launch_bounds__(ATT_THREADS)
   if (cos != nullptr) {
     for (int i = tid; i < G * HALF; i += ATT_THREADS) {
       const int g = i / HALF, j = i % HALF;
-      const T c = cos[j], s = sin[j], a = qh[g * ATT_D + j], b = qh[g * ATT_D + j + HALF];
-      const T r1 = a * c - b * s, r2 = a * s + b * c;
+      T r1, r2;
+      neox_rotate(qh[g * ATT_D + j], qh[g * ATT_D + j + HALF], cos[j], sin[j], r1, r2);
       qs[g][j] = to_float(r1);
       qs[g][j + HALF] = to_float(r2);
     }
     const long long slot = slot_mapping[0];
     if (p == P - 1 && slot >= 0) {
       const long long blk = slot / block_size, off = slot % block_size;
-      T *kc = key_cache + (blk * kvh + h) * ATT_D * block_size;
       for (int j = tid; j < HALF; j += ATT_THREADS) {
-        const T c = cos[j], s = sin[j], a = k_new[h * ATT_D + j], b = k_new[h * ATT_D + j + HALF];
-        const T r1 = a * c - b * s, r2 = a * s + b * c;
-        kc[((long long)(j / X) * block_size + off) * X + j % X] = r1;
-        kc[((long long)((j + HALF) / X) * block_size + off) * X + (j + HALF) % X] = r2;
+        T r1, r2;
+        neox_rotate(k_new[h * ATT_D + j], k_new[h * ATT_D + j + HALF], cos[j], sin[j], r1, r2);
+        key_cache[key_cache_at(blk, h, kvh, ATT_D, X, j, block_size, off)] = r1;
+        key_cache[key_cache_at(blk, h, kvh, ATT_D, X, j + HALF, block_size, off)] = r2;
       }
       for (int j = tid; j < ATT_D; j += ATT_THREADS)
-        value_cache[((blk * kvh + h) * ATT_D + j) * block_size + off] = v_new[h * ATT_D + j];
+        value_cache[value_cache_at(blk, h, kvh, ATT_D, j, block_size, off)] = v_new[h * ATT_D + j];
     }
   } else {
     for (int i = tid; i < G * ATT_D; i += ATT_THREADS)
@@ -1086,10 +1103,9 @@ __global__ void __launch_bounds__(ATT_THREADS)
   for (int u = 0; u < PASSES; ++u) {
     const int tt = tb + PER_PASS * u;
     if (tt < n) {
-      const size_t blk = cblk[tt / X];
-      const int off = (t0 + tt) % block_size;
       raw[u] = *reinterpret_cast<const uint4 *>(
-          key_cache + ((blk * kvh + h) * (ATT_D / X) + c) * (size_t)block_size * X + (size_t)off * X);
+          key_cache + key_cache_at(cblk[tt / X], h, kvh, ATT_D, X, c * X, block_size,
+                                   (t0 + tt) % block_size));
     }
   }
 #pragma unroll
@@ -1148,8 +1164,8 @@ __global__ void __launch_bounds__(ATT_THREADS)
   for (int u = 0; u < CHUNKS; ++u)
     if (u * X < n)
       vraw[u] = *reinterpret_cast<const uint4 *>(
-          value_cache + (((size_t)cblk[u] * kvh + h) * ATT_D + d) * block_size +
-          (t0 + u * X) % block_size);
+          value_cache +
+          value_cache_at(cblk[u], h, kvh, ATT_D, d, block_size, (t0 + u * X) % block_size));
   __syncthreads();
   float acc[G];
 #pragma unroll

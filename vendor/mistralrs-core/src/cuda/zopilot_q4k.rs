@@ -519,6 +519,9 @@ pub(crate) fn decode_attention(
             block_table.shape()
         );
     }
+    if let Some(r) = rope {
+        r.check(q, key_cache, value_cache)?;
+    }
     let parts = ctx.div_ceil(64);
     // Written in full by the partition kernel before the merge reads it.
     let part = Scratch::alloc(&dev, kvh * parts * (qh / kvh) * (d + 2) * 4)?;
@@ -532,9 +535,6 @@ pub(crate) fn decode_attention(
         (std::ptr::null_mut(), std::ptr::null_mut(), std::ptr::null_mut()),
         |x| x.ptrs(0),
     );
-    if let Some(r) = rope {
-        r.check(q, key_cache, value_cache)?;
-    }
     let opt = |t: Option<&Tensor>| t.map_or(Ok(std::ptr::null()), |t| tensor_ptr(t).map(|p| p as *const c_void));
     // SAFETY: shapes checked above; every pointer is a contiguous CUDA buffer of them (the
     // quantized row: qh · d values, null when not asked for; the rope inputs null without

@@ -358,7 +358,7 @@ impl Attention {
             ),
         };
         let table = table.and_then(|t| t.get(&q.device().location()));
-        let (out, quantized) = match (table, ctx) {
+        let ours = match (table, ctx) {
             (Some(table), Some(ctx))
                 if decode_attention_enabled()
                     && table.dtype() == DType::U32
@@ -369,37 +369,38 @@ impl Attention {
                     && sdpa.sinks.is_none()
                     && !paged_attn.has_alibi() =>
             {
-                let quantize = self.o_proj.q4k_for(1, q.device()).is_some();
-                let fused = attention_rope_fused();
-                if !fused {
-                    crate::cuda::zopilot_q4k::rope_cache_decode(&q, &rope, key_cache, value_cache)?;
-                }
-                crate::cuda::zopilot_q4k::decode_attention(
+                Some((table, ctx))
+            }
+            _ => None,
+        };
+        // Rope and cache write in our attention's own launch, or in their kernel first.
+        let fused = ours.is_some() && attention_rope_fused();
+        if !fused {
+            crate::cuda::zopilot_q4k::rope_cache_decode(&q, &rope, key_cache, value_cache)?;
+        }
+        let (out, quantized) = match ours {
+            Some((table, ctx)) => crate::cuda::zopilot_q4k::decode_attention(
+                &q,
+                fused.then_some(&rope),
+                key_cache,
+                value_cache,
+                table,
+                ctx,
+                sdpa.softmax_scale,
+                self.o_proj.q4k_for(1, q.device()).is_some(),
+            )?,
+            None => (
+                paged_attn.forward_donor_cache(
                     &q,
-                    fused.then_some(&rope),
                     key_cache,
                     value_cache,
-                    table,
-                    ctx,
-                    sdpa.softmax_scale,
-                    quantize,
-                )?
-            }
-            _ => {
-                crate::cuda::zopilot_q4k::rope_cache_decode(&q, &rope, key_cache, value_cache)?;
-                (
-                    paged_attn.forward_donor_cache(
-                        &q,
-                        key_cache,
-                        value_cache,
-                        None,
-                        input_metadata,
-                        sdpa,
-                        Some(flash_params),
-                    )?,
                     None,
-                )
-            }
+                    input_metadata,
+                    sdpa,
+                    Some(flash_params),
+                )?,
+                None,
+            ),
         };
         Ok(Some((out.reshape((b_sz, q_len, ()))?, quantized)))
     }

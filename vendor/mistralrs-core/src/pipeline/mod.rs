@@ -504,15 +504,9 @@ pub trait Pipeline:
                     }
 
                     let start = Instant::now();
-                    trace.inputs_done(i, start);
-                    if zopilot_step_trace() {
-                        trace.head_start(&self.device())?;
-                    }
+                    trace.before_forward(i, start, || self.device())?;
                     let raw_logits = self.forward_inputs(inputs, return_raw_logits)?;
-                    if zopilot_step_trace() {
-                        trace.launch += start.elapsed();
-                        self.device().synchronize()?;
-                    }
+                    trace.forward_queued(start, || self.device())?;
                     let end = Instant::now();
                     exec_duration += end.duration_since(start);
                     trace.forward += end.duration_since(start);
@@ -753,15 +747,9 @@ pub trait Pipeline:
                     } = inputs.map_err(candle_core::Error::msg)?;
 
                     let start = Instant::now();
-                    trace.inputs_done(i, start);
-                    if zopilot_step_trace() {
-                        trace.head_start(&self.device())?;
-                    }
+                    trace.before_forward(i, start, || self.device())?;
                     let raw_logits = self.forward_inputs(inputs, return_raw_logits)?;
-                    if zopilot_step_trace() {
-                        trace.launch += start.elapsed();
-                        self.device().synchronize()?;
-                    }
+                    trace.forward_queued(start, || self.device())?;
                     let end = Instant::now();
                     exec_duration += end.duration_since(start);
                     trace.forward += end.duration_since(start);
@@ -1253,17 +1241,42 @@ impl ZopilotStepTrace {
         }
     }
 
-    /// The first forward starts at `at`: everything before it built the inputs.
-    fn inputs_done(&mut self, chunk: usize, at: Instant) {
+    /// Forward `chunk` starts at `at` (the first: everything before it built the inputs); while
+    /// tracing, the GPU's head start is queued first ([`Self::head_start`]). `device` is only
+    /// asked for while tracing.
+    fn before_forward(
+        &mut self,
+        chunk: usize,
+        at: Instant,
+        device: impl FnOnce() -> Device,
+    ) -> candle_core::Result<()> {
         if chunk == 0 {
             self.inputs = at.duration_since(self.start);
         }
+        if zopilot_step_trace() {
+            self.head_start(&device())?;
+        }
+        Ok(())
     }
 
-    /// With `ZOPILOT_STEP_TRACE_HEAD_US=N` (called only when tracing), the GPU spins N µs
-    /// before the forward is queued: the host then runs ahead, so `forward_us - head_us` is the
-    /// GPU's own time for the step, and its difference from the plain trace's forward is time
-    /// the GPU spent waiting for launches.
+    /// The forward started at `start` has been queued: while tracing, its host launch time is
+    /// recorded and the device synchronized, so the forward's time includes the GPU's.
+    fn forward_queued(
+        &mut self,
+        start: Instant,
+        device: impl FnOnce() -> Device,
+    ) -> candle_core::Result<()> {
+        if zopilot_step_trace() {
+            self.launch += start.elapsed();
+            device().synchronize()?;
+        }
+        Ok(())
+    }
+
+    /// With `ZOPILOT_STEP_TRACE_HEAD_US=N`, the GPU spins N µs before the forward is queued:
+    /// the host then runs ahead, so `forward_us - head_us` is the GPU's own time for the step,
+    /// and its difference from the plain trace's forward is time the GPU spent waiting for
+    /// launches.
     fn head_start(&mut self, device: &Device) -> candle_core::Result<()> {
         static HEAD: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
         let us = *HEAD.get_or_init(|| {
