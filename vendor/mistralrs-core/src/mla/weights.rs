@@ -41,6 +41,10 @@ impl MlaWeights {
         } else {
             None
         };
+        if weights.is_some() {
+            // From now on the decode inputs carry FlashInfer's page tensors (zopilot).
+            super::PAGED_DECODE_WANTED.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
         Self { weights }
     }
 

@@ -613,7 +613,8 @@ pub mod text_models_inputs_processor {
                 seqlens_k.push((ctxt.len() + start_pos) as u32);
             }
 
-            seqs_tensors.push(Tensor::new(ctxt, device).unwrap().unsqueeze(0).unwrap());
+            // Kept on the host: one upload for the batch below (zopilot).
+            seqs_tensors.push(ctxt);
 
             if let Some(paged_attn_metadata) = &mut paged_attn_metadata {
                 let kv_mgr = get_mut_arcmutex!(paged_attn_metadata.kv_cache_manager);
@@ -795,21 +796,35 @@ pub mod text_models_inputs_processor {
             let mut paged_kv_o_indptr_map = HashMap::new();
             let mut paged_kv_chunk_size_map = HashMap::new();
 
+            // zopilot: each `to_device` below is a synchronous copy. Without a sliding window
+            // the full tables equal the windowed ones (same rows, same padding): share the
+            // device tensors. FlashInfer's page tensors only for MLA models (their decode path
+            // is the only reader).
+            let full_is_windowed = paged_attn_input.sliding_window.is_none();
+            let flashinfer_pages = crate::mla::paged_decode_wanted();
             for device in devices {
+                let block_tables_dev = block_tables.clone().to_device(&device)?;
+                let context_lens_dev = context_lens.clone().to_device(&device)?;
                 slot_mappings_map
                     .insert(device.location(), slot_mappings.clone().to_device(&device)?);
-                block_tables_map
-                    .insert(device.location(), block_tables.clone().to_device(&device)?);
-                context_lens_map
-                    .insert(device.location(), context_lens.clone().to_device(&device)?);
-                full_block_tables_map.insert(
-                    device.location(),
-                    full_block_tables_tensor.clone().to_device(&device)?,
-                );
-                full_context_lens_map.insert(
-                    device.location(),
-                    full_context_lens_tensor.clone().to_device(&device)?,
-                );
+                if full_is_windowed {
+                    full_block_tables_map.insert(device.location(), block_tables_dev.clone());
+                    full_context_lens_map.insert(device.location(), context_lens_dev.clone());
+                } else {
+                    full_block_tables_map.insert(
+                        device.location(),
+                        full_block_tables_tensor.clone().to_device(&device)?,
+                    );
+                    full_context_lens_map.insert(
+                        device.location(),
+                        full_context_lens_tensor.clone().to_device(&device)?,
+                    );
+                }
+                block_tables_map.insert(device.location(), block_tables_dev);
+                context_lens_map.insert(device.location(), context_lens_dev);
+                if !flashinfer_pages {
+                    continue;
+                }
                 paged_kv_indptr_map.insert(
                     device.location(),
                     paged_kv_indptr.clone().to_device(&device)?,
@@ -845,13 +860,14 @@ pub mod text_models_inputs_processor {
                 full_context_lens: Some(full_context_lens_map),
                 full_max_context_len: Some(full_max_context_len),
                 is_first_prompt_chunk: false,
-                paged_kv_indptr: Some(paged_kv_indptr_map),
-                paged_kv_indices: Some(paged_kv_indices_map),
-                paged_kv_last_page_len: Some(paged_kv_last_page_len_map),
-                paged_kv_request_indices: Some(paged_kv_request_indices_map),
-                paged_kv_tile_indices: Some(paged_kv_tile_indices_map),
-                paged_kv_o_indptr: Some(paged_kv_o_indptr_map),
-                paged_kv_chunk_size: Some(paged_kv_chunk_size_map),
+                paged_kv_indptr: flashinfer_pages.then_some(paged_kv_indptr_map),
+                paged_kv_indices: flashinfer_pages.then_some(paged_kv_indices_map),
+                paged_kv_last_page_len: flashinfer_pages.then_some(paged_kv_last_page_len_map),
+                paged_kv_request_indices: flashinfer_pages
+                    .then_some(paged_kv_request_indices_map),
+                paged_kv_tile_indices: flashinfer_pages.then_some(paged_kv_tile_indices_map),
+                paged_kv_o_indptr: flashinfer_pages.then_some(paged_kv_o_indptr_map),
+                paged_kv_chunk_size: flashinfer_pages.then_some(paged_kv_chunk_size_map),
                 num_cached_tokens: None,
                 query_lens: None,
                 cu_seqlens_q: None,
@@ -861,8 +877,23 @@ pub mod text_models_inputs_processor {
             None
         };
 
+        // Every sequence contributes one token here (its context's last), so the batch is one
+        // [batch, 1] upload instead of one upload per sequence and a concatenation (zopilot).
+        let batch = seqs_tensors.len();
+        let width = seqs_tensors.first().map_or(0, Vec::len);
+        let input = if seqs_tensors.iter().all(|t| t.len() == width) {
+            Tensor::from_vec(seqs_tensors.concat(), (batch, width), &Device::Cpu)?
+                .to_device(device)?
+        } else {
+            let rows = seqs_tensors
+                .into_iter()
+                .map(|t| Ok(Tensor::new(t, device)?.unsqueeze(0)?))
+                .collect::<Result<Vec<_>>>()?;
+            Tensor::cat(&rows, 0)?
+        };
+
         Ok(InputMetadata {
-            input: Tensor::cat(&seqs_tensors, 0).unwrap(),
+            input,
             positions: seqlen_offsets,
             context_lens,
             position_ids,
