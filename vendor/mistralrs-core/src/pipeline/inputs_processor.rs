@@ -800,14 +800,14 @@ pub mod text_models_inputs_processor {
             // the full tables equal the windowed ones (same rows, same padding): share the
             // device tensors. FlashInfer's page tensors only for MLA models (their decode path
             // is the only reader).
-            let full_is_windowed = paged_attn_input.sliding_window.is_none();
+            let full_equals_windowed = paged_attn_input.sliding_window.is_none();
             let flashinfer_pages = crate::mla::paged_decode_wanted();
             for device in devices {
                 let block_tables_dev = block_tables.clone().to_device(&device)?;
                 let context_lens_dev = context_lens.clone().to_device(&device)?;
                 slot_mappings_map
                     .insert(device.location(), slot_mappings.clone().to_device(&device)?);
-                if full_is_windowed {
+                if full_equals_windowed {
                     full_block_tables_map.insert(device.location(), block_tables_dev.clone());
                     full_context_lens_map.insert(device.location(), context_lens_dev.clone());
                 } else {
