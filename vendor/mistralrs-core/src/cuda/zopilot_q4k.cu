@@ -403,10 +403,7 @@ __global__ void __launch_bounds__(WARPS * 32, ZQ_W2_MIN_BLOCKS)
     constexpr int U = 4;
     for (int base = lane >> 3; base < nb; base += 4 * U) {
       LaneW w[U];
-#pragma unroll
-      for (int u = 0; u < U; ++u)
-        if (base + 4 * u < nb)
-          w[u] = load_w(wr, base + 4 * u, g, h);
+      load_steps<U>(wr, base, nb, g, h, w);
 #pragma unroll
       for (int u = 0; u < U; ++u)
         if (base + 4 * u < nb)
