@@ -85,7 +85,7 @@ pub(crate) fn stacked_moe_enabled() -> bool {
 /// shows what a decode step costs without the experts (docs/performance.md). Read once.
 pub(crate) fn profile_skip_moe() -> bool {
     static SKIP: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *SKIP.get_or_init(|| std::env::var("ZOPILOT_MOE_SKIP").is_ok_and(|v| v == "1"))
+    *SKIP.get_or_init(|| switch_set("ZOPILOT_MOE_SKIP"))
 }
 
 /// The value of environment variable `var` as a count, if it is set and one.
@@ -96,6 +96,11 @@ pub(crate) fn env_usize(var: &str) -> Option<usize> {
 /// An on/off switch that is on unless environment variable `var` is `0`.
 pub(crate) fn switch_on(var: &str) -> bool {
     std::env::var(var).map_or(true, |v| v != "0")
+}
+
+/// An opt-in switch: on only when environment variable `var` is `1`.
+pub(crate) fn switch_set(var: &str) -> bool {
+    std::env::var(var).is_ok_and(|v| v == "1")
 }
 
 /// `ZOPILOT_MOE_FUSED=0` turns the fused Q4K decode kernels off (for comparison). Read once.
@@ -488,7 +493,7 @@ impl<'a> FusedMoe<'a> {
     /// step at 16 (docs/performance.md §13).
     pub(crate) fn router_for_norm(&self) -> Option<(&'a QTensor, usize)> {
         static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        ON.get_or_init(|| std::env::var("ZOPILOT_ROUTER_IN_NORM").is_ok_and(|v| v == "1"))
+        ON.get_or_init(|| switch_set("ZOPILOT_ROUTER_IN_NORM"))
             .then_some((self.router, self.top_k))
     }
 
