@@ -2,9 +2,15 @@
 //! CUDA builds the nvcc version and target compute capability), and for CUDA builds a stub
 //! `libcuda.so.1` found through RUNPATH when no driver is, so the binary always reaches
 //! `main` and can report what is missing (see `src/preflight/driver.rs`). Touches no GPU.
+//! The stub is linked against from `OUT_DIR` but found at run time only through
+//! `$ORIGIN`-relative RUNPATH entries (`src/preflight/runpath.rs`), never the build path.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+
+#[path = "src/preflight/runpath.rs"]
+#[allow(dead_code)]
+mod runpath;
 
 fn emit(key: &str, value: &str) {
     println!("cargo:rustc-env={key}={value}");
@@ -90,7 +96,7 @@ fn build_stub(out: &Path) -> PathBuf {
         .status()
         .expect("running the C compiler");
     assert!(status.success(), "building the libcuda stub failed");
-    // `-lcuda` at link time finds the stub too, so no toolkit stub directory is needed.
+    // The name `-lcuda` looks for at link time.
     let dev = dir.join("libcuda.so");
     let _ = std::fs::remove_file(&dev);
     std::os::unix::fs::symlink("libcuda.so.1", &dev).expect("libcuda.so link");
@@ -101,6 +107,7 @@ fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed=Cargo.lock");
     println!("cargo:rerun-if-changed=src/preflight/libcuda-symbols.txt");
+    println!("cargo:rerun-if-changed=src/preflight/runpath.rs");
     for var in [
         "ZOPILOT_GIT_REV",
         "ZOPILOT_CUDA_VERSION",
@@ -128,11 +135,40 @@ fn main() {
     emit("ZOPILOT_BUILD_COMPUTE_CAP", &cap);
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR"));
     let stubs = build_stub(&out);
-    // Searched after every other RUNPATH entry of the package, before the system cache:
-    // the start-up code re-executes with the real driver when it finds one.
+    // Link time only: `-lcuda` (cudarc) resolves to the stub, so no toolkit stub directory
+    // is needed. Cargo also puts this directory on the library path of `cargo run` and
+    // `cargo test`, which is how test binaries in `deps/` find it without a driver.
+    println!("cargo:rustc-link-search=native={}", stubs.display());
+    place_beside_binaries(&out, &stubs.join("libcuda.so.1"));
+    // Run time: searched after every other RUNPATH entry of the package, before the system
+    // cache; the start-up code re-executes with the real driver when it finds one.
     println!(
-        "cargo:rustc-link-arg-bins=-Wl,-rpath,$ORIGIN/zopilot-stubs:$ORIGIN/../lib/zopilot-stubs:{}",
-        stubs.display()
+        "cargo:rustc-link-arg-bins=-Wl,-rpath,{}",
+        runpath::RUNPATH.join(":")
     );
-    emit("ZOPILOT_BUILD_STUB_DIR", &stubs.display().to_string());
+}
+
+/// Copies the stub to `target/<profile>/zopilot-stubs/`, where `$ORIGIN/zopilot-stubs`
+/// finds it for the binaries cargo puts in `target/<profile>/`. OUT_DIR is
+/// `target/<profile>/build/<package>-<hash>/out` (also under a `--target` triple), so the
+/// profile directory is three levels up; any other layout is left alone with a warning.
+fn place_beside_binaries(out: &Path, stub: &Path) {
+    let profile = out
+        .ancestors()
+        .nth(3)
+        .filter(|_| out.ancestors().nth(2).and_then(Path::file_name) == Some("build".as_ref()));
+    let Some(profile) = profile else {
+        println!(
+            "cargo:warning=OUT_DIR {} is not target/<profile>/build/<pkg>/out: the libcuda stub stays there, and a CUDA binary started without a driver will not find it",
+            out.display()
+        );
+        return;
+    };
+    let dir = profile.join(runpath::STUB_DIR_NAME);
+    std::fs::create_dir_all(&dir).expect("stub dir beside the binaries");
+    // Builds of several feature sets share the profile directory: write and rename, so a
+    // binary starting meanwhile never sees half a library.
+    let tmp = dir.join(format!(".libcuda.so.1.{}", std::process::id()));
+    std::fs::copy(stub, &tmp).expect("copying the libcuda stub");
+    std::fs::rename(&tmp, dir.join("libcuda.so.1")).expect("placing the libcuda stub");
 }

@@ -87,8 +87,9 @@ craneLib.buildPackage (
     postInstall = lib.optionalString cudaSupport ''
       # The libcuda stub found through RUNPATH ($ORIGIN/../lib/zopilot-stubs) when a host
       # has no driver, so the binary still starts and reports (src/preflight/driver.rs).
-      mkdir -p $out/lib/zopilot-stubs
-      cp target/release/build/zopilot-gpu-*/out/zopilot-stubs/libcuda.so.1 $out/lib/zopilot-stubs/
+      # build.rs leaves a copy beside cargo's binaries; the RUNPATH never names the build
+      # directory (stdenv's audit-tmpdir hook would refuse it).
+      install -Dm755 target/release/zopilot-stubs/libcuda.so.1 $out/lib/zopilot-stubs/libcuda.so.1
     '';
     # Build-only CUDA parts must never reach the runtime closure (or the image).
     disallowedReferences = lib.optionals cudaSupport [

@@ -4,7 +4,8 @@
 //! How a CUDA build starts without a driver: candle links libcuda dynamically, so the
 //! binary has `DT_NEEDED libcuda.so.1`, and a loader that finds none would kill the process
 //! before `main`. build.rs therefore compiles a stub `libcuda.so.1` (every entry point
-//! returns CUDA_ERROR_NO_DEVICE) and puts its directory on the binary's RUNPATH. RUNPATH is
+//! returns CUDA_ERROR_NO_DEVICE), links against it, and gives the binary a RUNPATH of
+//! `$ORIGIN`-relative directories where the stub is installed (`runpath.rs`). RUNPATH is
 //! searched before the system's library cache, so the stub is what the loader usually
 //! finds first. `reexec_with_real_driver`, the first thing `main` does, notices the stub
 //! (it exports `zopilot_libcuda_stub`), looks for the real driver in the places drivers live

@@ -5,6 +5,7 @@
 
 pub mod driver;
 pub mod hub;
+pub mod runpath;
 pub mod rules;
 
 use std::path::{Path, PathBuf};
