@@ -4,7 +4,8 @@
 # batch, input building, the host's time to queue the forward (launch), forward time (with a
 # device sync, so GPU time included; launch close to forward = host-bound), the logits
 # copy to the host and the whole step; the rest is sampling, responses and host work.
-# Results in $OUT (default ./gpu-profile). Per-kernel GPU time: docs/performance.md §9 (ncu).
+# Results in $OUT (default ./gpu-profile). Per-kernel GPU time: ncu, ranked by
+# scripts/ncu-summary.py; docs/decode.md reads the results.
 #
 #   scripts/gpu-profile.sh path/to/zopilot-gpu [extra env, e.g. ZOPILOT_MIXTRAL_MOE=loop]
 set -u

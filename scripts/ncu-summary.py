@@ -1,4 +1,4 @@
-"""Top kernels by total GPU time in an Nsight Compute per-kernel summary (docs/performance.md §9–10).
+"""Top kernels by total GPU time in an Nsight Compute per-kernel summary (docs/decode.md).
 
 On the GPU host (the driver directory first, or ncu finds our libcuda stand-in):
   LD_LIBRARY_PATH=/usr/local/nvidia/lib64:/usr/lib/x86_64-linux-gnu:/usr/local/cuda/lib64 \

@@ -534,10 +534,10 @@ fn bench_json_on_the_tiny_model_emits_the_documented_fields() {
 }
 
 /// `ZOPILOT_STEP_TRACE=1` prints one `zopilot-step` line per engine step in the format
-/// scripts/gpu-profile.sh parses (docs/performance.md reads GPU runs through it): every field
-/// present and in that order, prompt and decode steps told apart, decode batches no larger than
-/// the streams, and the parts no longer than the whole (the host's launch time within the
-/// forward, the forward within the step).
+/// scripts/gpu-profile.sh parses (the GPU figures in bench/README.md come through it): every
+/// field present and in that order, prompt and decode steps told apart, decode batches no
+/// larger than the streams, and the parts no longer than the whole (the host's launch time
+/// within the forward, the forward within the step).
 #[test]
 fn step_trace_lines_carry_what_the_profile_script_reads() {
     let out = tiny_cpu_bench()
