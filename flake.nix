@@ -5,6 +5,11 @@
     # nixos-25.11: CUDA 12.8 package set, rustc >= 1.88 (Cargo.toml's rust-version).
     nixpkgs.url = "github:NixOS/nixpkgs/nixos-25.11";
     crane.url = "github:ipetkov/crane";
+    # The Rust toolchain CI uses (rustc 1.95.0), not nixpkgs' rustc of the day.
+    rust-overlay = {
+      url = "github:oxalica/rust-overlay";
+      inputs.nixpkgs.follows = "nixpkgs";
+    };
   };
 
   outputs =
@@ -12,6 +17,7 @@
       self,
       nixpkgs,
       crane,
+      rust-overlay,
     }:
     let
       system = "x86_64-linux";
@@ -21,11 +27,13 @@
       isCudaLicence = licence: lib.elem (licence.shortName or "") [ "CUDA EULA" ];
       pkgs = import nixpkgs {
         inherit system;
+        overlays = [ rust-overlay.overlays.default ];
         config.allowUnfreePredicate =
           pkg: builtins.all isCudaLicence (lib.toList (pkg.meta.license or [ ]));
       };
 
-      craneLib = crane.mkLib pkgs;
+      # The same rustc as .ci/run's, so the flake builds what CI has tested.
+      craneLib = (crane.mkLib pkgs).overrideToolchain (p: p.rust-bin.stable."1.95.0".default);
       # sm_120 (RTX 5090) needs CUDA >= 12.8.
       cudaPackages = pkgs.cudaPackages_12_8;
       rev = self.shortRev or self.dirtyShortRev or "unknown";
@@ -74,24 +82,30 @@
         meta.description = "zopilot-gpu serve (RTX 5090 build)";
       };
 
+      # Everything the RTX 5090 package builds with (nvcc, cudart, cuBLAS, cuRAND, NVRTC and
+      # the variables its build scripts read), so `cargo build --features cuda` works here.
       devShells.${system}.default = craneLib.devShell {
+        inputsFrom = [ gpuPackages.default ];
         packages = [
-          cudaPackages.cuda_nvcc
-          pkgs.nixfmt-rfc-style
+          pkgs.nixfmt
           pkgs.python3
         ];
-        CUDA_COMPUTE_CAP = "120";
+        inherit (gpuPackages.default.passthru.cudaEnv)
+          CUDA_COMPUTE_CAP
+          CUDA_ROOT
+          CUDA_PATH
+          CUDA_HOME
+          CUDAFORGE_THREADS
+          ;
       };
 
       checks.${system} = cpu.passthru.checks // {
-        nix-format =
-          pkgs.runCommand "nix-format" { nativeBuildInputs = [ pkgs.nixfmt-rfc-style ]; }
-            ''
-              nixfmt --check ${./flake.nix} ${./nix}/*.nix
-              touch $out
-            '';
+        nix-format = pkgs.runCommand "nix-format" { nativeBuildInputs = [ pkgs.nixfmt ]; } ''
+          nixfmt --check ${./flake.nix} ${./nix}/*.nix
+          touch $out
+        '';
       };
 
-      formatter.${system} = pkgs.nixfmt-rfc-style;
+      formatter.${system} = pkgs.nixfmt;
     };
 }

@@ -13,6 +13,10 @@
   cudaSupport ? true,
   # "12.0" for the RTX 5090, "9.0" for H100/H200, "8.9" for RTX 4090/L40S, "8.0" for A100.
   cudaCapability ? "12.0",
+  # nvcc processes per kernel build script (cudaforge reads CUDAFORGE_THREADS; its default
+  # is half the CPUs). Cargo runs several such scripts at once and one nvcc of the larger
+  # kernels takes a few GiB, so an unbounded build runs ordinary builders out of memory.
+  cudaforgeThreads ? 2,
 }:
 let
   capDigits = lib.replaceStrings [ "." ] [ "" ] cudaCapability;
@@ -44,22 +48,28 @@ let
       || lib.hasSuffix ".py" path;
   };
 
+  # What the CUDA build scripts read; the dev shell sets the same.
+  cudaEnv = lib.optionalAttrs cudaSupport {
+    CUDA_COMPUTE_CAP = capDigits;
+    CUDA_ROOT = "${cudaRoot}";
+    CUDA_PATH = "${cudaRoot}";
+    CUDA_HOME = "${cudaRoot}";
+    CUDAFORGE_THREADS = toString cudaforgeThreads;
+  };
+
   commonArgs = {
     inherit src;
     pname = "zopilot-gpu";
     version = (craneLib.crateNameFromCargoToml { cargoToml = ../Cargo.toml; }).version;
     strictDeps = true;
     cargoExtraArgs = "--locked" + lib.optionalString cudaSupport " --features cuda";
-    env = {
-      ZOPILOT_GIT_REV = rev;
-    }
-    // lib.optionalAttrs cudaSupport {
-      CUDA_COMPUTE_CAP = capDigits;
-      CUDA_ROOT = "${cudaRoot}";
-      CUDA_PATH = "${cudaRoot}";
-      CUDA_HOME = "${cudaRoot}";
-      ZOPILOT_CUDA_VERSION = cudaPackages.cudaMajorMinorVersion;
-    };
+    # No build revision here: buildDepsOnly gets these too, and a variable that changes
+    # with every commit would rebuild every CUDA kernel of the dependencies each time.
+    env =
+      cudaEnv
+      // lib.optionalAttrs cudaSupport {
+        ZOPILOT_CUDA_VERSION = cudaPackages.cudaMajorMinorVersion;
+      };
     nativeBuildInputs = lib.optionals cudaSupport [
       cudaPackages.cuda_nvcc
       autoAddDriverRunpath
@@ -82,6 +92,10 @@ craneLib.buildPackage (
   commonArgs
   // {
     inherit cargoArtifacts;
+    # Only the final package carries the revision (`check` and `/health` report it).
+    env = commonArgs.env // {
+      ZOPILOT_GIT_REV = rev;
+    };
     # The tests run in `checks` (CPU build); they spawn servers on loopback.
     doCheck = false;
     postInstall = lib.optionalString cudaSupport ''
@@ -97,7 +111,7 @@ craneLib.buildPackage (
       cudaRoot
     ];
     passthru = {
-      inherit cudaSupport cudaCapability;
+      inherit cudaSupport cudaCapability cudaEnv;
       cudaVersion = if cudaSupport then cudaPackages.cudaMajorMinorVersion else null;
       checks = lib.optionalAttrs (!cudaSupport) {
         clippy = craneLib.cargoClippy (
