@@ -11,13 +11,21 @@
 //! (it exports `zopilot_libcuda_stub`), looks for the real driver in the places drivers live
 //! (Debian/Ubuntu multiarch, /usr/lib64, the NVIDIA container toolkit's /usr/local/nvidia,
 //! NixOS's /run/opengl-driver, WSL), links only the driver's own libraries (`libcuda*`,
-//! `libnvidia-*`) into a private directory, and re-executes itself with that directory on
-//! `LD_LIBRARY_PATH` — never the whole system directory, whose glibc would shadow the
-//! packaged one. With no driver anywhere, the stub stays loaded, nothing calls CUDA, and
-//! `check` reports "no driver" with the fix. This is a start-up invariant outside
-//! `Settings`, so it reads its two environment variables itself.
+//! `libnvidia-*`, WSL's `libdxcore.so`, and what those need through `DT_NEEDED` from the
+//! same directory, glibc and the compiler runtime excepted) into a private directory, and
+//! re-executes itself with that directory on `LD_LIBRARY_PATH` — never the whole system
+//! directory, whose glibc would shadow the packaged one. The private directory is
+//! `$XDG_RUNTIME_DIR/zopilot-driver` or `$TMPDIR/zopilot-driver-<uid>`, used only if it is a
+//! real directory owned by this user with mode 0700 (it is created so); in a shared `/tmp`
+//! anyone could otherwise create that name first and plant a library the re-exec would
+//! load. With no driver anywhere, the stub stays loaded, nothing calls CUDA, and `check`
+//! reports "no driver" with the fix. This is a start-up invariant that runs before
+//! `Settings` exist, so `reexec_with_real_driver` reads its environment itself
+//! (`ZOPILOT_DRIVER_REEXEC`, `ZOPILOT_DRIVER_DIRS`, `XDG_RUNTIME_DIR`, `TMPDIR`,
+//! `LD_LIBRARY_PATH`); `probe` reads `ZOPILOT_DRIVER_DIRS` for the same reason.
 
 use std::ffi::{CStr, CString, c_char, c_int, c_uint, c_void};
+use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
@@ -368,9 +376,20 @@ pub fn reexec_with_real_driver() {
     }) else {
         return;
     };
-    let Ok(private) = link_driver_libraries(&dir) else {
-        return;
+    let private = match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(d) => PathBuf::from(d).join("zopilot-driver"),
+        None => {
+            let uid = unsafe { libc::getuid() };
+            std::env::temp_dir().join(format!("zopilot-driver-{uid}"))
+        }
     };
+    if let Err(e) = private_dir(&private).and_then(|()| link_driver_libraries(&dir, &private)) {
+        eprintln!(
+            "warning: not switching to the NVIDIA driver in {}: {e}",
+            dir.display()
+        );
+        return;
+    }
     let shown = dir.display().to_string();
     let mut path = private.into_os_string();
     if let Some(old) = std::env::var_os("LD_LIBRARY_PATH") {
@@ -388,23 +407,330 @@ pub fn reexec_with_real_driver() {
     eprintln!("warning: could not re-execute with the NVIDIA driver found in {shown}: {err}");
 }
 
-/// Symlinks `libcuda*` and `libnvidia-*` from `dir` into a private directory.
-fn link_driver_libraries(dir: &Path) -> std::io::Result<PathBuf> {
-    let base = std::env::var_os("XDG_RUNTIME_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(std::env::temp_dir);
+/// Creates `path` as a directory only this user can use (mode 0700), or accepts it if it
+/// already is one: a real directory (not a symlink), owned by this user, with no group or
+/// other permissions, in a parent that others cannot rename it out of (not writable by
+/// others, or sticky like /tmp). Anything else is refused with the reason, because the
+/// re-exec would load whatever libraries it holds.
+pub fn private_dir(path: &Path) -> std::io::Result<()> {
+    use std::io::{Error, ErrorKind};
+    let refuse = |why: String| Err(Error::new(ErrorKind::PermissionDenied, why));
+    let parent = path.parent().unwrap_or(Path::new("/"));
+    let pm = std::fs::metadata(parent)?;
+    let sticky = pm.mode() & libc::S_ISVTX != 0;
+    if pm.mode() & 0o022 != 0 && !sticky {
+        return refuse(format!(
+            "{} is writable by other users and not sticky, so {} could be swapped for theirs",
+            parent.display(),
+            path.display()
+        ));
+    }
+    match std::fs::DirBuilder::new().mode(0o700).create(path) {
+        Err(e) if e.kind() != ErrorKind::AlreadyExists => return Err(e),
+        _ => {}
+    }
+    let m = std::fs::symlink_metadata(path)?;
     let uid = unsafe { libc::getuid() };
-    let private = base.join(format!("zopilot-driver-{uid}"));
-    std::fs::create_dir_all(&private)?;
-    for entry in std::fs::read_dir(dir)? {
-        let entry = entry?;
-        let name = entry.file_name();
-        let n = name.to_string_lossy();
-        if (n.starts_with("libcuda.so") || n.starts_with("libnvidia-")) && n.contains(".so") {
-            let link = private.join(&name);
-            let _ = std::fs::remove_file(&link);
-            std::os::unix::fs::symlink(entry.path(), &link)?;
+    if !m.file_type().is_dir() {
+        return refuse(format!(
+            "{} exists and is not a directory (a symlink?); remove it",
+            path.display()
+        ));
+    }
+    if m.uid() != uid {
+        return refuse(format!(
+            "{} is owned by uid {}, not by this user (uid {uid}): another user may have \
+             planted it; remove it, or set XDG_RUNTIME_DIR to a directory of your own",
+            path.display(),
+            m.uid()
+        ));
+    }
+    if m.mode() & 0o077 != 0 {
+        return refuse(format!(
+            "{} has mode {:o}, open to other users; it must be 700 (remove it, or chmod 700 \
+             it if you made it)",
+            path.display(),
+            m.mode() & 0o777
+        ));
+    }
+    Ok(())
+}
+
+/// Libraries a driver library may need that must come from the package, never from the
+/// system directory (the host's glibc would shadow the packaged one).
+const FROM_THE_PACKAGE: &[&str] = &[
+    "libc.so",
+    "libm.so",
+    "libdl.so",
+    "libpthread.so",
+    "librt.so",
+    "libresolv.so",
+    "libutil.so",
+    "ld-linux",
+    "libgcc_s.so",
+    "libstdc++.so",
+];
+
+/// The driver's own libraries: `libcuda*` and `libnvidia-*` (some are opened later by name,
+/// e.g. the PTX JIT compiler, so `DT_NEEDED` alone would miss them) and WSL's
+/// `libdxcore.so`, which WSL's libcuda opens.
+fn is_driver_library(name: &str) -> bool {
+    name.contains(".so")
+        && (name.starts_with("libcuda.so")
+            || name.starts_with("libnvidia-")
+            || name.starts_with("libdxcore.so"))
+}
+
+/// Symlinks the driver's libraries from `dir` into `private` (checked by `private_dir`):
+/// those `is_driver_library` names and, transitively, every `DT_NEEDED` entry of theirs
+/// found in `dir`, except the C library and compiler runtime. Each link is replaced
+/// atomically, so a process starting at the same moment never misses one.
+pub fn link_driver_libraries(dir: &Path, private: &Path) -> std::io::Result<()> {
+    let mut wanted: Vec<String> = std::fs::read_dir(dir)?
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| is_driver_library(n))
+        .collect();
+    let mut done = std::collections::BTreeSet::new();
+    while let Some(name) = wanted.pop() {
+        let source = dir.join(&name);
+        if !source.exists() || !done.insert(name.clone()) {
+            continue;
+        }
+        wanted.extend(
+            elf_needed(&source)
+                .into_iter()
+                .filter(|n| !FROM_THE_PACKAGE.iter().any(|p| n.starts_with(p))),
+        );
+        let tmp = private.join(format!(".{name}.{}", std::process::id()));
+        let _ = std::fs::remove_file(&tmp);
+        std::os::unix::fs::symlink(&source, &tmp)?;
+        std::fs::rename(&tmp, private.join(&name))?;
+    }
+    Ok(())
+}
+
+/// The `DT_NEEDED` names of a 64-bit little-endian ELF file (empty for anything else), read
+/// through its program headers, so stripped section headers do not matter.
+pub fn elf_needed(path: &Path) -> Vec<String> {
+    std::fs::File::open(path)
+        .ok()
+        .and_then(|f| read_needed(&f))
+        .unwrap_or_default()
+}
+
+fn read_needed(f: &std::fs::File) -> Option<Vec<String>> {
+    const PT_LOAD: u32 = 1;
+    const PT_DYNAMIC: u32 = 2;
+    const DT_NEEDED: u64 = 1;
+    const DT_STRTAB: u64 = 5;
+    const DT_STRSZ: u64 = 10;
+    let read = |off: u64, len: usize| {
+        let mut b = vec![0; len];
+        f.read_exact_at(&mut b, off).ok().map(|()| b)
+    };
+    let u64_at = |b: &[u8], o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap());
+    let header = read(0, 64)?;
+    if header[..6] != *b"\x7fELF\x02\x01" {
+        return None;
+    }
+    let phoff = u64_at(&header, 0x20);
+    let phentsize = u16::from_le_bytes([header[0x36], header[0x37]]) as usize;
+    let phnum = u16::from_le_bytes([header[0x38], header[0x39]]) as usize;
+    if phentsize < 56 {
+        return None;
+    }
+    // (type, file offset, address, size in the file) of each segment.
+    let segments: Vec<(u32, u64, u64, u64)> = read(phoff, phentsize * phnum)?
+        .chunks_exact(phentsize)
+        .map(|p| {
+            let kind = u32::from_le_bytes(p[0..4].try_into().unwrap());
+            (kind, u64_at(p, 8), u64_at(p, 16), u64_at(p, 32))
+        })
+        .collect();
+    let &(_, dyn_off, _, dyn_size) = segments.iter().find(|s| s.0 == PT_DYNAMIC)?;
+    let (mut needed, mut strtab, mut strsz) = (Vec::new(), None, 0);
+    for entry in read(dyn_off, dyn_size as usize)?.chunks_exact(16) {
+        match (u64_at(entry, 0), u64_at(entry, 8)) {
+            (0, _) => break,
+            (DT_NEEDED, v) => needed.push(v as usize),
+            (DT_STRTAB, v) => strtab = Some(v),
+            (DT_STRSZ, v) => strsz = v as usize,
+            _ => {}
         }
     }
-    Ok(private)
+    // DT_STRTAB is an address: find the loaded segment that holds it.
+    let strtab = strtab?;
+    let &(_, load_off, load_addr, _) = segments
+        .iter()
+        .find(|&&(kind, _, addr, size)| kind == PT_LOAD && (addr..addr + size).contains(&strtab))?;
+    let strings = read(strtab - load_addr + load_off, strsz)?;
+    needed
+        .into_iter()
+        .map(|at| {
+            let tail = strings.get(at..)?;
+            let end = tail.iter().position(|&b| b == 0)?;
+            Some(String::from_utf8_lossy(&tail[..end]).into_owned())
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+    use std::process::Command;
+
+    fn set_mode(p: &Path, mode: u32) {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    fn refusal(p: &Path) -> String {
+        private_dir(p).expect_err("must be refused").to_string()
+    }
+
+    #[test]
+    fn private_dir_is_created_for_this_user_only_and_reused() {
+        let base = tempfile::tempdir().unwrap();
+        let p = base.path().join("zopilot-driver");
+        private_dir(&p).unwrap();
+        let m = std::fs::symlink_metadata(&p).unwrap();
+        assert!(m.is_dir());
+        assert_eq!(m.mode() & 0o777, 0o700);
+        assert_eq!(m.uid(), unsafe { libc::getuid() });
+        private_dir(&p).unwrap();
+    }
+
+    #[test]
+    fn private_dir_pre_created_with_a_looser_mode_is_refused() {
+        let base = tempfile::tempdir().unwrap();
+        let p = base.path().join("zopilot-driver");
+        std::fs::create_dir(&p).unwrap();
+        set_mode(&p, 0o755);
+        let why = refusal(&p);
+        assert!(
+            why.contains("has mode 755") && why.contains("must be 700"),
+            "{why}"
+        );
+    }
+
+    #[test]
+    fn private_dir_pre_created_by_another_owner_is_refused() {
+        if unsafe { libc::getuid() } != 0 {
+            eprintln!("skipped: only root can give a directory to another user (CI runs as root)");
+            return;
+        }
+        let base = tempfile::tempdir().unwrap();
+        let p = base.path().join("zopilot-driver");
+        std::fs::create_dir(&p).unwrap();
+        set_mode(&p, 0o700);
+        let c = CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+        assert_eq!(unsafe { libc::chown(c.as_ptr(), 4242, 4242) }, 0);
+        let why = refusal(&p);
+        assert!(
+            why.contains("owned by uid 4242") && why.contains("planted"),
+            "{why}"
+        );
+    }
+
+    #[test]
+    fn private_dir_that_is_a_symlink_is_refused() {
+        let base = tempfile::tempdir().unwrap();
+        let target = base.path().join("elsewhere");
+        std::fs::create_dir(&target).unwrap();
+        set_mode(&target, 0o700);
+        let p = base.path().join("zopilot-driver");
+        std::os::unix::fs::symlink(&target, &p).unwrap();
+        assert!(refusal(&p).contains("not a directory"));
+    }
+
+    #[test]
+    fn private_dir_in_a_parent_others_can_rename_in_is_refused_unless_sticky() {
+        let base = tempfile::tempdir().unwrap();
+        let shared = base.path().join("shared");
+        std::fs::create_dir(&shared).unwrap();
+        set_mode(&shared, 0o777);
+        let p = shared.join("zopilot-driver");
+        assert!(refusal(&p).contains("not sticky"));
+        assert!(!p.exists(), "nothing is created in such a parent");
+        set_mode(&shared, 0o1777);
+        private_dir(&p).unwrap();
+    }
+
+    /// A shared library named `file` with soname `file`, needing `needs` from `dir`.
+    fn library(dir: &Path, file: &str, needs: &[&str]) {
+        let src = dir.join(format!("{file}.c"));
+        std::fs::write(&src, "int f(void) { return 1; }\n").unwrap();
+        let mut cc = Command::new("cc");
+        cc.args(["-shared", "-fPIC", "-Wl,--no-as-needed", "-o"])
+            .arg(dir.join(file))
+            .arg(format!("-Wl,-soname,{file}"))
+            .arg(&src)
+            .arg("-L")
+            .arg(dir);
+        for n in needs {
+            cc.arg(format!("-l:{n}"));
+        }
+        assert!(cc.status().expect("a C compiler (cc)").success());
+        std::fs::remove_file(src).unwrap();
+    }
+
+    #[test]
+    fn driver_libraries_are_linked_with_their_needed_closure_but_not_glibc() {
+        let driver = tempfile::tempdir().unwrap();
+        let d = driver.path();
+        // WSL's layout: libcuda opens libdxcore.so; a helper reached only through DT_NEEDED.
+        library(d, "libhelper.so.2", &[]);
+        library(d, "libdxcore.so", &[]);
+        library(
+            d,
+            "libcuda.so.1",
+            &["libhelper.so.2", "libdxcore.so", "libc.so.6"],
+        );
+        library(d, "libnvidia-ptxjitcompiler.so.1", &[]);
+        library(d, "libunrelated.so.1", &[]);
+        // The system directory also holds glibc: it must never be linked.
+        std::fs::write(d.join("libc.so.6"), "not the packaged glibc").unwrap();
+        assert_eq!(
+            elf_needed(&d.join("libcuda.so.1")),
+            ["libhelper.so.2", "libdxcore.so", "libc.so.6"]
+        );
+
+        let base = tempfile::tempdir().unwrap();
+        let private = base.path().join("zopilot-driver");
+        private_dir(&private).unwrap();
+        link_driver_libraries(d, &private).unwrap();
+        let mut linked: Vec<String> = std::fs::read_dir(&private)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        linked.sort();
+        assert_eq!(
+            linked,
+            [
+                "libcuda.so.1",
+                "libdxcore.so",
+                "libhelper.so.2",
+                "libnvidia-ptxjitcompiler.so.1"
+            ]
+        );
+        for name in &linked {
+            assert_eq!(
+                std::fs::read_link(private.join(name)).unwrap(),
+                d.join(name)
+            );
+        }
+        // A second start replaces the links in place.
+        link_driver_libraries(d, &private).unwrap();
+        assert_eq!(std::fs::read_dir(&private).unwrap().count(), 4);
+    }
+
+    #[test]
+    fn elf_needed_of_this_test_binary_names_the_c_library_and_of_text_nothing() {
+        let me = std::env::current_exe().unwrap();
+        assert!(elf_needed(&me).iter().any(|n| n.starts_with("libc.so")));
+        let text = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(text.path(), "not an ELF file").unwrap();
+        assert!(elf_needed(text.path()).is_empty());
+    }
 }
