@@ -1,10 +1,17 @@
 # Build from a Git push (RunPod, registries): the builder runs the flake — Nix inside the
 # builder, no GPU — and the final stage holds only the runtime closure of one GPU build,
 # with the same contents and configuration as `nix build .#image` (nix/image.nix).
-#   docker build --build-arg VARIANT=default .   # RTX 5090 (sm_120); sm90 | sm89 | sm80
+#   docker build --platform linux/amd64 --build-arg VARIANT=default .
+#   # VARIANT: default (RTX 5090, sm_120) | sm90 | sm89 | sm80
+# It compiles every CUDA kernel of candle and mistral.rs from source (README, "Docker", says
+# what a builder needs); pushing the image that `nix build .#image` makes is the cheaper
+# route. nix/package.nix bounds nvcc's parallelism. The flake is x86_64-linux only, hence the
+# platform. The context keeps .git (see .dockerignore) so the flake is a Git flake: only
+# committed files, and `check` and /health report the commit.
 ARG VARIANT=default
 
-FROM nixos/nix:latest AS builder
+# A fixed Nix release, not `latest`: the build is then the same on every builder.
+FROM --platform=linux/amd64 nixos/nix:2.28.3 AS builder
 ARG VARIANT
 WORKDIR /src
 COPY . .
