@@ -589,6 +589,15 @@ mod tests {
         private_dir(p).expect_err("must be refused").to_string()
     }
 
+    /// The private directory's path, already there (as another process or user left it).
+    fn pre_created(mode: u32) -> (tempfile::TempDir, PathBuf) {
+        let base = tempfile::tempdir().unwrap();
+        let p = base.path().join("zopilot-driver");
+        std::fs::create_dir(&p).unwrap();
+        set_mode(&p, mode);
+        (base, p)
+    }
+
     #[test]
     fn private_dir_is_created_for_this_user_only_and_reused() {
         let base = tempfile::tempdir().unwrap();
@@ -603,10 +612,7 @@ mod tests {
 
     #[test]
     fn private_dir_pre_created_with_a_looser_mode_is_refused() {
-        let base = tempfile::tempdir().unwrap();
-        let p = base.path().join("zopilot-driver");
-        std::fs::create_dir(&p).unwrap();
-        set_mode(&p, 0o755);
+        let (_base, p) = pre_created(0o755);
         let why = refusal(&p);
         assert!(
             why.contains("has mode 755") && why.contains("must be 700"),
@@ -620,10 +626,7 @@ mod tests {
             eprintln!("skipped: only root can give a directory to another user (CI runs as root)");
             return;
         }
-        let base = tempfile::tempdir().unwrap();
-        let p = base.path().join("zopilot-driver");
-        std::fs::create_dir(&p).unwrap();
-        set_mode(&p, 0o700);
+        let (_base, p) = pre_created(0o700);
         let c = CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
         assert_eq!(unsafe { libc::chown(c.as_ptr(), 4242, 4242) }, 0);
         let why = refusal(&p);
