@@ -219,12 +219,13 @@ async fn one_in_process(
         top_p: None,
         top_k: None,
         stop: vec![],
+        decoding: Default::default(),
     };
     let mut g = engine.generate(req).await?;
     let mut tokens = 0;
     while let Some(ev) = g.events.recv().await {
         match ev {
-            Event::Text(_) => clock.token(),
+            Event::Text { .. } => clock.token(),
             Event::Done { usage, .. } => tokens = usage.completion_tokens,
             Event::Error(e) => return Err(e.into()),
         }

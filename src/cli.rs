@@ -200,9 +200,18 @@ pub struct ModelArgs {
     #[arg(long = "max-model-len-compat", env = "MAX_MODEL_LEN", hide = true)]
     pub max_model_len_compat: Option<usize>,
 
-    /// Sequences generated at once; further requests get 429 instead of queueing.
+    /// Sequences generated at once; further requests wait in the queue (--max-queue).
     #[arg(long, env = "ZOPILOT_MAX_NUM_SEQS", default_value_t = 16)]
     pub max_num_seqs: usize,
+
+    /// Requests that may wait, first come first served, for a sequence slot while all are
+    /// busy; one more is answered 429 with Retry-After at once. 0: no queue.
+    #[arg(long, env = "ZOPILOT_MAX_QUEUE", default_value_t = 512)]
+    pub max_queue: usize,
+
+    /// Seconds a request may wait in the queue for a slot before it is answered 429.
+    #[arg(long, env = "ZOPILOT_MAX_QUEUE_WAIT", default_value_t = 60.0)]
+    pub max_queue_wait: f64,
 
     /// Tokens of KV cache reserved on the GPU (paged attention); 0 means
     /// max-model-len × 4, enough for four full-length sequences.

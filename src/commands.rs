@@ -292,13 +292,14 @@ fn generate(a: GenerateArgs) -> Result<ExitCode> {
             top_p: None,
             top_k: None,
             stop: vec![],
+            decoding: Default::default(),
         };
         let mut g = engine.generate(req).await?;
         let mut stdout = std::io::stdout();
         while let Some(ev) = g.events.recv().await {
             match ev {
-                Event::Text(t) => {
-                    stdout.write_all(t.as_bytes())?;
+                Event::Text { text, .. } => {
+                    stdout.write_all(text.as_bytes())?;
                     stdout.flush()?;
                 }
                 Event::Done {

@@ -61,10 +61,14 @@ pub struct Metrics {
     pub prompt_tokens: AtomicU64,
     pub generated_tokens: AtomicU64,
     pub in_flight: AtomicI64,
+    /// Requests waiting for a sequence slot.
+    pub queued: AtomicI64,
     pub cancelled: AtomicU64,
     pub model_load_millis: AtomicU64,
     pub ttft: Histogram,
     pub request_duration: Histogram,
+    /// Time admitted requests waited for a slot (0 when one was free).
+    pub queue_wait: Histogram,
 }
 
 impl Metrics {
@@ -107,7 +111,7 @@ impl Metrics {
             &mut out,
             "zopilot_rejected_total",
             "counter",
-            "Requests refused with 429 because every sequence slot was busy.",
+            "Requests refused with 429: every sequence slot busy and the queue full, or the wait past its limit.",
             self.rejected.load(Relaxed).to_string(),
         );
         scalar(
@@ -140,6 +144,13 @@ impl Metrics {
         );
         scalar(
             &mut out,
+            "zopilot_queued_requests",
+            "gauge",
+            "Requests waiting for a sequence slot.",
+            self.queued.load(Relaxed).to_string(),
+        );
+        scalar(
+            &mut out,
             "zopilot_model_load_seconds",
             "gauge",
             "Seconds the model took to load (0 until loaded).",
@@ -154,6 +165,11 @@ impl Metrics {
             &mut out,
             "zopilot_request_duration_seconds",
             "Time from request to the last token.",
+        );
+        self.queue_wait.render(
+            &mut out,
+            "zopilot_queue_wait_seconds",
+            "Time admitted requests waited for a sequence slot.",
         );
         out
     }

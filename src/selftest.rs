@@ -79,6 +79,10 @@ fn tiny(cpu: bool, isq: Option<Isq>) -> ModelSettings {
         isq,
         max_model_len: Some(512),
         max_num_seqs: 1,
+        queue: crate::engine::QueueLimits {
+            max_waiting: 0,
+            max_wait: std::time::Duration::from_secs(1),
+        },
         kv_cache_tokens: 2048,
         cpu,
         hf_token: None,
@@ -96,12 +100,13 @@ async fn greedy_steps(b: &MistralBackend, ids: Vec<u32>, n: usize) -> anyhow::Re
         temperature: 0.0,
         top_p: None,
         top_k: None,
+        decoding: Default::default(),
     };
     let mut rx = b.start(ids, greedy).await?;
     let mut steps = Vec::new();
     while let Some(step) = rx.recv().await {
         match step {
-            Step::Text { text, finish } => {
+            Step::Text { text, finish, .. } => {
                 steps.push(text);
                 if finish.is_some() {
                     break;

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::cli::{ModelArgs, Preset, ServeArgs, WorkerArgs};
+use crate::engine::QueueLimits;
 
 /// The model served when neither `--model` nor RunPod's `MODEL_NAME` says otherwise.
 pub const DEFAULT_MODEL: &str = "mistralai/Mixtral-8x7B-Instruct-v0.1";
@@ -89,6 +90,8 @@ pub struct ModelSettings {
     /// `None` means the model's own limit (`max_position_embeddings`).
     pub max_model_len: Option<usize>,
     pub max_num_seqs: usize,
+    /// The waiting line in front of the sequence slots.
+    pub queue: QueueLimits,
     /// Tokens of paged KV cache to reserve on a GPU.
     pub kv_cache_tokens: usize,
     pub cpu: bool,
@@ -187,6 +190,23 @@ impl ModelSettings {
                 a.max_num_seqs
             )));
         }
+        const MAX_QUEUE: usize = 65_536;
+        if a.max_queue > MAX_QUEUE {
+            return Err(bad(format!(
+                "--max-queue must be at most {MAX_QUEUE}. Given: {}",
+                a.max_queue
+            )));
+        }
+        if !(a.max_queue_wait > 0.0 && a.max_queue_wait <= 3600.0) {
+            return Err(bad(format!(
+                "--max-queue-wait must be > 0 and <= 3600 seconds. Given: {}",
+                a.max_queue_wait
+            )));
+        }
+        let queue = QueueLimits {
+            max_waiting: a.max_queue,
+            max_wait: Duration::from_secs_f64(a.max_queue_wait),
+        };
         let context_for_kv = max_model_len.unwrap_or(DEFAULT_MAX_MODEL_LEN);
         let kv_cache_tokens = match a.kv_cache_tokens {
             0 => context_for_kv * 4,
@@ -206,6 +226,7 @@ impl ModelSettings {
             isq,
             max_model_len,
             max_num_seqs: a.max_num_seqs,
+            queue,
             kv_cache_tokens,
             cpu: a.cpu,
             hf_token: non_empty(&a.hf_token),

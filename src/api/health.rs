@@ -20,6 +20,7 @@ pub async fn health(State(s): State<AppState>) -> Json<Value> {
         "model": e.model_name,
         "context_len": e.context_len(),
         "in_flight": e.in_flight(),
+        "queued": e.queued(),
         "max_num_seqs": e.max_num_seqs(),
         "version": env!("CARGO_PKG_VERSION"),
     }))

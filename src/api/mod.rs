@@ -7,6 +7,7 @@ mod openai;
 mod openapi;
 mod prompt;
 mod respond;
+mod tokenize;
 pub mod types;
 
 use std::future::{Future, IntoFuture};
@@ -42,6 +43,8 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/chat/completions", post(openai::chat))
         .route("/v1/completions", post(openai::completions))
         .route("/v1/models", get(openai::models))
+        .route("/tokenize", post(tokenize::tokenize))
+        .route("/detokenize", post(tokenize::detokenize))
         .route("/openapi.json", get(openapi::openapi))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_key));
     let limit = state.body_limit;
@@ -51,8 +54,20 @@ pub fn app(state: AppState) -> Router {
         .fallback(|uri: axum::http::Uri| async move { ApiError::NotFound(uri.path().to_owned()) })
         .layer(DefaultBodyLimit::max(limit))
         .layer(middleware::from_fn(move |mut req: Request, next: Next| {
+            // A body announced over the limit is refused before any of it is read, so the
+            // connection is not held open while it arrives.
+            let announced = req
+                .headers()
+                .get(header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok());
             req.extensions_mut().insert(BodyLimit(limit));
-            next.run(req)
+            async move {
+                match announced {
+                    Some(n) if n > limit as u64 => ApiError::TooLarge(limit).into_response(),
+                    _ => next.run(req).await,
+                }
+            }
         }))
         .layer(middleware::from_fn_with_state(state.clone(), track))
         .with_state(state)

@@ -9,7 +9,75 @@ use serde_json::{Value, json};
 use super::respond::{collect, sse, unix_now};
 use super::types::{ChatRequest, CompletionRequest, OpenAiUsage, check_model};
 use super::{ApiError, AppState, error::ApiJson};
-use crate::engine::Event;
+use crate::engine::{Event, TokenLogprob};
+
+/// What the client asked to see of each token's log-probabilities.
+#[derive(Clone, Copy)]
+struct Show {
+    logprobs: bool,
+    /// vLLM's `return_tokens_as_token_ids`.
+    ids: bool,
+}
+
+impl Show {
+    fn token(self, id: u32, text: &str) -> String {
+        if self.ids {
+            format!("token_id:{id}")
+        } else {
+            text.to_owned()
+        }
+    }
+}
+
+/// Chat's `logprobs` object: `{"content": [{token, logprob, bytes, top_logprobs}]}`.
+fn chat_logprobs(show: Show, tokens: &[TokenLogprob]) -> Value {
+    if !show.logprobs {
+        return Value::Null;
+    }
+    let content: Vec<Value> = tokens
+        .iter()
+        .map(|t| {
+            let top: Vec<Value> = t
+                .top
+                .iter()
+                .map(|a| json!({"token": show.token(a.id, &a.token), "logprob": a.logprob, "bytes": a.token.as_bytes()}))
+                .collect();
+            json!({"token": show.token(t.id, &t.token), "logprob": t.logprob, "bytes": t.token.as_bytes(), "top_logprobs": top})
+        })
+        .collect();
+    json!({"content": content})
+}
+
+/// Completions' `logprobs` object: parallel lists of tokens, their log-probabilities, the
+/// alternatives (token → log-probability) and each token's offset in the whole text, which
+/// starts at `offset` for this piece.
+fn completion_logprobs(show: Show, tokens: &[TokenLogprob], offset: &mut usize) -> Value {
+    if !show.logprobs {
+        return Value::Null;
+    }
+    let mut offsets = Vec::with_capacity(tokens.len());
+    for t in tokens {
+        offsets.push(*offset);
+        *offset += t.token.len();
+    }
+    let top: Vec<Value> = tokens
+        .iter()
+        .map(|t| {
+            let m: serde_json::Map<String, Value> = t
+                .top
+                .iter()
+                .map(|a| (show.token(a.id, &a.token), json!(a.logprob)))
+                .collect();
+            Value::Object(m)
+        })
+        .collect();
+    json!({
+        "tokens": tokens.iter().map(|t| show.token(t.id, &t.token)).collect::<Vec<_>>(),
+        "token_logprobs": tokens.iter().map(|t| t.logprob).collect::<Vec<_>>(),
+        "top_logprobs": top,
+        "text_offset": offsets,
+    })
+}
 
 /// Builds the OpenAI objects of one response: `choices` and an optional `usage` wrapped in
 /// the id, object type, creation time and model they all share.
@@ -38,7 +106,13 @@ pub async fn chat(
         req.stream,
         req.stream_options.as_ref().is_some_and(|o| o.include_usage),
     );
-    let g = s.engine.generate(req.validate()?).await?;
+    let ids = req.return_tokens_as_token_ids;
+    let gen_req = req.validate()?;
+    let asked = Show {
+        logprobs: gen_req.decoding.logprobs.is_some(),
+        ids,
+    };
+    let g = s.engine.generate(gen_req).await?;
     let (id, model, created) = (
         format!("chatcmpl-{}", g.id),
         s.engine.model_name.clone(),
@@ -48,14 +122,15 @@ pub async fn chat(
     if stream {
         let mut first = true;
         return Ok(sse(g, move |ev| match ev {
-            Event::Text(t) => {
+            Event::Text { text, logprobs } => {
                 let delta = if std::mem::take(&mut first) {
-                    json!({"role": "assistant", "content": t})
+                    json!({"role": "assistant", "content": text})
                 } else {
-                    json!({"content": t})
+                    json!({"content": text})
                 };
+                let lp = chat_logprobs(asked, &logprobs);
                 vec![chunk(
-                    json!([{"index": 0, "delta": delta, "logprobs": null, "finish_reason": null}]),
+                    json!([{"index": 0, "delta": delta, "logprobs": lp, "finish_reason": null}]),
                     None,
                 )]
             }
@@ -87,7 +162,7 @@ pub async fn chat(
         "created": created,
         "model": s.engine.model_name,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": done.text},
-                     "logprobs": null, "finish_reason": done.finish_reason}],
+                     "logprobs": chat_logprobs(asked, &done.logprobs), "finish_reason": done.finish_reason}],
         "usage": OpenAiUsage::from(&done.usage),
     }))
     .into_response())
@@ -103,7 +178,13 @@ pub async fn completions(
         req.stream,
         req.stream_options.as_ref().is_some_and(|o| o.include_usage),
     );
-    let g = s.engine.generate(req.validate()?).await?;
+    let ids = req.return_tokens_as_token_ids;
+    let gen_req = req.validate()?;
+    let asked = Show {
+        logprobs: gen_req.decoding.logprobs.is_some(),
+        ids,
+    };
+    let g = s.engine.generate(gen_req).await?;
     let (id, model, created) = (
         format!("cmpl-{}", g.id),
         s.engine.model_name.clone(),
@@ -111,11 +192,15 @@ pub async fn completions(
     );
     let chunk = chunker(id, "text_completion", created, model);
     if stream {
+        let mut offset = 0;
         return Ok(sse(g, move |ev| match ev {
-            Event::Text(t) => vec![chunk(
-                json!([{"index": 0, "text": t, "logprobs": null, "finish_reason": null}]),
-                None,
-            )],
+            Event::Text { text, logprobs } => {
+                let lp = completion_logprobs(asked, &logprobs, &mut offset);
+                vec![chunk(
+                    json!([{"index": 0, "text": text, "logprobs": lp, "finish_reason": null}]),
+                    None,
+                )]
+            }
             Event::Done {
                 finish_reason,
                 usage,
@@ -133,8 +218,9 @@ pub async fn completions(
         }));
     }
     let done = collect(g).await?;
+    let lp = completion_logprobs(asked, &done.logprobs, &mut 0);
     Ok(Json(chunk(
-        json!([{"index": 0, "text": done.text, "logprobs": null, "finish_reason": done.finish_reason}]),
+        json!([{"index": 0, "text": done.text, "logprobs": lp, "finish_reason": done.finish_reason}]),
         Some(json!(OpenAiUsage::from(&done.usage))),
     ))
     .into_response())

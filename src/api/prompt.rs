@@ -22,7 +22,7 @@ pub async fn prompt(
     let model = s.engine.model_name.clone();
     if stream {
         return Ok(sse(g, move |ev| match ev {
-            Event::Text(t) => vec![json!({"text": t})],
+            Event::Text { text, .. } => vec![json!({"text": text})],
             Event::Done {
                 finish_reason,
                 usage,

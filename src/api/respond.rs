@@ -10,11 +10,13 @@ use futures::StreamExt;
 use serde_json::Value;
 
 use super::ApiError;
-use crate::engine::{Event, FinishReason, Generation, Usage};
+use crate::engine::{Event, FinishReason, Generation, TokenLogprob, Usage};
 
 /// The whole answer of a non-streaming request.
 pub struct Collected {
     pub text: String,
+    /// Every token's, when the request asked for them.
+    pub logprobs: Vec<TokenLogprob>,
     pub finish_reason: FinishReason,
     pub usage: Usage,
 }
@@ -22,15 +24,23 @@ pub struct Collected {
 /// Waits for the end of a generation.
 pub async fn collect(mut g: Generation) -> Result<Collected, ApiError> {
     let mut text = String::new();
+    let mut logprobs = Vec::new();
     while let Some(ev) = g.events.recv().await {
         match ev {
-            Event::Text(t) => text.push_str(&t),
+            Event::Text {
+                text: t,
+                logprobs: l,
+            } => {
+                text.push_str(&t);
+                logprobs.extend(l);
+            }
             Event::Done {
                 finish_reason,
                 usage,
             } => {
                 return Ok(Collected {
                     text,
+                    logprobs,
                     finish_reason,
                     usage,
                 });
@@ -57,7 +67,7 @@ where
             let (payloads, ended) = match rx.recv().await {
                 Some(Event::Error(e)) => (vec![ApiError::from(e).body()], true),
                 Some(ev) => {
-                    let terminal = !matches!(ev, Event::Text(_));
+                    let terminal = !matches!(ev, Event::Text { .. });
                     (map(ev), terminal)
                 }
                 None => (vec![ApiError::Internal(String::new()).body()], true),

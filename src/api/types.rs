@@ -1,10 +1,105 @@
 //! Wire types of the HTTP API (also the RunPod job inputs) and their validation into the
 //! engine's `GenRequest`: unvalidated input cannot reach the engine.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 use super::error::ApiError;
-use crate::engine::{ChatMessage, FinishReason, GenRequest, Prompt, Usage};
+use crate::engine::{
+    ChatMessage, Decoding, FinishReason, Format, GenRequest, MAX_TOP_LOGPROBS, Prompt, Usage,
+};
+
+/// OpenAI's `response_format`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ResponseFormat {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub json_schema: Option<JsonSchemaFormat>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct JsonSchemaFormat {
+    pub name: Option<String>,
+    pub schema: Option<Value>,
+    pub strict: Option<bool>,
+}
+
+/// Decoding controls every generation endpoint takes alike.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct DecodingFields {
+    /// Signed as OpenAI's; used as its 64-bit pattern.
+    pub seed: Option<i64>,
+    pub presence_penalty: Option<f32>,
+    pub frequency_penalty: Option<f32>,
+    /// Token id (as a string, OpenAI's JSON) → bias.
+    pub logit_bias: Option<BTreeMap<String, f32>>,
+    pub response_format: Option<ResponseFormat>,
+}
+
+impl DecodingFields {
+    fn into_decoding(self, logprobs: Option<usize>) -> Result<Decoding, ApiError> {
+        let logit_bias = self
+            .logit_bias
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(k, v)| {
+                k.trim().parse::<u32>().map(|id| (id, v)).map_err(|_| {
+                    ApiError::bad(
+                        "logit_bias",
+                        format!("`logit_bias` keys must be token ids. Given: `{k}`"),
+                    )
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let format = match self.response_format {
+            None => None,
+            Some(f) => match (f.kind.as_str(), f.json_schema) {
+                ("text", _) => None,
+                ("json_object", _) => Some(Format::JsonObject),
+                (
+                    "json_schema",
+                    Some(JsonSchemaFormat {
+                        schema: Some(schema),
+                        ..
+                    }),
+                ) if schema.is_object() => Some(Format::JsonSchema(schema)),
+                ("json_schema", _) => {
+                    return Err(ApiError::bad(
+                        "response_format",
+                        "`response_format` of type `json_schema` needs `json_schema.schema`, a JSON Schema object",
+                    ));
+                }
+                (other, _) => {
+                    return Err(ApiError::bad(
+                        "response_format",
+                        format!(
+                            "`response_format.type` must be text, json_object or json_schema. Given: `{other}`"
+                        ),
+                    ));
+                }
+            },
+        };
+        Ok(Decoding {
+            seed: self.seed.map(|s| s as u64),
+            presence_penalty: self.presence_penalty,
+            frequency_penalty: self.frequency_penalty,
+            logit_bias,
+            logprobs,
+            format,
+        })
+    }
+}
+
+/// Fields a request carried that this server does not use: accepted, as vLLM does, and
+/// named in the log.
+fn log_ignored(endpoint: &str, ignored: &BTreeMap<String, Value>) {
+    if !ignored.is_empty() {
+        let fields: Vec<&str> = ignored.keys().map(String::as_str).collect();
+        tracing::info!(endpoint, ?fields, "request fields ignored");
+    }
+}
 
 /// `stop`: one string or a list.
 #[derive(Debug, Clone, Deserialize)]
@@ -35,6 +130,10 @@ pub struct PromptRequest {
     pub stop: Option<Stop>,
     #[serde(default)]
     pub stream: bool,
+    #[serde(flatten)]
+    pub decoding: DecodingFields,
+    #[serde(flatten)]
+    pub ignored: BTreeMap<String, Value>,
 }
 
 /// `POST /prompt` answer.
@@ -48,6 +147,7 @@ pub struct PromptResponse {
 
 impl PromptRequest {
     pub fn validate(self) -> Result<GenRequest, ApiError> {
+        log_ignored("/prompt", &self.ignored);
         if self.prompt.trim().is_empty() {
             return Err(ApiError::bad("prompt", "`prompt` must not be empty"));
         }
@@ -69,6 +169,7 @@ impl PromptRequest {
             top_p: self.top_p,
             top_k: None,
             stop: Stop::into_vec(self.stop),
+            decoding: self.decoding.into_decoding(None)?,
         })
     }
 }
@@ -120,6 +221,17 @@ pub struct ChatRequest {
     pub stream: bool,
     pub stream_options: Option<StreamOptions>,
     pub n: Option<usize>,
+    /// Return each output token's log-probability.
+    pub logprobs: Option<bool>,
+    /// With `logprobs`, this many likeliest alternatives per token (0..=20).
+    pub top_logprobs: Option<usize>,
+    /// vLLM's switch: log-probability tokens written `token_id:<id>` instead of as text.
+    #[serde(default)]
+    pub return_tokens_as_token_ids: bool,
+    #[serde(flatten)]
+    pub decoding: DecodingFields,
+    #[serde(flatten)]
+    pub ignored: BTreeMap<String, Value>,
 }
 
 /// `POST /v1/completions`: `prompt` is a string or a one-element list.
@@ -136,6 +248,15 @@ pub struct CompletionRequest {
     pub stream: bool,
     pub stream_options: Option<StreamOptions>,
     pub n: Option<usize>,
+    /// Return each output token's log-probability and this many alternatives (0..=20).
+    pub logprobs: Option<usize>,
+    /// vLLM's switch: log-probability tokens written `token_id:<id>` instead of as text.
+    #[serde(default)]
+    pub return_tokens_as_token_ids: bool,
+    #[serde(flatten)]
+    pub decoding: DecodingFields,
+    #[serde(flatten)]
+    pub ignored: BTreeMap<String, Value>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -181,35 +302,64 @@ fn message_text(i: usize, content: Option<Content>) -> Result<String, ApiError> 
     }
 }
 
+/// A conversation checked for the roles and content shapes the chat template takes.
+pub fn chat_messages(messages: Vec<InMessage>) -> Result<Vec<ChatMessage>, ApiError> {
+    if messages.is_empty() {
+        return Err(ApiError::bad(
+            "messages",
+            "`messages` must hold at least one message",
+        ));
+    }
+    messages
+        .into_iter()
+        .enumerate()
+        .map(|(i, m)| {
+            if !matches!(m.role.as_str(), "system" | "user" | "assistant") {
+                return Err(ApiError::bad(
+                    &format!("messages[{i}].role"),
+                    format!(
+                        "`role` must be system, user or assistant. Given: `{}`",
+                        m.role
+                    ),
+                ));
+            }
+            Ok(ChatMessage {
+                role: m.role,
+                content: message_text(i, m.content)?,
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()
+}
+
+fn check_top_logprobs(param: &str, n: usize) -> Result<(), ApiError> {
+    if n > MAX_TOP_LOGPROBS {
+        return Err(ApiError::bad(
+            param,
+            format!("`{param}` must be between 0 and {MAX_TOP_LOGPROBS}. Given: {n}"),
+        ));
+    }
+    Ok(())
+}
+
 impl ChatRequest {
     pub fn validate(self) -> Result<GenRequest, ApiError> {
+        log_ignored("/v1/chat/completions", &self.ignored);
         check_n(self.n)?;
-        if self.messages.is_empty() {
-            return Err(ApiError::bad(
-                "messages",
-                "`messages` must hold at least one message",
-            ));
-        }
-        let messages = self
-            .messages
-            .into_iter()
-            .enumerate()
-            .map(|(i, m)| {
-                if !matches!(m.role.as_str(), "system" | "user" | "assistant") {
-                    return Err(ApiError::bad(
-                        &format!("messages[{i}].role"),
-                        format!(
-                            "`role` must be system, user or assistant. Given: `{}`",
-                            m.role
-                        ),
-                    ));
-                }
-                Ok(ChatMessage {
-                    role: m.role,
-                    content: message_text(i, m.content)?,
-                })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let logprobs = match (self.logprobs.unwrap_or(false), self.top_logprobs) {
+            (false, Some(_)) => {
+                return Err(ApiError::bad(
+                    "top_logprobs",
+                    "`top_logprobs` needs `logprobs: true`",
+                ));
+            }
+            (false, None) => None,
+            (true, n) => {
+                let n = n.unwrap_or(0);
+                check_top_logprobs("top_logprobs", n)?;
+                Some(n)
+            }
+        };
+        let messages = chat_messages(self.messages)?;
         Ok(GenRequest {
             prompt: Prompt::Chat(messages),
             max_tokens: self.max_completion_tokens.or(self.max_tokens),
@@ -217,13 +367,18 @@ impl ChatRequest {
             top_p: self.top_p,
             top_k: self.top_k,
             stop: Stop::into_vec(self.stop),
+            decoding: self.decoding.into_decoding(logprobs)?,
         })
     }
 }
 
 impl CompletionRequest {
     pub fn validate(self) -> Result<GenRequest, ApiError> {
+        log_ignored("/v1/completions", &self.ignored);
         check_n(self.n)?;
+        if let Some(n) = self.logprobs {
+            check_top_logprobs("logprobs", n)?;
+        }
         let text = match self.prompt {
             CompletionPrompt::One(t) => t,
             CompletionPrompt::Many(mut v) if v.len() == 1 => v.remove(0),
@@ -247,6 +402,7 @@ impl CompletionRequest {
             top_p: self.top_p,
             top_k: self.top_k,
             stop: Stop::into_vec(self.stop),
+            decoding: self.decoding.into_decoding(self.logprobs)?,
         })
     }
 }
@@ -302,6 +458,58 @@ mod tests {
     fn max_completion_tokens_wins_over_max_tokens() {
         let r = chat(r#"{"messages":[{"role":"user","content":"x"}],"max_tokens":5,"max_completion_tokens":7}"#).unwrap();
         assert_eq!(r.max_tokens, Some(7));
+    }
+
+    #[test]
+    fn decoding_fields_reach_the_engine_and_unknown_fields_are_accepted() {
+        let r = chat(
+            r#"{"messages":[{"role":"user","content":"x"}],"seed":-1,"presence_penalty":0.5,
+                "frequency_penalty":-0.5,"logit_bias":{"7":-100,"12":3.5},"logprobs":true,
+                "top_logprobs":3,"response_format":{"type":"json_object"},"user":"u1","parallel_tool_calls":false}"#,
+        )
+        .unwrap();
+        let d = r.decoding;
+        assert_eq!(d.seed, Some(u64::MAX));
+        assert_eq!(
+            (d.presence_penalty, d.frequency_penalty),
+            (Some(0.5), Some(-0.5))
+        );
+        assert_eq!(d.logit_bias, vec![(12, 3.5), (7, -100.0)]);
+        assert_eq!(d.logprobs, Some(3));
+        assert_eq!(d.format, Some(Format::JsonObject));
+    }
+
+    #[test]
+    fn bad_decoding_fields_name_the_field() {
+        let e = chat(r#"{"messages":[{"role":"user","content":"x"}],"logit_bias":{"a":1}}"#)
+            .unwrap_err();
+        assert_eq!(e.body()["error"]["param"], "logit_bias");
+        let e =
+            chat(r#"{"messages":[{"role":"user","content":"x"}],"top_logprobs":2}"#).unwrap_err();
+        assert_eq!(e.body()["error"]["param"], "top_logprobs");
+        let e = chat(
+            r#"{"messages":[{"role":"user","content":"x"}],"logprobs":true,"top_logprobs":21}"#,
+        )
+        .unwrap_err();
+        assert!(
+            e.body()["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("21")
+        );
+        let e = chat(r#"{"messages":[{"role":"user","content":"x"}],"response_format":{"type":"json_schema"}}"#)
+            .unwrap_err();
+        assert_eq!(e.body()["error"]["param"], "response_format");
+        let e = chat(
+            r#"{"messages":[{"role":"user","content":"x"}],"response_format":{"type":"yaml"}}"#,
+        )
+        .unwrap_err();
+        assert!(
+            e.body()["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("yaml")
+        );
     }
 
     #[test]

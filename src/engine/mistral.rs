@@ -1,6 +1,8 @@
 //! The mistral.rs backend: the only module that imports mistralrs. Loads the model with
 //! ISQ (paged attention on CUDA), tokenizes with the model's chat template, and runs each
-//! request as an internally streamed sequence so that dropping its receiver cancels it.
+//! request as an internally streamed sequence so that dropping its receiver cancels it;
+//! grammars, penalties and log-probabilities go to mistral.rs, `logit_bias` and seeded
+//! sampling through a logits processor (`shaping`).
 
 use std::sync::Arc;
 
@@ -9,19 +11,23 @@ use futures::FutureExt;
 use futures::future::BoxFuture;
 use indexmap::IndexMap;
 use mistralrs::{
-    AutoDeviceMapParams, Constraint, DeviceMapSetting, IsqType, MemoryGpuConfig, Model, ModelDType,
-    NormalRequest, PagedAttentionMetaBuilder, Request, RequestMessage, Response, SamplingParams,
-    TextModelBuilder, TokenSource,
+    AutoDeviceMapParams, Constraint, CustomLogitsProcessor, DeviceMapSetting, IsqType,
+    MemoryGpuConfig, Model, ModelDType, NormalRequest, PagedAttentionMetaBuilder, Request,
+    RequestMessage, Response, SamplingParams, Tensor, TextModelBuilder, TokenSource,
 };
 use tokio::sync::mpsc;
 
-use super::{Backend, EngineError, FinishReason, Prompt, Sampling, Step};
+use super::shaping::Shaper;
+use super::{
+    Alternative, Backend, EngineError, FinishReason, Format, Prompt, Sampling, Step, TokenLogprob,
+};
 use crate::settings::{Isq, ModelSettings, ModelSource};
 
 /// A loaded mistral.rs model.
 pub struct MistralBackend {
     model: Arc<Model>,
     context_len: usize,
+    vocab_size: Option<usize>,
     /// Keeps a synthetic model's directory alive for as long as the model is served.
     _synthetic_dir: Option<tempfile::TempDir>,
 }
@@ -96,12 +102,126 @@ impl MistralBackend {
             .await
             .map_err(|e| anyhow::anyhow!("model loading panicked: {e}"))??;
         let model_max = model.max_sequence_length()?.unwrap_or(context_hint);
+        let vocab_size = config_file(&s.source, synthetic_dir.as_ref(), s.revision.as_deref())
+            .and_then(|p| vocab_size_of(&p));
         Ok(Self {
             model: Arc::new(model),
             context_len: model_max,
+            vocab_size,
             _synthetic_dir: synthetic_dir,
         })
     }
+}
+
+/// The model's config.json on disk: in its directory, or in the Hugging Face cache where
+/// mistral.rs downloaded it (`models--{org}--{name}/snapshots/{commit}` through `refs/`).
+fn config_file(
+    source: &ModelSource,
+    synthetic: Option<&tempfile::TempDir>,
+    revision: Option<&str>,
+) -> Option<std::path::PathBuf> {
+    let dir = match (source, synthetic) {
+        (_, Some(dir)) => dir.path().to_path_buf(),
+        (ModelSource::Local(dir), _) => dir.clone(),
+        (ModelSource::Hub(id), _) => {
+            let repo = mistralrs::core::hf_hub_cache_dir()?
+                .join(format!("models--{}", id.replace('/', "--")));
+            let rev = revision.unwrap_or("main");
+            let commit = std::fs::read_to_string(repo.join("refs").join(rev))
+                .map(|c| c.trim().to_owned())
+                .unwrap_or_else(|_| rev.to_owned());
+            repo.join("snapshots").join(commit)
+        }
+        (ModelSource::Synthetic(_), None) => return None,
+    };
+    Some(dir.join("config.json"))
+}
+
+/// `vocab_size` of a config.json, if it can be read.
+fn vocab_size_of(path: &std::path::Path) -> Option<usize> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    v.get("vocab_size")?.as_u64().map(|n| n as usize)
+}
+
+/// `logit_bias` and seeded sampling, run by mistral.rs on each step's logits.
+struct ShapeLogits(Shaper);
+
+impl CustomLogitsProcessor for ShapeLogits {
+    fn apply(&self, logits: &Tensor, context: &[u32]) -> mistralrs::Result<Tensor> {
+        let mut v: Vec<f32> = logits.to_dtype(mistralrs::DType::F32)?.to_vec1()?;
+        self.0.apply(&mut v, context.len());
+        let n = v.len();
+        Tensor::from_vec(v, n, logits.device())
+    }
+}
+
+/// mistral.rs' sampling parameters, grammar and processors for one request.
+fn mistral_sampling(
+    s: &Sampling,
+) -> (
+    SamplingParams,
+    Constraint,
+    Option<Vec<Arc<dyn CustomLogitsProcessor>>>,
+) {
+    let shaper = Shaper::for_request(s);
+    let mut p = SamplingParams::neutral();
+    if shaper.as_ref().is_some_and(|sh| sh.seeded.is_some()) {
+        // The processor has sampled already: mistral.rs takes its one-hot logits greedily.
+        p.temperature = None;
+    } else {
+        p.temperature = Some(s.temperature);
+        p.top_p = s.top_p;
+        p.top_k = s.top_k;
+    }
+    p.max_len = Some(s.max_tokens);
+    p.presence_penalty = s.decoding.presence_penalty;
+    p.frequency_penalty = s.decoding.frequency_penalty;
+    p.top_n_logprobs = s.decoding.logprobs.unwrap_or(0);
+    let constraint = match &s.decoding.format {
+        None => Constraint::None,
+        Some(Format::JsonObject) => {
+            Constraint::JsonSchema(compact(serde_json::json!({"type": "object"})))
+        }
+        Some(Format::JsonSchema(schema)) => Constraint::JsonSchema(compact(schema.clone())),
+    };
+    let processors =
+        shaper.map(|sh| vec![Arc::new(ShapeLogits(sh)) as Arc<dyn CustomLogitsProcessor>]);
+    (p, constraint, processors)
+}
+
+/// JSON without free white space between tokens (llguidance's `whitespace_flexible: false`),
+/// unless the schema sets llguidance's options itself: answers are shorter, and a model cannot
+/// spend its token budget on spaces and newlines before the value is complete.
+fn compact(mut schema: serde_json::Value) -> serde_json::Value {
+    if let Some(o) = schema.as_object_mut() {
+        o.entry("x-guidance")
+            .or_insert_with(|| serde_json::json!({"whitespace_flexible": false}));
+    }
+    schema
+}
+
+/// Our log-probabilities of one token from mistral.rs' (natural logs, by our patch).
+fn token_logprob(text: &str, lp: mistralrs::core::ResponseLogprob) -> TokenLogprob {
+    TokenLogprob {
+        id: lp.token_id,
+        token: text.to_owned(),
+        logprob: finite(lp.logprob),
+        top: lp
+            .top_logprobs
+            .into_iter()
+            .map(|t| Alternative {
+                id: t.token,
+                token: t.bytes.unwrap_or_default(),
+                logprob: finite(t.logprob),
+            })
+            .collect(),
+    }
+}
+
+/// -inf (a token ruled out) has no JSON form; -9999 is as impossible in practice.
+fn finite(lp: f32) -> f32 {
+    if lp.is_finite() { lp } else { -9999.0 }
 }
 
 /// A chat message as mistral.rs' template engine takes it.
@@ -146,6 +266,8 @@ fn completion_request(
     sampling: SamplingParams,
     tx: mpsc::Sender<Response>,
     logprobs: bool,
+    constraint: Constraint,
+    logits_processors: Option<Vec<Arc<dyn CustomLogitsProcessor>>>,
 ) -> Request {
     Request::Normal(Box::new(NormalRequest {
         messages: RequestMessage::CompletionTokens(prompt),
@@ -154,11 +276,11 @@ fn completion_request(
         return_logprobs: logprobs,
         is_streaming: true,
         id: 0,
-        constraint: Constraint::None,
+        constraint,
         suffix: None,
         tools: None,
         tool_choice: None,
-        logits_processors: None,
+        logits_processors,
         return_raw_logits: false,
         web_search_options: None,
         model_id: None,
@@ -176,6 +298,39 @@ fn finish_of(reason: &str) -> FinishReason {
 impl Backend for MistralBackend {
     fn context_len(&self) -> usize {
         self.context_len
+    }
+
+    fn vocab_size(&self) -> Option<usize> {
+        self.vocab_size
+    }
+
+    fn detokenize(&self, ids: Vec<u32>) -> BoxFuture<'static, Result<String, EngineError>> {
+        let model = self.model.clone();
+        // Its own task, for the reason `tokenize` gives.
+        let task = tokio::spawn(async move {
+            let (tx, mut rx) = mpsc::channel(1);
+            let request = Request::Detokenize(mistralrs::core::DetokenizationRequest {
+                tokens: ids,
+                skip_special_tokens: false,
+                response: tx,
+            });
+            send(&model, request).await?;
+            match rx.recv().await {
+                Some(Ok(text)) => Ok(text),
+                Some(Err(e)) => Err(EngineError::Invalid {
+                    param: "tokens",
+                    message: format!("{e:#}"),
+                }),
+                None => Err(EngineError::Internal(
+                    "the engine dropped a detokenization".into(),
+                )),
+            }
+        });
+        async move {
+            task.await
+                .map_err(|e| EngineError::Internal(e.to_string()))?
+        }
+        .boxed()
     }
 
     fn tokenize(&self, prompt: Prompt) -> BoxFuture<'static, Result<Vec<u32>, EngineError>> {
@@ -197,7 +352,10 @@ impl Backend for MistralBackend {
                 text,
                 tools: None,
                 add_generation_prompt: true,
-                add_special_tokens: true,
+                // A chat template writes BOS itself (Mixtral's begins with `{{ bos_token }}`);
+                // adding special tokens as well gave every chat prompt two, where
+                // transformers' `apply_chat_template` gives one. Raw text gets BOS here.
+                add_special_tokens: !is_chat,
                 enable_thinking: None,
                 reasoning_effort: None,
                 response: tx,
@@ -234,12 +392,11 @@ impl Backend for MistralBackend {
         let model = self.model.clone();
         async move {
             let (tx, mut rx) = mpsc::channel::<Response>(64);
-            let mut sampling = SamplingParams::neutral();
-            sampling.temperature = Some(s.temperature);
-            sampling.top_p = s.top_p;
-            sampling.top_k = s.top_k;
-            sampling.max_len = Some(s.max_tokens);
-            send(&model, completion_request(prompt, sampling, tx, false)).await?;
+            let logprobs = s.decoding.logprobs.is_some();
+            let (sampling, constraint, processors) = mistral_sampling(&s);
+            let request =
+                completion_request(prompt, sampling, tx, logprobs, constraint, processors);
+            send(&model, request).await?;
             let (step_tx, step_rx) = mpsc::channel(64);
             tokio::spawn(async move {
                 loop {
@@ -253,9 +410,11 @@ impl Backend for MistralBackend {
                                 continue;
                             };
                             let finish = choice.finish_reason.as_deref().map(finish_of);
+                            let logprob = choice.logprobs.map(|lp| token_logprob(&choice.text, lp));
                             Step::Text {
                                 text: choice.text,
                                 finish,
+                                logprob,
                             }
                         }
                         other => Step::Failed(error_message(&other).unwrap_or_else(|| {
@@ -285,69 +444,41 @@ fn response_kind(r: &Response) -> &'static str {
 }
 
 impl MistralBackend {
-    /// Greedy-decodes `n` tokens, one request per step, and returns each step's `top`
-    /// (token, natural-log probability) pairs, best first; the greedy token is the first.
-    /// One step per request because mistral.rs 0.8.1 reports log-probabilities only where it
-    /// samples: its argmax path takes log10 of raw logits, and with top-k = 1 the runner-up
-    /// is zeroed first. At temperature 1 the reported top list is the model's softmax
-    /// distribution; the token it then samples is ignored and the argmax appended instead.
+    /// Greedy-decodes `n` tokens and returns each step's `top` (token, natural-log
+    /// probability) pairs, best first; the greedy token is the first.
     pub async fn greedy_logprobs(
         &self,
         prompt: Vec<u32>,
         n: usize,
         top: usize,
     ) -> Result<Vec<Vec<(u32, f32)>>, EngineError> {
-        let mut context = prompt;
+        let sampling = Sampling {
+            max_tokens: n,
+            temperature: 0.0,
+            top_p: None,
+            top_k: None,
+            decoding: super::Decoding {
+                logprobs: Some(top.max(1)),
+                ..Default::default()
+            },
+        };
+        let mut rx = self.start(prompt, sampling).await?;
         let mut steps = Vec::with_capacity(n);
-        for _ in 0..n {
-            let (tx, mut rx) = mpsc::channel::<Response>(64);
-            let mut sampling = SamplingParams::neutral();
-            sampling.max_len = Some(1);
-            sampling.temperature = Some(1.0);
-            sampling.top_n_logprobs = top.max(1);
-            send(
-                &self.model,
-                completion_request(context.clone(), sampling, tx, true),
-            )
-            .await?;
-            let mut step = None;
-            while let Some(resp) = rx.recv().await {
-                match resp {
-                    Response::CompletionChunk(c) => {
-                        let Some(choice) = c.choices.into_iter().next() else {
-                            continue;
-                        };
-                        if let Some(lp) = choice.logprobs {
-                            // log10 → nats; -inf (ruled out) has no JSON form, -1e30 compares the same.
-                            step = Some(
-                                lp.top_logprobs
-                                    .iter()
-                                    .map(|t| {
-                                        let nats = t.logprob * std::f32::consts::LN_10;
-                                        (t.token, if nats.is_finite() { nats } else { -1e30 })
-                                    })
-                                    .collect::<Vec<_>>(),
-                            );
-                        }
-                        if choice.finish_reason.is_some() {
-                            break;
-                        }
-                    }
-                    other => {
-                        if let Some(m) = error_message(&other) {
-                            return Err(EngineError::Internal(m));
-                        }
+        while let Some(step) = rx.recv().await {
+            match step {
+                Step::Text {
+                    logprob, finish, ..
+                } => {
+                    let lp = logprob.ok_or_else(|| {
+                        EngineError::Internal("no log-probabilities returned".into())
+                    })?;
+                    steps.push(lp.top.iter().map(|a| (a.id, a.logprob)).collect());
+                    if finish.is_some() {
+                        break;
                     }
                 }
+                Step::Failed(m) => return Err(EngineError::Internal(m)),
             }
-            let step =
-                step.ok_or_else(|| EngineError::Internal("no log-probabilities returned".into()))?;
-            let best = step
-                .first()
-                .map(|&(id, _)| id)
-                .ok_or_else(|| EngineError::Internal("empty log-probabilities".into()))?;
-            context.push(best);
-            steps.push(step);
         }
         Ok(steps)
     }

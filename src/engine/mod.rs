@@ -1,20 +1,23 @@
-//! The engine: readiness, admission (a semaphore, never a queue), request validation
-//! against the context, and the per-request stream that turns backend steps into text
-//! events with stop strings, usage and cancellation. The backend behind it (`mistral`)
-//! is the only code that imports mistralrs.
+//! The engine: readiness, admission (sequence slots behind a bounded FIFO queue), request
+//! validation against the context, and the per-request stream that turns backend steps into
+//! text events with stop strings, log-probabilities, usage and cancellation. The backend
+//! behind it (`mistral`) is the only code that imports mistralrs.
 
+mod admission;
 mod mistral;
+mod shaping;
 mod stream;
 
 use std::sync::{Arc, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::mpsc;
 
 use crate::metrics::Metrics;
 use crate::settings::ModelSettings;
 
+pub use admission::{Admission, QueueLimits};
 pub use mistral::MistralBackend;
 
 /// One message of a conversation.
@@ -46,6 +49,32 @@ pub struct GenRequest {
     pub top_p: Option<f64>,
     pub top_k: Option<usize>,
     pub stop: Vec<String>,
+    pub decoding: Decoding,
+}
+
+/// Output held to a grammar (OpenAI's `response_format`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Format {
+    /// Any JSON object.
+    JsonObject,
+    /// JSON valid under this JSON Schema.
+    JsonSchema(serde_json::Value),
+}
+
+/// The decoding controls OpenAI clients send beyond temperature and top-p/top-k.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Decoding {
+    /// The same seed (and request) gives the same text, whatever else runs beside it.
+    pub seed: Option<u64>,
+    /// Subtracted once from the logit of every token already in the sequence (-2..=2).
+    pub presence_penalty: Option<f32>,
+    /// Subtracted per occurrence from the logit of every token in the sequence (-2..=2).
+    pub frequency_penalty: Option<f32>,
+    /// Added to these tokens' logits before sampling (-100..=100 each).
+    pub logit_bias: Vec<(u32, f32)>,
+    /// Report each token's log-probability and this many likeliest alternatives (0..=20).
+    pub logprobs: Option<usize>,
+    pub format: Option<Format>,
 }
 
 /// Sampling as the backend receives it, after validation.
@@ -55,6 +84,25 @@ pub struct Sampling {
     pub temperature: f64,
     pub top_p: Option<f64>,
     pub top_k: Option<usize>,
+    pub decoding: Decoding,
+}
+
+/// One alternative at a position: natural-log probability under the model's softmax.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Alternative {
+    pub id: u32,
+    pub token: String,
+    pub logprob: f32,
+}
+
+/// A generated token with its log-probability and the likeliest alternatives, best first.
+/// `token` is the text it added to the output (empty while it ends inside a character).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TokenLogprob {
+    pub id: u32,
+    pub token: String,
+    pub logprob: f32,
+    pub top: Vec<Alternative>,
 }
 
 /// Why a sequence ended.
@@ -91,7 +139,12 @@ pub struct Usage {
 /// What a request stream yields, in order: text pieces, then exactly one `Done` or `Error`.
 #[derive(Debug)]
 pub enum Event {
-    Text(String),
+    /// A piece of text and the log-probabilities of the tokens it completes (empty unless
+    /// asked for).
+    Text {
+        text: String,
+        logprobs: Vec<TokenLogprob>,
+    },
     Done {
         finish_reason: FinishReason,
         usage: Usage,
@@ -104,7 +157,9 @@ pub enum Event {
 pub enum EngineError {
     #[error("the model is not ready: {0}")]
     NotReady(String),
-    #[error("every sequence slot is busy ({0} running); retry shortly")]
+    #[error(
+        "every sequence slot is busy ({0} running) and the waiting queue is full or too slow; retry shortly"
+    )]
     Overloaded(usize),
     #[error("{message}")]
     Invalid {
@@ -134,6 +189,8 @@ pub enum Step {
     Text {
         text: String,
         finish: Option<FinishReason>,
+        /// Present when the request asked for log-probabilities.
+        logprob: Option<TokenLogprob>,
     },
     Failed(String),
 }
@@ -143,11 +200,20 @@ pub enum Step {
 pub trait Backend: Send + Sync + 'static {
     /// The longest sequence (prompt + generated) the backend can run.
     fn context_len(&self) -> usize;
-    /// Prompt token ids with the chat template and BOS applied.
+    /// Tokens in the vocabulary, when the backend knows it (bounds `logit_bias` and
+    /// `/detokenize` ids).
+    fn vocab_size(&self) -> Option<usize>;
+    /// Prompt token ids as the model sees them: the chat template applied to a chat (the
+    /// template writes BOS), BOS added to raw text, token prompts as they are.
     fn tokenize(
         &self,
         prompt: Prompt,
     ) -> futures::future::BoxFuture<'static, Result<Vec<u32>, EngineError>>;
+    /// The text of token ids, special tokens included.
+    fn detokenize(
+        &self,
+        ids: Vec<u32>,
+    ) -> futures::future::BoxFuture<'static, Result<String, EngineError>>;
     /// Starts a sequence; dropping the receiver cancels it.
     fn start(
         &self,
@@ -168,8 +234,7 @@ pub struct Generation {
 pub struct Engine {
     state: RwLock<Readiness>,
     backend: OnceLock<Arc<dyn Backend>>,
-    slots: Arc<Semaphore>,
-    max_num_seqs: usize,
+    admission: Admission,
     max_model_len: Option<usize>,
     request_timeout: Duration,
     pub metrics: Arc<Metrics>,
@@ -183,8 +248,7 @@ impl Engine {
         Self {
             state: RwLock::new(Readiness::Loading),
             backend: OnceLock::new(),
-            slots: Arc::new(Semaphore::new(model.max_num_seqs)),
-            max_num_seqs: model.max_num_seqs,
+            admission: Admission::new(model.max_num_seqs, model.queue, metrics.clone()),
             max_model_len: model.max_model_len,
             request_timeout,
             metrics,
@@ -258,28 +322,58 @@ impl Engine {
 
     /// Sequences running now.
     pub fn in_flight(&self) -> usize {
-        self.max_num_seqs - self.slots.available_permits()
+        self.admission.running()
     }
 
     /// Free sequence slots.
     pub fn free_slots(&self) -> usize {
-        self.slots.available_permits()
+        self.admission.free()
+    }
+
+    /// Tokens in the model's vocabulary, once loaded and if known.
+    pub fn vocab_size(&self) -> Option<usize> {
+        self.backend.get().and_then(|b| b.vocab_size())
+    }
+
+    /// Requests waiting for a slot.
+    pub fn queued(&self) -> usize {
+        self.admission.waiting()
     }
 
     pub fn max_num_seqs(&self) -> usize {
-        self.max_num_seqs
+        self.admission.slots()
+    }
+
+    fn ready_backend(&self) -> Result<Arc<dyn Backend>, EngineError> {
+        self.backend
+            .get()
+            .cloned()
+            .ok_or_else(|| EngineError::NotReady("still loading".into()))
     }
 
     /// Token ids of a prompt as the model would see it.
     pub async fn tokenize(&self, prompt: Prompt) -> Result<Vec<u32>, EngineError> {
-        match self.backend.get() {
-            Some(b) => b.tokenize(prompt).await,
-            None => Err(EngineError::NotReady("still loading".into())),
-        }
+        self.ready_backend()?.tokenize(prompt).await
     }
 
-    /// Admits, validates and starts a request. Fails at once with `Overloaded` when every
-    /// slot is busy: the caller answers 429 instead of queueing.
+    /// The text of token ids (special tokens included); ids outside the vocabulary are
+    /// refused.
+    pub async fn detokenize(&self, ids: Vec<u32>) -> Result<String, EngineError> {
+        let backend = self.ready_backend()?;
+        if let Some(vocab) = backend.vocab_size()
+            && let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab)
+        {
+            return Err(EngineError::Invalid {
+                param: "tokens",
+                message: format!("token id {bad} is outside the vocabulary (0..{vocab})"),
+            });
+        }
+        backend.detokenize(ids).await
+    }
+
+    /// Admits, validates and starts a request. Waits in the bounded FIFO queue when every
+    /// slot is busy; fails with `Overloaded` (429) when the queue is full or the wait would
+    /// run past its limit.
     pub async fn generate(&self, req: GenRequest) -> Result<Generation, EngineError> {
         let admitted = Instant::now();
         let backend = match (self.readiness(), self.backend.get()) {
@@ -290,20 +384,17 @@ impl Engine {
             (Readiness::Draining, _) => return Err(EngineError::NotReady("shutting down".into())),
             _ => return Err(EngineError::NotReady("still loading".into())),
         };
-        let permit = self.slots.clone().try_acquire_owned().map_err(|_| {
-            self.metrics
-                .rejected
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            EngineError::Overloaded(self.max_num_seqs)
-        })?;
-        validate_sampling(&req)?;
+        validate_sampling(&req, backend.vocab_size())?;
         let ids = backend.tokenize(req.prompt.clone()).await?;
         let max_tokens = self.check_lengths(ids.len(), req.max_tokens)?;
+        // Validated before waiting, so a bad request is answered at once.
+        let permit = self.admission.admit().await?;
         let sampling = Sampling {
             max_tokens,
             temperature: req.temperature,
             top_p: req.top_p,
             top_k: req.top_k,
+            decoding: req.decoding,
         };
         let prompt_tokens = ids.len();
         let steps = backend.start(ids, sampling).await?;
@@ -362,7 +453,7 @@ impl Engine {
     }
 }
 
-fn validate_sampling(req: &GenRequest) -> Result<(), EngineError> {
+fn validate_sampling(req: &GenRequest, vocab: Option<usize>) -> Result<(), EngineError> {
     let invalid = |param, message: String| Err(EngineError::Invalid { param, message });
     if !(0.0..=2.0).contains(&req.temperature) || req.temperature.is_nan() {
         return invalid(
@@ -390,5 +481,52 @@ fn validate_sampling(req: &GenRequest) -> Result<(), EngineError> {
     if req.stop.iter().any(String::is_empty) {
         return invalid("stop", "`stop` strings must not be empty".into());
     }
+    validate_decoding(&req.decoding, vocab)
+}
+
+fn validate_decoding(d: &Decoding, vocab: Option<usize>) -> Result<(), EngineError> {
+    let invalid = |param, message: String| Err(EngineError::Invalid { param, message });
+    for (param, value) in [
+        ("presence_penalty", d.presence_penalty),
+        ("frequency_penalty", d.frequency_penalty),
+    ] {
+        if let Some(v) = value
+            && !(-2.0..=2.0).contains(&v)
+        {
+            return invalid(
+                param,
+                format!("`{param}` must be between -2 and 2. Given: {v}"),
+            );
+        }
+    }
+    for &(id, bias) in &d.logit_bias {
+        if !(-100.0..=100.0).contains(&bias) {
+            return invalid(
+                "logit_bias",
+                format!(
+                    "`logit_bias` values must be between -100 and 100. Given: {bias} for token {id}"
+                ),
+            );
+        }
+        if let Some(v) = vocab
+            && id as usize >= v
+        {
+            return invalid(
+                "logit_bias",
+                format!("`logit_bias` key {id} is not a token id (the vocabulary has {v} tokens)"),
+            );
+        }
+    }
+    if let Some(k) = d.logprobs
+        && k > MAX_TOP_LOGPROBS
+    {
+        return invalid(
+            "top_logprobs",
+            format!("`top_logprobs` must be between 0 and {MAX_TOP_LOGPROBS}. Given: {k}"),
+        );
+    }
     Ok(())
 }
+
+/// The most alternatives a token's log-probabilities list (OpenAI's limit).
+pub const MAX_TOP_LOGPROBS: usize = 20;

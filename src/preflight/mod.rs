@@ -5,8 +5,8 @@
 
 pub mod driver;
 pub mod hub;
-pub mod runpath;
 pub mod rules;
+pub mod runpath;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;

@@ -71,16 +71,36 @@ pub fn parse(input: &Value) -> Result<Call, String> {
             .cloned()
             .unwrap_or_else(|| json!({}));
         let mut body = json!({"stream": stream});
-        for key in ["max_tokens", "temperature", "top_p", "top_k", "stop", "n"] {
+        for key in [
+            "max_tokens",
+            "temperature",
+            "top_p",
+            "top_k",
+            "stop",
+            "n",
+            "seed",
+            "presence_penalty",
+            "frequency_penalty",
+            "logit_bias",
+        ] {
             if let Some(v) = sp.get(key) {
                 body[key] = v.clone();
             }
         }
+        // vLLM's `logprobs` is a count of alternatives; OpenAI's chat splits it in two.
+        let logprobs = sp.get("logprobs").filter(|v| !v.is_null()).cloned();
         let path = if let Some(m) = input.get("messages") {
             body["messages"] = m.clone();
+            if let Some(n) = logprobs {
+                body["logprobs"] = json!(true);
+                body["top_logprobs"] = n;
+            }
             "/v1/chat/completions"
         } else if let Some(p) = input.get("prompt") {
             body["prompt"] = p.clone();
+            if let Some(n) = logprobs {
+                body["logprobs"] = n;
+            }
             "/v1/completions"
         } else {
             return Err("worker-vllm input needs `messages` or `prompt`".into());
@@ -250,6 +270,27 @@ mod tests {
         );
         assert!(parse(&json!({"nothing": 1})).is_err());
         assert!(parse(&json!("text")).is_err());
+    }
+
+    #[test]
+    fn vllm_sampling_params_carry_seed_penalties_bias_and_logprobs() {
+        let sp = json!({"seed": 3, "presence_penalty": 0.5, "frequency_penalty": 0.1,
+                        "logit_bias": {"5": -100}, "logprobs": 2});
+        let chat =
+            parse(&json!({"messages": [{"role": "user", "content": "x"}], "sampling_params": sp}))
+                .unwrap();
+        assert_eq!(chat.body["seed"], 3);
+        assert_eq!(chat.body["logit_bias"]["5"], -100);
+        assert_eq!(
+            (
+                chat.body["logprobs"].clone(),
+                chat.body["top_logprobs"].clone()
+            ),
+            (json!(true), json!(2))
+        );
+        let text = parse(&json!({"prompt": "x", "sampling_params": sp})).unwrap();
+        assert_eq!(text.body["logprobs"], 2);
+        assert_eq!(text.body["presence_penalty"], 0.5);
     }
 
     #[test]

@@ -332,7 +332,7 @@ async fn saturated_server_answers_429_at_once_with_retry_after() {
     assert_eq!(r.status().as_u16(), 429);
     assert!(
         started.elapsed() < Duration::from_secs(2),
-        "refused at once, not queued"
+        "refused at once with --max-queue 0"
     );
     assert_eq!(r.headers()["retry-after"], "1");
     drop(body);
@@ -531,4 +531,123 @@ async fn concurrent_greedy_requests_answer_as_they_do_alone() {
         together, alone,
         "batched answers against the same requests alone"
     );
+}
+
+#[tokio::test]
+async fn a_body_announced_over_the_limit_is_refused_before_it_arrives() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = support::shared();
+    let addr = s.url.trim_start_matches("http://");
+    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "POST /prompt HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {KEY}\r\n\
+         Content-Type: application/json\r\nContent-Length: 200000000\r\n\r\n{{\"prompt\": \""
+    );
+    conn.write_all(head.as_bytes()).await.unwrap();
+    // No more of the body is sent: the answer must not wait for it.
+    let mut answer = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut answer))
+        .await
+        .expect("answered before the body arrived")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer[..n]);
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(answer.contains("\"too_large\""), "{answer}");
+}
+
+#[tokio::test]
+async fn a_busy_server_queues_then_refuses_when_the_queue_is_full() {
+    let s = support::queued();
+    let _g = s.exclusive.lock().await;
+    let c = support::client();
+    let long = c
+        .post(format!("{}/prompt", s.url))
+        .json(&json!({"prompt": "go", "max_tokens": 1800, "stream": true}))
+        .send()
+        .await
+        .unwrap();
+    let mut body = long.bytes_stream();
+    body.next().await.expect("first event").unwrap();
+    // The second waits for the slot...
+    let waiting = tokio::spawn({
+        let (c, url) = (c.clone(), s.url.clone());
+        async move {
+            c.post(format!("{url}/prompt"))
+                .json(&json!({"prompt": "next", "max_tokens": 2}))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    });
+    assert!(eventually(Duration::from_secs(10), async || s.engine.queued() == 1).await);
+    assert_eq!(
+        metric(&get(s, "/metrics").await.1, "zopilot_queued_requests"),
+        1.0
+    );
+    // ...the third finds the queue full and is refused at once.
+    let started = std::time::Instant::now();
+    let r = c
+        .post(format!("{}/prompt", s.url))
+        .json(&json!({"prompt": "and me", "max_tokens": 2}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 429);
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert_eq!(r.headers()["retry-after"], "1");
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["error"]["code"],
+        "overloaded"
+    );
+    // The slot frees and the waiting request is served.
+    drop(body);
+    assert_eq!(waiting.await.unwrap(), 200);
+    let m = get(s, "/metrics").await.1;
+    assert_eq!(metric(&m, "zopilot_queued_requests"), 0.0);
+    assert!(metric(&m, "zopilot_queue_wait_seconds_count") >= 2.0);
+}
+
+#[tokio::test]
+async fn a_wait_past_the_limit_is_refused_and_a_leaving_waiter_frees_its_place() {
+    let s = support::queued();
+    let _g = s.exclusive.lock().await;
+    let c = support::client();
+    let long = c
+        .post(format!("{}/prompt", s.url))
+        .json(&json!({"prompt": "go", "max_tokens": 1800, "stream": true}))
+        .send()
+        .await
+        .unwrap();
+    let mut body = long.bytes_stream();
+    body.next().await.expect("first event").unwrap();
+    // A waiter whose client gives up leaves the queue.
+    let impatient = reqwest::Client::builder()
+        .timeout(Duration::from_millis(500))
+        .build()
+        .unwrap();
+    let gone = impatient
+        .post(format!("{}/prompt", s.url))
+        .json(&json!({"prompt": "bye", "max_tokens": 2}))
+        .send()
+        .await;
+    assert!(gone.is_err(), "the client timed out");
+    assert!(eventually(Duration::from_secs(5), async || s.engine.queued() == 0).await);
+    // One that stays is refused once --max-queue-wait (3 s) has passed.
+    let started = std::time::Instant::now();
+    let r = c
+        .post(format!("{}/prompt", s.url))
+        .json(&json!({"prompt": "patient", "max_tokens": 2}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 429);
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_secs(3) && waited < Duration::from_secs(10),
+        "{waited:?}"
+    );
+    drop(body);
+    assert!(eventually(Duration::from_secs(20), async || s.engine.in_flight() == 0).await);
 }

@@ -688,3 +688,66 @@ async fn check_reads_a_hub_models_config_before_any_weight() {
             .contains("does not exist")
     );
 }
+
+/// Resident memory of a process in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap()
+}
+
+/// 256 clients at once against the defaults (16 sequence slots, a queue of 512): the burst
+/// waits its turn instead of being refused, three rounds running, without the server's
+/// memory growing.
+#[tokio::test]
+async fn a_burst_of_256_clients_is_served_not_refused() {
+    let (srv, _) = spawn_serve(&[]);
+    wait_ready(&srv.url).await;
+    let c = reqwest::Client::builder()
+        .timeout(Duration::from_secs(300))
+        .pool_max_idle_per_host(256)
+        .build()
+        .unwrap();
+    let mut rss = Vec::new();
+    for round in 0..3 {
+        let requests = (0..256).map(|i| {
+            let (c, url) = (c.clone(), srv.url.clone());
+            async move {
+                let r = c
+                    .post(format!("{url}/v1/completions"))
+                    .json(&json!({"prompt": format!("burst {round} {i}"), "max_tokens": 8}))
+                    .send()
+                    .await
+                    .unwrap();
+                let status = r.status().as_u16();
+                let retry = r.headers().get("retry-after").is_some();
+                let body: Value = r.json().await.unwrap();
+                (status, retry, body)
+            }
+        });
+        let answers = futures::future::join_all(requests).await;
+        for (status, retry, body) in &answers {
+            assert!(
+                *status == 200 || (*status == 429 && *retry && body["error"].is_object()),
+                "{status}: {body}"
+            );
+        }
+        let ok = answers.iter().filter(|a| a.0 == 200).count();
+        assert!(
+            ok * 100 >= 256 * 99,
+            "round {round}: {ok} of 256 answered 200"
+        );
+        rss.push(rss_kib(srv.child.id()));
+    }
+    let (low, high) = (
+        *rss.iter().min().unwrap() as f64,
+        *rss.iter().max().unwrap() as f64,
+    );
+    assert!(
+        high <= low * 1.15,
+        "resident memory over three rounds (KiB): {rss:?}"
+    );
+}

@@ -94,10 +94,42 @@ pub fn shared() -> &'static Server {
     S.get_or_init(start_like_shared)
 }
 
-/// A server with a single sequence slot, for saturation and cancellation.
+/// A server with a single sequence slot and no queue, for saturation and cancellation.
 pub fn narrow() -> &'static Server {
     static S: OnceLock<Server> = OnceLock::new();
-    S.get_or_init(|| start(&["--max-num-seqs", "1", "--max-model-len", "2048"], true))
+    S.get_or_init(|| {
+        start(
+            &[
+                "--max-num-seqs",
+                "1",
+                "--max-queue",
+                "0",
+                "--max-model-len",
+                "2048",
+            ],
+            true,
+        )
+    })
+}
+
+/// A server with one sequence slot and room for one request to wait (at most 3 s).
+pub fn queued() -> &'static Server {
+    static S: OnceLock<Server> = OnceLock::new();
+    S.get_or_init(|| {
+        start(
+            &[
+                "--max-num-seqs",
+                "1",
+                "--max-queue",
+                "1",
+                "--max-queue-wait",
+                "3",
+                "--max-model-len",
+                "2048",
+            ],
+            true,
+        )
+    })
 }
 
 pub fn client() -> reqwest::Client {

@@ -63,6 +63,8 @@ generate_repr!(Delta);
 /// A logprob with the top logprobs for this token.
 pub struct ResponseLogprob {
     pub token: String,
+    /// zopilot-gpu patch: the token's id (upstream gave only its text).
+    pub token_id: u32,
     pub logprob: f32,
     pub bytes: Option<Vec<u8>>,
     pub top_logprobs: Vec<TopLogprob>,

@@ -1059,12 +1059,14 @@ impl Sampler {
         if !sample_speculative && self.greedy_on_device(&logits, return_logprobs) {
             return self.sample_argmax_device(&logits.to_dtype(DType::F32)?);
         }
-        let logits = logits.to_vec1()?;
+        let logits: Vec<f32> = logits.to_vec1()?;
+        // zopilot-gpu patch: the logits as handed in, for `natural_logprobs`.
+        let raw = (return_logprobs && !sample_speculative).then(|| logits.clone());
         let mut logits = self.apply_penalties(logits, context)?;
         for processor in &self.logits_processors {
             logits = processor.apply(&logits, context)?;
         }
-        let next_token = if sample_speculative {
+        let mut next_token = if sample_speculative {
             match self.temperature {
                 None => self.sample_speculative_top_kp_min_p(
                     logits,
@@ -1105,7 +1107,48 @@ impl Sampler {
                 }
             }
         };
+        if let Some(raw) = raw {
+            let (logprob, top) = self.natural_logprobs(&raw, next_token.token)?;
+            next_token.logprob = logprob;
+            next_token.top_logprobs = Some(top);
+        }
         Ok(next_token)
+    }
+
+    /// zopilot-gpu patch: log-probabilities as OpenAI and vLLM report them: natural logs of
+    /// the softmax over the logits the sampler was handed (before penalties, temperature,
+    /// top-k/p/min-p and logits processors), for the chosen token and the `top_n_logprobs`
+    /// likeliest ones, best first, on every sampling path. Upstream reported log10 of the
+    /// already truncated, unnormalised probabilities, and on the greedy path log10 of the raw
+    /// logits.
+    fn natural_logprobs(&self, logits: &[f32], token: u32) -> Result<(f32, Vec<TopLogprob>)> {
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let sum: f64 = logits.iter().map(|&l| f64::from(l - max).exp()).sum();
+        let norm = max + sum.ln() as f32;
+        let k = self.top_n_logprobs.min(logits.len());
+        let mut ids: Vec<u32> = (0..logits.len() as u32).collect();
+        let better = |a: &u32, b: &u32| {
+            logits[*b as usize]
+                .partial_cmp(&logits[*a as usize])
+                .unwrap_or(std::cmp::Ordering::Equal)
+                .then(a.cmp(b))
+        };
+        if k > 0 && k < ids.len() {
+            ids.select_nth_unstable_by(k - 1, better);
+        }
+        ids.truncate(k);
+        ids.sort_unstable_by(better);
+        let top = ids
+            .into_iter()
+            .map(|t| {
+                Ok(TopLogprob {
+                    token: t,
+                    logprob: logits[t as usize] - norm,
+                    bytes: self.token_bytes(t)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok((logits[token as usize] - norm, top))
     }
 }
 

@@ -89,6 +89,14 @@ pub(crate) async fn finish_or_add_toks_to_seq(
                     seq.finalize_reasoning();
                 }
                 let delta_result = seq.get_delta();
+                // zopilot-gpu patch: a completion chunk for every token, empty while the token
+                // ends inside a UTF-8 character (its bytes come with the next chunk), so a
+                // consumer counts tokens exactly and receives every token's logprobs. Upstream
+                // skipped the chunk, and with it that token's logprobs.
+                let delta_result = match delta_result {
+                    Ok(None) if !seq.get_mut_group().is_chat => Ok(Some(String::new())),
+                    other => other,
+                };
                 if let Some(delta) = crate::handle_seq_error_ok!(delta_result, seq.responder()) {
                     if seq.get_mut_group().is_chat {
                         let (content_delta, reasoning_delta) = if seq.reasoning_mode().is_some() {
@@ -151,6 +159,7 @@ pub(crate) async fn finish_or_add_toks_to_seq(
                             logprobs: if seq.return_logprobs() {
                                 Some(crate::ResponseLogprob {
                                     token: delta,
+                                    token_id: logprobs.token,
                                     bytes: logprobs.bytes.clone().map(|b| b.into_bytes()),
                                     logprob: logprobs.logprob,
                                     top_logprobs: logprobs.top_logprobs.unwrap().clone(),
@@ -168,6 +177,7 @@ pub(crate) async fn finish_or_add_toks_to_seq(
                                 logprobs: if seq.return_logprobs() {
                                     Some(crate::ResponseLogprob {
                                         token: delta,
+                                        token_id: logprobs.token,
                                         bytes: logprobs.bytes.clone().map(|b| b.into_bytes()),
                                         logprob: logprobs.logprob,
                                         top_logprobs: logprobs.top_logprobs.unwrap().clone(),
@@ -248,6 +258,7 @@ pub(crate) async fn finish_or_add_toks_to_seq(
                         ))?.decode(&[logprob.token], false),
                         seq.responder()
                     ),
+                        token_id: logprob.token,
                         bytes: logprob.bytes.clone().map(|b| b.into_bytes()),
                         logprob: logprob.logprob,
                         top_logprobs: logprob.top_logprobs.clone().unwrap(),
