@@ -26,6 +26,7 @@ pub struct TokenizeRequest {
 #[derive(Debug, Deserialize)]
 pub struct DetokenizeRequest {
     pub model: Option<String>,
+    #[serde(deserialize_with = "super::types::whole::list")]
     pub tokens: Vec<u32>,
 }
 

@@ -11,6 +11,78 @@ use crate::engine::{
     ChatMessage, Decoding, FinishReason, Format, GenRequest, MAX_TOP_LOGPROBS, Prompt, Usage,
 };
 
+/// Whole numbers as JSON Schema's `integer` admits them: `476` and `476.0` alike (serde's
+/// integer types refuse the second, so a schema-driven client could be refused for a valid
+/// request).
+pub mod whole {
+    use serde::Deserializer;
+    use serde::de::{self, Visitor};
+
+    struct Whole;
+
+    impl Visitor<'_> for Whole {
+        type Value = i128;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a whole number")
+        }
+
+        fn visit_i64<E: de::Error>(self, v: i64) -> Result<i128, E> {
+            Ok(v.into())
+        }
+
+        fn visit_u64<E: de::Error>(self, v: u64) -> Result<i128, E> {
+            Ok(v.into())
+        }
+
+        fn visit_f64<E: de::Error>(self, v: f64) -> Result<i128, E> {
+            if v.fract() == 0.0 && v.abs() < 1.7e38 {
+                Ok(v as i128)
+            } else {
+                Err(E::custom(format!("expected a whole number, got {v}")))
+            }
+        }
+    }
+
+    fn number<'de, D: Deserializer<'de>, T: TryFrom<i128>>(d: D) -> Result<T, D::Error> {
+        let v = d.deserialize_any(Whole)?;
+        T::try_from(v).map_err(|_| de::Error::custom(format!("{v} is out of range")))
+    }
+
+    /// An optional whole number that fits `T`.
+    pub fn opt<'de, D: Deserializer<'de>, T: TryFrom<i128>>(d: D) -> Result<Option<T>, D::Error> {
+        struct Opt<T>(std::marker::PhantomData<T>);
+        impl<'de, T: TryFrom<i128>> Visitor<'de> for Opt<T> {
+            type Value = Option<T>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a whole number or null")
+            }
+            fn visit_none<E: de::Error>(self) -> Result<Option<T>, E> {
+                Ok(None)
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Option<T>, E> {
+                Ok(None)
+            }
+            fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Option<T>, D::Error> {
+                number(d).map(Some)
+            }
+        }
+        d.deserialize_option(Opt(std::marker::PhantomData))
+    }
+
+    /// A list of whole numbers that fit `T`.
+    pub fn list<'de, D: Deserializer<'de>, T: TryFrom<i128>>(d: D) -> Result<Vec<T>, D::Error> {
+        struct Item<T>(T);
+        impl<'de, T: TryFrom<i128>> serde::Deserialize<'de> for Item<T> {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                number(d).map(Item)
+            }
+        }
+        let items: Vec<Item<T>> = serde::Deserialize::deserialize(d)?;
+        Ok(items.into_iter().map(|i| i.0).collect())
+    }
+}
+
 /// OpenAI's `response_format`.
 #[derive(Debug, Clone, Deserialize)]
 pub struct ResponseFormat {
@@ -30,6 +102,7 @@ pub struct JsonSchemaFormat {
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct DecodingFields {
     /// Signed as OpenAI's; used as its 64-bit pattern.
+    #[serde(default, deserialize_with = "whole::opt")]
     pub seed: Option<i64>,
     pub presence_penalty: Option<f32>,
     pub frequency_penalty: Option<f32>,
@@ -124,6 +197,7 @@ impl Stop {
 pub struct PromptRequest {
     pub prompt: String,
     pub system: Option<String>,
+    #[serde(default, deserialize_with = "whole::opt")]
     pub max_tokens: Option<usize>,
     pub temperature: Option<f64>,
     pub top_p: Option<f64>,
@@ -211,19 +285,24 @@ pub struct StreamOptions {
 pub struct ChatRequest {
     pub model: Option<String>,
     pub messages: Vec<InMessage>,
+    #[serde(default, deserialize_with = "whole::opt")]
     pub max_tokens: Option<usize>,
+    #[serde(default, deserialize_with = "whole::opt")]
     pub max_completion_tokens: Option<usize>,
     pub temperature: Option<f64>,
     pub top_p: Option<f64>,
+    #[serde(default, deserialize_with = "whole::opt")]
     pub top_k: Option<usize>,
     pub stop: Option<Stop>,
     #[serde(default)]
     pub stream: bool,
     pub stream_options: Option<StreamOptions>,
+    #[serde(default, deserialize_with = "whole::opt")]
     pub n: Option<usize>,
     /// Return each output token's log-probability.
     pub logprobs: Option<bool>,
     /// With `logprobs`, this many likeliest alternatives per token (0..=20).
+    #[serde(default, deserialize_with = "whole::opt")]
     pub top_logprobs: Option<usize>,
     /// vLLM's switch: log-probability tokens written `token_id:<id>` instead of as text.
     #[serde(default)]
@@ -239,16 +318,20 @@ pub struct ChatRequest {
 pub struct CompletionRequest {
     pub model: Option<String>,
     pub prompt: CompletionPrompt,
+    #[serde(default, deserialize_with = "whole::opt")]
     pub max_tokens: Option<usize>,
     pub temperature: Option<f64>,
     pub top_p: Option<f64>,
+    #[serde(default, deserialize_with = "whole::opt")]
     pub top_k: Option<usize>,
     pub stop: Option<Stop>,
     #[serde(default)]
     pub stream: bool,
     pub stream_options: Option<StreamOptions>,
+    #[serde(default, deserialize_with = "whole::opt")]
     pub n: Option<usize>,
     /// Return each output token's log-probability and this many alternatives (0..=20).
+    #[serde(default, deserialize_with = "whole::opt")]
     pub logprobs: Option<usize>,
     /// vLLM's switch: log-probability tokens written `token_id:<id>` instead of as text.
     #[serde(default)]
@@ -426,6 +509,15 @@ impl From<&Usage> for OpenAiUsage {
 }
 
 #[cfg(test)]
+pub(crate) mod whole_test {
+    #[derive(serde::Deserialize)]
+    pub struct Ids {
+        #[serde(deserialize_with = "super::whole::list")]
+        pub tokens: Vec<u32>,
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
@@ -510,6 +602,27 @@ mod tests {
                 .unwrap()
                 .contains("yaml")
         );
+    }
+
+    #[test]
+    fn whole_numbers_may_be_written_as_floats() {
+        let r = chat(r#"{"messages":[{"role":"user","content":"x"}],"max_tokens":7.0,"top_k":3,"seed":-2.0}"#)
+            .unwrap();
+        assert_eq!(
+            (r.max_tokens, r.top_k, r.decoding.seed),
+            (Some(7), Some(3), Some(-2i64 as u64))
+        );
+        for bad in [
+            r#""max_tokens":7.5"#,
+            r#""max_tokens":-1"#,
+            r#""top_k":"3""#,
+        ] {
+            let json = format!(r#"{{"messages":[{{"role":"user","content":"x"}}],{bad}}}"#);
+            assert!(serde_json::from_str::<ChatRequest>(&json).is_err(), "{bad}");
+        }
+        let d: crate::api::types::whole_test::Ids =
+            serde_json::from_str(r#"{"tokens":[1,2.0]}"#).unwrap();
+        assert_eq!(d.tokens, vec![1, 2]);
     }
 
     #[test]
