@@ -116,8 +116,16 @@ fn main() {
     ] {
         println!("cargo:rerun-if-env-changed={var}");
     }
-    if Path::new(".git/HEAD").exists() {
+    if let Ok(head) = std::fs::read_to_string(".git/HEAD") {
         println!("cargo:rerun-if-changed=.git/HEAD");
+        // HEAD names a branch whose ref file moves with each commit (HEAD itself does not),
+        // or the ref sits in packed-refs; without these the revision stayed at an older commit.
+        if let Some(branch) = head.trim().strip_prefix("ref: ") {
+            println!("cargo:rerun-if-changed=.git/{branch}");
+        }
+        if Path::new(".git/packed-refs").exists() {
+            println!("cargo:rerun-if-changed=.git/packed-refs");
+        }
     }
     emit("ZOPILOT_BUILD_GIT_REV", &git_rev());
     emit("ZOPILOT_BUILD_MISTRALRS", &locked_version("mistralrs"));

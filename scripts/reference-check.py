@@ -12,7 +12,10 @@ Writes `zopilot-gpu synth --preset mixtral-8x7b --layers N` (bf16 safetensors), 
   reported as the number of leading tokens that agree, beside how far transformers' own bf16
   and f32 runs agree with each other (the yardstick: past a near-tie, bf16 rounding decides);
 - the product's top-5 log-probabilities at each step with transformers' f32 log-softmax on
-  the product's own tokens (teacher-forced), as the largest absolute difference.
+  the product's own tokens (teacher-forced), as the largest absolute difference, beside the
+  same difference between transformers' own bf16 and f32 runs;
+- where the product's greedy path leaves transformers' f32 one, how close the two tokens
+  were in f32 (the log-probability gap: a near-tie is decided by rounding).
 
 Needs torch, transformers and a CUDA GPU (the GPU host has them); the binary needs a CUDA
 build. Prints a JSON report (also written to --out).
@@ -144,15 +147,21 @@ def main():
               "gpu": torch.cuda.get_device_name(0), "prompts": []}
     m16 = load(model, torch.bfloat16)
     ref16 = [greedy(m16, hf_ids(tok, p), a.tokens) for p in PROMPTS]
+    lp16 = [logprobs_along(m16, hf_ids(tok, p), ours["greedy"]) for p, ours in zip(PROMPTS, product)]
     del m16
     torch.cuda.empty_cache()
     m32 = load(model, torch.float32)
     ok = True
-    for p, ours, r16 in zip(PROMPTS, product, ref16):
+    for p, ours, r16, l16 in zip(PROMPTS, product, ref16, lp16):
         ids = hf_ids(tok, p)
         r32 = greedy(m32, ids, a.tokens)
         lp = logprobs_along(m32, ids, ours["greedy"])
         diff = max(abs(float(lp[k, t]) - v) for k, step in enumerate(ours["top"]) for t, v in step)
+        diff16 = max(abs(float(lp[k, t]) - float(l16[k, t])) for k, step in enumerate(ours["top"]) for t, _ in step)
+        split = agree(ours["greedy"], r32)
+        gap = None
+        if split < len(ours["greedy"]) and split < len(r32):
+            gap = float(lp[split, r32[split]] - lp[split, ours["greedy"][split]])
         row = {
             "prompt_ids_equal": ours["prompt_ids"] == ids,
             "prompt_tokens": len(ids),
@@ -160,6 +169,13 @@ def main():
             "agree_with_f32": agree(ours["greedy"], r32),
             "bf16_vs_f32": agree(r16, r32),
             "max_abs_logprob_diff_vs_f32": diff,
+            "hf_bf16_max_abs_logprob_diff_vs_f32": diff16,
+            "f32_gap_where_paths_part": gap,
+            "top1_logprob_f32_first_steps": [round(float(lp[k].max()), 3) for k in range(min(4, len(lp)))],
+            "per_step_max_diff": [round(max(abs(float(lp[k, t]) - v) for t, v in step), 3)
+                                  for k, step in enumerate(ours["top"])],
+            "per_step_hf_bf16_max_diff": [round(max(abs(float(lp[k, t]) - float(l16[k, t])) for t, _ in step), 3)
+                                          for k, step in enumerate(ours["top"])],
         }
         row["ok"] = row["prompt_ids_equal"] and max(row["agree_with_bf16"], row["agree_with_f32"]) >= row["bf16_vs_f32"]
         ok = ok and row["ok"]
