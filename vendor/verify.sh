@@ -1,14 +1,27 @@
 #!/usr/bin/env bash
 # Proves vendor/mistralrs-core is crates.io's mistralrs-core 0.8.1 plus vendor/mistralrs-core.patch
-# and nothing else: downloads the published .crate, checks its sha256 (the one Cargo.lock had),
-# applies the patch and compares the trees. Run by .ci/run; needs curl, tar, patch, diff.
+# and nothing else: has cargo fetch the published .crate (a throw-away manifest that depends on
+# it, so cargo's own registry client and cache are used), checks its sha256 (the one Cargo.lock
+# had), applies the patch and compares the trees. Run by .ci/run; needs cargo, tar, patch, diff.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 sha=a2b8b9e5c94491d9ceeded3a30291cb6af6ae74810a5776dd55e3bbb8b3429d4
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-curl -sSfL --retry 3 -o "$work/c.crate" \
-  https://static.crates.io/crates/mistralrs-core/mistralrs-core-0.8.1.crate
+mkdir -p "$work/fetch/src"
+touch "$work/fetch/src/lib.rs"
+cat > "$work/fetch/Cargo.toml" <<'TOML'
+[package]
+name = "fetch-mistralrs-core"
+version = "0.0.0"
+edition = "2021"
+
+[dependencies]
+mistralrs-core = { version = "=0.8.1", default-features = false }
+TOML
+cargo fetch --quiet --manifest-path "$work/fetch/Cargo.toml"
+crate=$(ls "${CARGO_HOME:-$HOME/.cargo}"/registry/cache/*/mistralrs-core-0.8.1.crate | head -1)
+cp "$crate" "$work/c.crate"
 echo "$sha  $work/c.crate" | sha256sum -c --quiet
 tar -C "$work" -xzf "$work/c.crate"
 up="$work/mistralrs-core-0.8.1"
