@@ -54,8 +54,6 @@ pub fn app(state: AppState) -> Router {
         .fallback(|uri: axum::http::Uri| async move { ApiError::NotFound(uri.path().to_owned()) })
         .layer(DefaultBodyLimit::max(limit))
         .layer(middleware::from_fn(move |mut req: Request, next: Next| {
-            // A body announced over the limit is refused before any of it is read, so the
-            // connection is not held open while it arrives.
             let announced = req
                 .headers()
                 .get(header::CONTENT_LENGTH)
@@ -64,7 +62,7 @@ pub fn app(state: AppState) -> Router {
             req.extensions_mut().insert(BodyLimit(limit));
             async move {
                 match announced {
-                    Some(n) if n > limit as u64 => ApiError::TooLarge(limit).into_response(),
+                    Some(n) if n > limit as u64 => refuse_unread(req, limit),
                     _ => next.run(req).await,
                 }
             }
@@ -82,6 +80,36 @@ fn health_routes() -> Router<AppState> {
     Router::new()
         .route("/health", get(health::health))
         .route("/ping", get(health::ping))
+}
+
+/// The most of a refused body read and thrown away, and for how long.
+const LINGER_BYTES: usize = 64 << 20;
+const LINGER: Duration = Duration::from_secs(5);
+
+/// 413 for a body announced over the limit, answered before any of it is read. What the client
+/// still sends is read and dropped in the background, within `LINGER_BYTES` and `LINGER` (a
+/// "lingering close"): closing on unread data would reset the connection, and a client still
+/// uploading would see the reset instead of the 413.
+fn refuse_unread(req: Request, limit: usize) -> Response {
+    let mut body = req.into_body().into_data_stream();
+    tokio::spawn(async move {
+        let drain = async {
+            let mut seen = 0;
+            while let Some(Ok(chunk)) = futures::StreamExt::next(&mut body).await {
+                seen += chunk.len();
+                if seen > LINGER_BYTES {
+                    break;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(LINGER, drain).await;
+    });
+    let mut resp = ApiError::TooLarge(limit).into_response();
+    resp.headers_mut().insert(
+        header::CONNECTION,
+        axum::http::HeaderValue::from_static("close"),
+    );
+    resp
 }
 
 async fn require_key(State(s): State<AppState>, req: Request, next: Next) -> Response {

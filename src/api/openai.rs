@@ -29,6 +29,19 @@ impl Show {
     }
 }
 
+/// Starts a validated request, noting what the client asked to see of log-probabilities.
+async fn start(
+    s: &AppState,
+    req: crate::engine::GenRequest,
+    ids: bool,
+) -> Result<(crate::engine::Generation, Show), ApiError> {
+    let show = Show {
+        logprobs: req.decoding.logprobs.is_some(),
+        ids,
+    };
+    Ok((s.engine.generate(req).await?, show))
+}
+
 /// Chat's `logprobs` object: `{"content": [{token, logprob, bytes, top_logprobs}]}`.
 fn chat_logprobs(show: Show, tokens: &[TokenLogprob]) -> Value {
     if !show.logprobs {
@@ -107,12 +120,7 @@ pub async fn chat(
         req.stream_options.as_ref().is_some_and(|o| o.include_usage),
     );
     let ids = req.return_tokens_as_token_ids;
-    let gen_req = req.validate()?;
-    let asked = Show {
-        logprobs: gen_req.decoding.logprobs.is_some(),
-        ids,
-    };
-    let g = s.engine.generate(gen_req).await?;
+    let (g, asked) = start(&s, req.validate()?, ids).await?;
     let (id, model, created) = (
         format!("chatcmpl-{}", g.id),
         s.engine.model_name.clone(),
@@ -179,12 +187,7 @@ pub async fn completions(
         req.stream_options.as_ref().is_some_and(|o| o.include_usage),
     );
     let ids = req.return_tokens_as_token_ids;
-    let gen_req = req.validate()?;
-    let asked = Show {
-        logprobs: gen_req.decoding.logprobs.is_some(),
-        ids,
-    };
-    let g = s.engine.generate(gen_req).await?;
+    let (g, asked) = start(&s, req.validate()?, ids).await?;
     let (id, model, created) = (
         format!("cmpl-{}", g.id),
         s.engine.model_name.clone(),

@@ -506,12 +506,14 @@ async fn json_mode_answers_are_objects_or_valid_prefixes_cut_by_the_budget() {
         .await;
     let mut whole = 0;
     for (text, finish) in &answers {
-        match (serde_json::from_str::<Value>(text), finish.as_str()) {
-            (Ok(v), "stop") if v.is_object() => whole += 1,
-            // serde_json stops at a number beyond f64 too, which is still JSON.
-            (Err(e), "length")
-                if e.classify() == serde_json::error::Category::Eof
-                    || e.to_string().contains("number out of range") => {}
+        // Checked without converting numbers: a number past f64's range (7e546) is JSON too.
+        let object = text.trim_start().starts_with('{');
+        match (
+            serde_json::from_str::<serde::de::IgnoredAny>(text),
+            finish.as_str(),
+        ) {
+            (Ok(_), "stop") if object => whole += 1,
+            (Err(e), "length") if object && e.classify() == serde_json::error::Category::Eof => {}
             _ => panic!("not a JSON object nor a valid prefix ({finish}): {text}"),
         }
     }

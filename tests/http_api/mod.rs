@@ -308,11 +308,12 @@ async fn oversized_bodies_get_413_as_json() {
     );
 }
 
-#[tokio::test]
-async fn saturated_server_answers_429_at_once_with_retry_after() {
-    let s = support::narrow();
-    let _g = s.exclusive.lock().await;
-    let c = support::client();
+/// Starts a long streamed request and waits for its first event: the server's one slot is
+/// then busy until the returned body is dropped.
+async fn hold_the_slot(
+    s: &support::Server,
+    c: &reqwest::Client,
+) -> impl futures::Stream<Item = reqwest::Result<axum::body::Bytes>> {
     let long = c
         .post(format!("{}/prompt", s.url))
         .json(&json!({"prompt": "go", "max_tokens": 1800, "stream": true}))
@@ -320,8 +321,17 @@ async fn saturated_server_answers_429_at_once_with_retry_after() {
         .await
         .unwrap();
     assert_eq!(long.status().as_u16(), 200);
-    let mut body = long.bytes_stream();
+    let mut body = Box::pin(long.bytes_stream());
     body.next().await.expect("first event").unwrap();
+    body
+}
+
+#[tokio::test]
+async fn saturated_server_answers_429_at_once_with_retry_after() {
+    let s = support::narrow();
+    let _g = s.exclusive.lock().await;
+    let c = support::client();
+    let body = hold_the_slot(s, &c).await;
     let started = std::time::Instant::now();
     let r = c
         .post(format!("{}/prompt", s.url))
@@ -560,14 +570,7 @@ async fn a_busy_server_queues_then_refuses_when_the_queue_is_full() {
     let s = support::queued();
     let _g = s.exclusive.lock().await;
     let c = support::client();
-    let long = c
-        .post(format!("{}/prompt", s.url))
-        .json(&json!({"prompt": "go", "max_tokens": 1800, "stream": true}))
-        .send()
-        .await
-        .unwrap();
-    let mut body = long.bytes_stream();
-    body.next().await.expect("first event").unwrap();
+    let body = hold_the_slot(s, &c).await;
     // The second waits for the slot...
     let waiting = tokio::spawn({
         let (c, url) = (c.clone(), s.url.clone());
@@ -614,14 +617,7 @@ async fn a_wait_past_the_limit_is_refused_and_a_leaving_waiter_frees_its_place()
     let s = support::queued();
     let _g = s.exclusive.lock().await;
     let c = support::client();
-    let long = c
-        .post(format!("{}/prompt", s.url))
-        .json(&json!({"prompt": "go", "max_tokens": 1800, "stream": true}))
-        .send()
-        .await
-        .unwrap();
-    let mut body = long.bytes_stream();
-    body.next().await.expect("first event").unwrap();
+    let body = hold_the_slot(s, &c).await;
     // A waiter whose client gives up leaves the queue.
     let impatient = reqwest::Client::builder()
         .timeout(Duration::from_millis(500))
