@@ -17,6 +17,7 @@ use mistralrs::{
 };
 use tokio::sync::mpsc;
 
+use super::json_close::{Closer, Vocabulary};
 use super::shaping::Shaper;
 use super::{
     Alternative, Backend, EngineError, FinishReason, Format, Prompt, Sampling, Step, TokenLogprob,
@@ -28,6 +29,8 @@ pub struct MistralBackend {
     model: Arc<Model>,
     context_len: usize,
     vocab_size: Option<usize>,
+    /// Token texts from tokenizer.json, for JSON mode's closing; `None` if unreadable.
+    vocabulary: Option<Arc<Vocabulary>>,
     /// Keeps a synthetic model's directory alive for as long as the model is served.
     _synthetic_dir: Option<tempfile::TempDir>,
 }
@@ -102,12 +105,23 @@ impl MistralBackend {
             .await
             .map_err(|e| anyhow::anyhow!("model loading panicked: {e}"))??;
         let model_max = model.max_sequence_length()?.unwrap_or(context_hint);
-        let vocab_size = config_file(&s.source, synthetic_dir.as_ref(), s.revision.as_deref())
-            .and_then(|p| vocab_size_of(&p));
+        let config = config_file(&s.source, synthetic_dir.as_ref(), s.revision.as_deref());
+        let vocab_size = config.as_deref().and_then(vocab_size_of);
+        let vocabulary = config
+            .and_then(|c| std::fs::read_to_string(c.with_file_name("tokenizer.json")).ok())
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .and_then(|j| Vocabulary::from_tokenizer_json(&j))
+            .map(Arc::new);
+        if vocabulary.is_none() {
+            tracing::warn!(
+                "tokenizer.json not readable: JSON mode answers are not closed before max_tokens"
+            );
+        }
         Ok(Self {
             model: Arc::new(model),
             context_len: model_max,
             vocab_size,
+            vocabulary,
             _synthetic_dir: synthetic_dir,
         })
     }
@@ -150,7 +164,7 @@ struct ShapeLogits(Shaper);
 impl CustomLogitsProcessor for ShapeLogits {
     fn apply(&self, logits: &Tensor, context: &[u32]) -> mistralrs::Result<Tensor> {
         let mut v: Vec<f32> = logits.to_dtype(mistralrs::DType::F32)?.to_vec1()?;
-        self.0.apply(&mut v, context.len());
+        self.0.apply(&mut v, context);
         let n = v.len();
         Tensor::from_vec(v, n, logits.device())
     }
@@ -159,12 +173,13 @@ impl CustomLogitsProcessor for ShapeLogits {
 /// mistral.rs' sampling parameters, grammar and processors for one request.
 fn mistral_sampling(
     s: &Sampling,
+    closer: Option<Closer>,
 ) -> (
     SamplingParams,
     Constraint,
     Option<Vec<Arc<dyn CustomLogitsProcessor>>>,
 ) {
-    let shaper = Shaper::for_request(s);
+    let shaper = Shaper::for_request(s, closer);
     let mut p = SamplingParams::neutral();
     if shaper.as_ref().is_some_and(|sh| sh.seeded.is_some()) {
         // The processor has sampled already: mistral.rs takes its one-hot logits greedily.
@@ -390,10 +405,18 @@ impl Backend for MistralBackend {
         s: Sampling,
     ) -> BoxFuture<'static, Result<mpsc::Receiver<Step>, EngineError>> {
         let model = self.model.clone();
+        // JSON mode (any object) is closed as its budget runs out; a schema bounds itself.
+        let closer = match (&s.decoding.format, &self.vocabulary) {
+            (Some(Format::JsonObject), Some(v)) => {
+                Some(Closer::new(v.clone(), prompt.len(), s.max_tokens))
+            }
+            _ => None,
+        };
+        let forced = closer.as_ref().map(|c| c.forced.clone());
         async move {
             let (tx, mut rx) = mpsc::channel::<Response>(64);
             let logprobs = s.decoding.logprobs.is_some();
-            let (sampling, constraint, processors) = mistral_sampling(&s);
+            let (sampling, constraint, processors) = mistral_sampling(&s, closer);
             let request =
                 completion_request(prompt, sampling, tx, logprobs, constraint, processors);
             send(&model, request).await?;
@@ -409,7 +432,15 @@ impl Backend for MistralBackend {
                             let Some(choice) = c.choices.into_iter().next() else {
                                 continue;
                             };
-                            let finish = choice.finish_reason.as_deref().map(finish_of);
+                            let mut finish = choice.finish_reason.as_deref().map(finish_of);
+                            // A JSON answer closed for want of budget ended at the budget.
+                            if finish.is_some()
+                                && forced
+                                    .as_ref()
+                                    .is_some_and(|f| f.load(std::sync::atomic::Ordering::Relaxed))
+                            {
+                                finish = Some(FinishReason::Length);
+                            }
                             let logprob = choice.logprobs.map(|lp| token_logprob(&choice.text, lp));
                             Step::Text {
                                 text: choice.text,

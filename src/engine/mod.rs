@@ -4,6 +4,7 @@
 //! behind it (`mistral`) is the only code that imports mistralrs.
 
 mod admission;
+mod json_close;
 mod mistral;
 mod shaping;
 mod stream;

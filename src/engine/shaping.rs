@@ -7,6 +7,7 @@
 //! (a grammar refusing the first pick), so the text depends on the seed and prompt alone.
 
 use super::Sampling;
+use super::json_close::Closer;
 
 /// Temperatures below this are greedy (as in mistral.rs).
 const GREEDY_BELOW: f64 = 1e-7;
@@ -21,15 +22,17 @@ pub struct Seeded {
 }
 
 /// What one request needs done to its logits each step.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug)]
 pub struct Shaper {
     pub bias: Vec<(u32, f32)>,
     pub seeded: Option<Seeded>,
+    /// JSON mode's closing as the budget runs out.
+    pub closer: Option<Closer>,
 }
 
 impl Shaper {
     /// `None` when the request needs nothing beyond mistral.rs' own sampling.
-    pub fn for_request(s: &Sampling) -> Option<Shaper> {
+    pub fn for_request(s: &Sampling, closer: Option<Closer>) -> Option<Shaper> {
         let seeded = match s.decoding.seed {
             Some(seed) if s.temperature >= GREEDY_BELOW => Some(Seeded {
                 seed,
@@ -39,19 +42,27 @@ impl Shaper {
             }),
             _ => None,
         };
-        (seeded.is_some() || !s.decoding.logit_bias.is_empty()).then(|| Shaper {
-            bias: s.decoding.logit_bias.clone(),
-            seeded,
+        (seeded.is_some() || !s.decoding.logit_bias.is_empty() || closer.is_some()).then(|| {
+            Shaper {
+                bias: s.decoding.logit_bias.clone(),
+                seeded,
+                closer,
+            }
         })
     }
 
-    /// Biases `logits` and, when seeded, leaves only the sampled token possible (0 for it,
-    /// -inf for every other). `position` is the sequence length before this step.
-    pub fn apply(&self, logits: &mut [f32], position: usize) {
+    /// Biases `logits`, steers a JSON answer closed when its budget runs out, and, when
+    /// seeded, leaves only the sampled token possible (0 for it, -inf for every other).
+    /// `context` is the sequence so far (prompt and generated tokens).
+    pub fn apply(&self, logits: &mut [f32], context: &[u32]) {
+        let position = context.len();
         for &(id, bias) in &self.bias {
             if let Some(l) = logits.get_mut(id as usize) {
                 *l += bias;
             }
+        }
+        if let Some(c) = &self.closer {
+            c.apply(logits, context);
         }
         if let Some(s) = &self.seeded
             && let Some(chosen) = pick(logits, s, position)
@@ -180,9 +191,10 @@ mod tests {
         let shaper = Shaper {
             bias: vec![(2, 100.0), (99, 5.0)],
             seeded: Some(seeded(5)),
+            closer: None,
         };
         let mut logits = vec![1.0f32, 1.0, 1.0, 1.0];
-        shaper.apply(&mut logits, 10);
+        shaper.apply(&mut logits, &[0; 10]);
         assert_eq!(logits[2], 0.0, "a +100 bias makes token 2 certain");
         assert!(logits.iter().filter(|l| l.is_finite()).count() == 1);
     }
