@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Compiles our CUDA kernels (vendor/mistralrs-core/src/cuda/zopilot_q4k.cu, launchers and all)
+# with nvcc 13.0 and the flags the product's build gives them, for every GPU family we ship:
+# sm_80 (A100), sm_89 (L4/RTX 40), sm_90a (H100/H200), sm_120a (RTX 5090). No GPU needed, so
+# CI runs it: a change that breaks one family's build fails here, not in a user's nix build.
+# nvcc comes from NVIDIA's wheels through pip (only the compiler, its headers and cudart),
+# cached in $KERNELS_TOOLKIT_DIR (default ~/.cache/cuda-pypi-13.0-nvcc).
+#
+#   scripts/kernels-compile.sh [sm_80 sm_89 sm_90a sm_120a]
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+src="$here/../vendor/mistralrs-core/src/cuda/zopilot_q4k.cu"
+build_rs="$here/../vendor/mistralrs-core/build.rs"
+root=${KERNELS_TOOLKIT_DIR:-$HOME/.cache/cuda-pypi-13.0-nvcc}
+archs=("$@")
+[ ${#archs[@]} -gt 0 ] || archs=(sm_80 sm_89 sm_90a sm_120a)
+
+# The flags vendor/mistralrs-core/build.rs passes to nvcc; each must still be there.
+flags=(-std=c++17 -O3 -U__CUDA_NO_HALF_OPERATORS__ -U__CUDA_NO_HALF_CONVERSIONS__
+  -U__CUDA_NO_HALF2_OPERATORS__ -U__CUDA_NO_BFLOAT16_CONVERSIONS__ --expt-relaxed-constexpr
+  --expt-extended-lambda --use_fast_math)
+for f in "${flags[@]}"; do
+  grep -qF -- "\"$f\"" "$build_rs" || { echo "flag $f is no longer in $build_rs: update this list" >&2; exit 1; }
+done
+
+if [ ! -x "$root/bin/nvcc" ]; then
+  work=$(mktemp -d)
+  trap 'rm -rf "$work"' EXIT
+  python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.11 \
+    --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+    --platform manylinux_2_27_x86_64 --platform manylinux_2_28_x86_64 -d "$work/wheels" \
+    'nvidia-cuda-nvcc==13.0.*' 'nvidia-cuda-crt==13.0.*' 'nvidia-nvvm==13.0.*' \
+    'nvidia-cuda-runtime==13.0.*' 'nvidia-cuda-cccl==13.0.*'
+  for w in "$work"/wheels/*.whl; do python3 -m zipfile -e "$w" "$work/x"; done
+  rm -rf "$root" && mkdir -p "$(dirname "$root")"
+  mv "$work/x/nvidia/cu13" "$root"
+  chmod +x "$root"/bin/* "$root"/nvvm/bin/*
+fi
+"$root/bin/nvcc" --version | tail -2 | head -1
+out=$(mktemp -d)
+for arch in "${archs[@]}"; do
+  cc=${arch#sm_}
+  start=$(date +%s)
+  "$root/bin/nvcc" "${flags[@]}" -c -o "$out/$arch.o" "$src" -gencode "arch=compute_$cc,code=$arch"
+  echo "$arch: ok, $(stat -c %s "$out/$arch.o") bytes, $(( $(date +%s) - start )) s"
+done
+rm -rf "$out"
