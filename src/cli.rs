@@ -3,7 +3,9 @@
 
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand};
+
+use crate::synth::Preset;
 
 /// Serve Mixtral-8x7B-Instruct, quantized in situ to 4 bits, on one GPU.
 #[derive(Debug, Parser)]
@@ -309,15 +311,6 @@ pub struct GenerateArgs {
     /// Sampling temperature; 0 is greedy.
     #[arg(long, default_value_t = 0.0)]
     pub temperature: f64,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Preset {
-    /// Two layers, hidden 256: seconds to load on a CPU, still quantizable to Q4K.
-    Tiny,
-    /// The real Mixtral-8x7B shapes (use --layers for fewer than 32).
-    #[value(name = "mixtral-8x7b")]
-    Mixtral8x7b,
 }
 
 /// Write a synthetic model directory.

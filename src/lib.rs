@@ -1,5 +1,8 @@
 //! zopilot-gpu: one binary that serves Mixtral-8x7B-Instruct, quantized in situ to 4 bits,
-//! on one GPU. The corridor is settings → engine → api; `commands` wires them per CLI verb.
+//! on one GPU. The corridor is `settings` → `preflight` → `engine` → `api` / `runpod`;
+//! `cli` holds the raw flags, `commands` wires the rooms per CLI verb, `metrics` is shared by
+//! engine and api, and `synth`, `selftest` and `bench` are verbs of their own on the same
+//! engine (docs/serving.md draws the map).
 
 pub mod api;
 pub mod bench;

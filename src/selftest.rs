@@ -22,9 +22,9 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::cli::Preset;
 use crate::engine::{Backend, MistralBackend, Prompt, Sampling, Step};
 use crate::settings::{Isq, ModelSettings, ModelSource};
+use crate::synth::Preset;
 
 const PROMPT: &str = "The quick brown fox jumps over the lazy dog";
 const GREEDY_TOKENS: usize = 12;

@@ -6,8 +6,9 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::cli::{ModelArgs, Preset, ServeArgs, WorkerArgs};
+use crate::cli::{ModelArgs, ServeArgs, WorkerArgs};
 use crate::engine::QueueLimits;
+use crate::synth::Preset;
 
 /// The model served when neither `--model` nor RunPod's `MODEL_NAME` says otherwise.
 pub const DEFAULT_MODEL: &str = "mistralai/Mixtral-8x7B-Instruct-v0.1";

@@ -11,7 +11,17 @@ use std::path::Path;
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 
-use crate::cli::Preset;
+use clap::ValueEnum;
+
+/// Which synthetic model to write (`synth --preset`, `--model synthetic:tiny`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Preset {
+    /// Two layers, hidden 256: seconds to load on a CPU, still quantizable to Q4K.
+    Tiny,
+    /// The real Mixtral-8x7B shapes (use --layers for fewer than 32).
+    #[value(name = "mixtral-8x7b")]
+    Mixtral8x7b,
+}
 
 /// Mixtral-8x7B-Instruct-v0.1's chat template (system message folded into the first turn).
 pub const MIXTRAL_CHAT_TEMPLATE: &str = "{%- if messages[0]['role'] == 'system' %}{%- set system_message = messages[0]['content'] %}{%- set loop_messages = messages[1:] %}{%- else %}{%- set loop_messages = messages %}{%- endif %}{{- bos_token }}{%- for message in loop_messages %}{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}{{- raise_exception('After the optional system message, conversation roles must alternate user/assistant/user/assistant/...') }}{%- endif %}{%- if message['role'] == 'user' %}{%- if loop.first and system_message is defined %}{{- ' [INST] ' + system_message + '\\n\\n' + message['content'] + ' [/INST]' }}{%- else %}{{- ' [INST] ' + message['content'] + ' [/INST]' }}{%- endif %}{%- elif message['role'] == 'assistant' %}{{- ' ' + message['content'] + eos_token}}{%- else %}{{- raise_exception('Only user and assistant roles are supported, with the exception of an initial optional system message!') }}{%- endif %}{%- endfor %}";

@@ -13,8 +13,8 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::cli::Preset;
 use crate::settings::{Isq, ModelSettings, ModelSource};
+use crate::synth::Preset;
 use crate::synth::Shapes;
 pub use rules::{BuildTarget, Check, MemoryPlan, Verdict};
 
