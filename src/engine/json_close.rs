@@ -79,7 +79,7 @@ enum Frame {
 }
 
 /// Where a JSON text stands, enough to close it.
-#[derive(Debug, Default)]
+#[derive(Debug, Clone, Default)]
 struct Scan {
     frames: Vec<Frame>,
     in_string: bool,
@@ -103,6 +103,14 @@ impl Scan {
         }
     }
 
+    /// A number or literal being written ends: it was its frame's value.
+    fn end_scalar(&mut self) {
+        if !self.scalar.is_empty() {
+            self.scalar.clear();
+            self.after_value();
+        }
+    }
+
     fn push(&mut self, c: char) {
         if self.in_string {
             match (self.escaped, c) {
@@ -119,11 +127,8 @@ impl Scan {
             }
             return;
         }
-        if !self.scalar.is_empty()
-            && !matches!(c, '0'..='9' | '.' | 'e' | 'E' | '+' | '-' | 'a'..='z')
-        {
-            self.scalar.clear();
-            self.after_value();
+        if !matches!(c, '0'..='9' | '.' | 'e' | 'E' | '+' | '-' | 'a'..='z') {
+            self.end_scalar();
         }
         match c {
             // A container is its parent's value: the parent waits for `,` or its close next.
@@ -159,35 +164,36 @@ impl Scan {
         }
     }
 
-    /// The shortest text that closes the JSON from here.
+    /// The shortest text that closes the JSON from here: the open scalar completed, then
+    /// for each state the one character that moves toward the end, fed back through `push`
+    /// so the state follows as it would for the model's own text.
     fn closing(&self) -> String {
+        let mut scan = self.clone();
         let mut out = String::new();
-        let mut frames = self.frames.clone();
-        if self.in_string {
-            out.push('"');
-            match frames.last_mut() {
-                Some(f @ (Frame::ObjectStart | Frame::Key)) => *f = Frame::Colon,
-                Some(f) if matches!(f, Frame::Value) => *f = Frame::ObjectNext,
-                Some(f) => *f = Frame::ListNext,
-                None => {}
-            }
-        } else if !self.scalar.is_empty() {
-            out.push_str(&complete_scalar(&self.scalar));
-            match frames.last_mut() {
-                Some(f @ Frame::Value) => *f = Frame::ObjectNext,
-                Some(f) => *f = Frame::ListNext,
-                None => {}
-            }
+        let mut write = |scan: &mut Scan, c: char| {
+            scan.push(c);
+            out.push(c);
+        };
+        if !self.scalar.is_empty() {
+            complete_scalar(&self.scalar)
+                .chars()
+                .for_each(|c| write(&mut scan, c));
         }
-        while let Some(f) = frames.pop() {
-            out.push_str(match f {
-                Frame::Key => "\"\":0}",
-                Frame::Colon => ":0}",
-                Frame::Value => "0}",
-                Frame::ObjectStart | Frame::ObjectNext => "}",
-                Frame::ListValue => "0]",
-                Frame::ListStart | Frame::ListNext => "]",
-            });
+        loop {
+            let c = if scan.in_string {
+                '"'
+            } else {
+                scan.end_scalar();
+                match scan.frames.last() {
+                    None => break,
+                    Some(Frame::ObjectStart | Frame::ObjectNext) => '}',
+                    Some(Frame::Key) => '"',
+                    Some(Frame::Colon) => ':',
+                    Some(Frame::Value | Frame::ListValue) => '0',
+                    Some(Frame::ListStart | Frame::ListNext) => ']',
+                }
+            };
+            write(&mut scan, c);
         }
         out
     }
@@ -299,6 +305,8 @@ mod tests {
             ("{\"a\":{\"b\":[{", "}]}}"),
             ("{\"a\":1,", "\"\":0}"),
             ("{\"a\":[\"x\",{\"y\":null", "}]}"),
+            // A trailing backslash escapes the first quote; a second one ends the string.
+            ("{\"a\":\"x\\", "\"\"}"),
         ] {
             let out = closing(prefix);
             assert_eq!(out, close, "after {prefix}");

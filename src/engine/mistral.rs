@@ -105,10 +105,13 @@ impl MistralBackend {
             .await
             .map_err(|e| anyhow::anyhow!("model loading panicked: {e}"))??;
         let model_max = model.max_sequence_length()?.unwrap_or(context_hint);
-        let config = config_file(&s.source, synthetic_dir.as_ref(), s.revision.as_deref());
-        let vocab_size = config.as_deref().and_then(vocab_size_of);
-        let vocabulary = config
-            .and_then(|c| std::fs::read_to_string(c.with_file_name("tokenizer.json")).ok())
+        let vocab_size = crate::preflight::known_shapes(s).map(|shapes| shapes.vocab);
+        let tokenizer = match &synthetic_dir {
+            Some(dir) => Some(dir.path().join("tokenizer.json")),
+            None => crate::preflight::model_file(s, "tokenizer.json"),
+        };
+        let vocabulary = tokenizer
+            .and_then(|t| std::fs::read_to_string(t).ok())
             .and_then(|t| serde_json::from_str(&t).ok())
             .and_then(|j| Vocabulary::from_tokenizer_json(&j))
             .map(Arc::new);
@@ -125,37 +128,6 @@ impl MistralBackend {
             _synthetic_dir: synthetic_dir,
         })
     }
-}
-
-/// The model's config.json on disk: in its directory, or in the Hugging Face cache where
-/// mistral.rs downloaded it (`models--{org}--{name}/snapshots/{commit}` through `refs/`).
-fn config_file(
-    source: &ModelSource,
-    synthetic: Option<&tempfile::TempDir>,
-    revision: Option<&str>,
-) -> Option<std::path::PathBuf> {
-    let dir = match (source, synthetic) {
-        (_, Some(dir)) => dir.path().to_path_buf(),
-        (ModelSource::Local(dir), _) => dir.clone(),
-        (ModelSource::Hub(id), _) => {
-            let repo = mistralrs::core::hf_hub_cache_dir()?
-                .join(format!("models--{}", id.replace('/', "--")));
-            let rev = revision.unwrap_or("main");
-            let commit = std::fs::read_to_string(repo.join("refs").join(rev))
-                .map(|c| c.trim().to_owned())
-                .unwrap_or_else(|_| rev.to_owned());
-            repo.join("snapshots").join(commit)
-        }
-        (ModelSource::Synthetic(_), None) => return None,
-    };
-    Some(dir.join("config.json"))
-}
-
-/// `vocab_size` of a config.json, if it can be read.
-fn vocab_size_of(path: &std::path::Path) -> Option<usize> {
-    let text = std::fs::read_to_string(path).ok()?;
-    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
-    v.get("vocab_size")?.as_u64().map(|n| n as usize)
 }
 
 /// `logit_bias` and seeded sampling, run by mistral.rs on each step's logits.
@@ -266,6 +238,36 @@ async fn send(model: &Model, request: Request) -> Result<(), EngineError> {
         .map_err(|_| EngineError::Internal("the engine has stopped".into()))
 }
 
+/// Sends a request whose answer comes back on a channel of its own and waits for it on a
+/// task of its own: mistral.rs panics its engine thread if such a receiver is dropped, as a
+/// handler's is when its client leaves. An error answer is the client's, about `param`.
+fn ask<T: Send + 'static>(
+    model: Arc<Model>,
+    param: &'static str,
+    what: &'static str,
+    request: impl FnOnce(mpsc::Sender<anyhow::Result<T>>) -> Request + Send + 'static,
+) -> BoxFuture<'static, Result<T, EngineError>> {
+    let task = tokio::spawn(async move {
+        let (tx, mut rx) = mpsc::channel(1);
+        send(&model, request(tx)).await?;
+        match rx.recv().await {
+            Some(Ok(answer)) => Ok(answer),
+            Some(Err(e)) => Err(EngineError::Invalid {
+                param,
+                message: format!("{e:#}"),
+            }),
+            None => Err(EngineError::Internal(format!(
+                "the engine dropped a {what}"
+            ))),
+        }
+    });
+    async move {
+        task.await
+            .map_err(|e| EngineError::Internal(e.to_string()))?
+    }
+    .boxed()
+}
+
 /// The message of a response that ends a request with an error.
 fn error_message(r: &Response) -> Option<String> {
     match r {
@@ -320,50 +322,34 @@ impl Backend for MistralBackend {
     }
 
     fn detokenize(&self, ids: Vec<u32>) -> BoxFuture<'static, Result<String, EngineError>> {
-        let model = self.model.clone();
-        // Its own task, for the reason `tokenize` gives.
-        let task = tokio::spawn(async move {
-            let (tx, mut rx) = mpsc::channel(1);
-            let request = Request::Detokenize(mistralrs::core::DetokenizationRequest {
-                tokens: ids,
-                skip_special_tokens: false,
-                response: tx,
-            });
-            send(&model, request).await?;
-            match rx.recv().await {
-                Some(Ok(text)) => Ok(text),
-                Some(Err(e)) => Err(EngineError::Invalid {
-                    param: "tokens",
-                    message: format!("{e:#}"),
-                }),
-                None => Err(EngineError::Internal(
-                    "the engine dropped a detokenization".into(),
-                )),
-            }
-        });
-        async move {
-            task.await
-                .map_err(|e| EngineError::Internal(e.to_string()))?
-        }
-        .boxed()
+        ask(
+            self.model.clone(),
+            "tokens",
+            "detokenization",
+            move |response| {
+                Request::Detokenize(mistralrs::core::DetokenizationRequest {
+                    tokens: ids,
+                    skip_special_tokens: false,
+                    response,
+                })
+            },
+        )
     }
 
     fn tokenize(&self, prompt: Prompt) -> BoxFuture<'static, Result<Vec<u32>, EngineError>> {
         if let Prompt::Tokens(ids) = prompt {
             return futures::future::ready(Ok(ids)).boxed();
         }
-        let model = self.model.clone();
-        // Run to completion on its own task: mistral.rs panics its engine thread if the
-        // receiver of a tokenization is dropped, as a handler is when its client leaves.
-        let task = tokio::spawn(async move {
-            let (tx, mut rx) = mpsc::channel(1);
-            let text = match prompt {
-                Prompt::Chat(m) => Either::Left(to_mistral_messages(m)),
-                Prompt::Text(t) => Either::Right(t),
-                Prompt::Tokens(_) => unreachable!("token prompts return early"),
-            };
-            let is_chat = text.is_left();
-            let request = Request::Tokenize(mistralrs::core::TokenizationRequest {
+        let is_chat = matches!(prompt, Prompt::Chat(_));
+        let param = if is_chat { "messages" } else { "prompt" };
+        let text = match prompt {
+            Prompt::Chat(m) => Either::Left(to_mistral_messages(m)),
+            Prompt::Text(t) => Either::Right(t),
+            Prompt::Tokens(_) => unreachable!("token prompts return early"),
+        };
+        // Template errors (wrong role order, unknown role) are the client's.
+        let ids = ask(self.model.clone(), param, "tokenization", move |response| {
+            Request::Tokenize(mistralrs::core::TokenizationRequest {
                 text,
                 tools: None,
                 add_generation_prompt: true,
@@ -373,28 +359,17 @@ impl Backend for MistralBackend {
                 add_special_tokens: !is_chat,
                 enable_thinking: None,
                 reasoning_effort: None,
-                response: tx,
-            });
-            send(&model, request).await?;
-            match rx.recv().await {
-                Some(Ok(ids)) if ids.is_empty() => Err(EngineError::Invalid {
-                    param: if is_chat { "messages" } else { "prompt" },
-                    message: "the prompt is empty".into(),
-                }),
-                Some(Ok(ids)) => Ok(ids),
-                // Template errors (wrong role order, unknown role) are the client's.
-                Some(Err(e)) => Err(EngineError::Invalid {
-                    param: if is_chat { "messages" } else { "prompt" },
-                    message: format!("{e:#}"),
-                }),
-                None => Err(EngineError::Internal(
-                    "the engine dropped a tokenization".into(),
-                )),
-            }
+                response,
+            })
         });
         async move {
-            task.await
-                .map_err(|e| EngineError::Internal(e.to_string()))?
+            match ids.await? {
+                ids if ids.is_empty() => Err(EngineError::Invalid {
+                    param,
+                    message: "the prompt is empty".into(),
+                }),
+                ids => Ok(ids),
+            }
         }
         .boxed()
     }

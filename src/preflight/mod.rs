@@ -203,16 +203,34 @@ fn read_config(p: &Path) -> Option<serde_json::Value> {
     serde_json::from_slice(&std::fs::read(p).ok()?).ok()
 }
 
-/// A Hub model's config.json already in the download cache, if any.
-fn cached_config(id: &str, cache: &Path) -> Option<serde_json::Value> {
-    let snapshots = cache
+/// The snapshot directories of a Hub model in the download cache.
+fn snapshots(id: &str, cache: &Path) -> impl Iterator<Item = PathBuf> {
+    let dir = cache
         .join("hub")
         .join(format!("models--{}", id.replace('/', "--")))
         .join("snapshots");
-    std::fs::read_dir(snapshots)
-        .ok()?
+    std::fs::read_dir(dir)
+        .into_iter()
         .flatten()
-        .find_map(|e| read_config(&e.path().join("config.json")))
+        .flatten()
+        .map(|e| e.path())
+}
+
+/// A Hub model's config.json already in the download cache, if any.
+fn cached_config(id: &str, cache: &Path) -> Option<serde_json::Value> {
+    snapshots(id, cache).find_map(|d| read_config(&d.join("config.json")))
+}
+
+/// A file of the model on disk: in its directory, or in a Hub snapshot already downloaded
+/// (a synthetic model's directory is its loader's).
+pub(crate) fn model_file(m: &ModelSettings, name: &str) -> Option<PathBuf> {
+    match &m.source {
+        ModelSource::Local(dir) => Some(dir.join(name)),
+        ModelSource::Hub(id) => snapshots(id, &hf_cache_dir(m))
+            .map(|d| d.join(name))
+            .find(|p| p.is_file()),
+        ModelSource::Synthetic(_) => None,
+    }
 }
 
 /// The model's shapes: from a local config.json, a Hub model's config.json (cached or

@@ -23,18 +23,11 @@ fn reference_cases() -> Vec<Value> {
 /// model directory written like the server's; `None` (a skip) when transformers is missing
 /// and CI did not ask for it.
 fn transformers_ids() -> Option<Vec<Vec<u64>>> {
-    let has = std::process::Command::new("python3")
-        .args(["-c", "import transformers, jinja2"])
-        .status()
-        .is_ok_and(|s| s.success());
-    if !has {
-        assert!(
-            std::env::var_os("ZOPILOT_REQUIRE_REFERENCE").is_none(),
-            "python3 -m pip install transformers jinja2"
-        );
-        eprintln!(
-            "skipped: transformers is not installed (python3 -m pip install transformers jinja2)"
-        );
+    if !support::python_has(
+        "transformers, jinja2",
+        "transformers jinja2",
+        "ZOPILOT_REQUIRE_REFERENCE",
+    ) {
         return None;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -392,6 +385,23 @@ async fn logit_bias_and_penalties_change_the_choice() {
     assert_eq!(status, 400);
 }
 
+/// Chat requests on the shared server, eight at a time: each answer's text and finish reason.
+async fn chat_answers(requests: impl Iterator<Item = Value>) -> Vec<(String, String)> {
+    let s = support::shared();
+    futures::stream::iter(requests.map(|r| async move {
+        let (status, body) = post(s, "/v1/chat/completions", r).await;
+        assert_eq!(status, 200, "{body}");
+        let choice = &body["choices"][0];
+        (
+            choice["message"]["content"].as_str().unwrap().to_owned(),
+            choice["finish_reason"].as_str().unwrap().to_owned(),
+        )
+    }))
+    .buffer_unordered(8)
+    .collect()
+    .await
+}
+
 /// A bounded schema: every string, number and list has a limit, so the grammar closes each
 /// answer within the token budget however random the model.
 fn person_schema() -> Value {
@@ -441,28 +451,13 @@ fn check_person(v: &Value) -> Result<(), String> {
 
 #[tokio::test]
 async fn json_schema_answers_always_parse_and_validate() {
-    let s = support::shared();
-    let requests = (0..100).map(|i| async move {
-        let r = json!({"model": MODEL, "max_tokens": 200, "temperature": 1.0, "seed": i,
+    let answers = chat_answers((0..100).map(|i| {
+        json!({"model": MODEL, "max_tokens": 200, "temperature": 1.0, "seed": i,
             "messages": [{"role": "user", "content": format!("Describe person {i} as JSON.")}],
             "response_format": {"type": "json_schema",
-                                "json_schema": {"name": "person", "schema": person_schema()}}});
-        let (status, body) = post(s, "/v1/chat/completions", r).await;
-        assert_eq!(status, 200, "{body}");
-        let text = body["choices"][0]["message"]["content"]
-            .as_str()
-            .unwrap()
-            .to_owned();
-        let finish = body["choices"][0]["finish_reason"]
-            .as_str()
-            .unwrap()
-            .to_owned();
-        (text, finish)
-    });
-    let answers: Vec<_> = futures::stream::iter(requests)
-        .buffer_unordered(8)
-        .collect()
-        .await;
+                                "json_schema": {"name": "person", "schema": person_schema()}}})
+    }))
+    .await;
     let mut bad = Vec::new();
     for (text, finish) in &answers {
         match serde_json::from_str::<Value>(text) {
@@ -487,23 +482,12 @@ async fn json_schema_answers_always_parse_and_validate() {
 /// `length`), and every answer is a whole JSON object.
 #[tokio::test]
 async fn json_mode_answers_are_whole_objects_even_at_the_budget() {
-    let s = support::shared();
-    let requests = (0..100).map(|i| async move {
-        let r = json!({"model": MODEL, "max_tokens": 200, "temperature": 0.7, "seed": i,
+    let answers = chat_answers((0..100).map(|i| {
+        json!({"model": MODEL, "max_tokens": 200, "temperature": 0.7, "seed": i,
             "messages": [{"role": "user", "content": format!("Answer {i} in JSON.")}],
-            "response_format": {"type": "json_object"}});
-        let (status, body) = post(s, "/v1/chat/completions", r).await;
-        assert_eq!(status, 200, "{body}");
-        let choice = &body["choices"][0];
-        (
-            choice["message"]["content"].as_str().unwrap().to_owned(),
-            choice["finish_reason"].as_str().unwrap().to_owned(),
-        )
-    });
-    let answers: Vec<(String, String)> = futures::stream::iter(requests)
-        .buffer_unordered(8)
-        .collect()
-        .await;
+            "response_format": {"type": "json_object"}})
+    }))
+    .await;
     let mut closed = 0;
     for (text, finish) in &answers {
         // Checked without converting numbers: a number past f64's range (7e546) is JSON too.

@@ -313,18 +313,7 @@ fn synth_writes_a_complete_reproducible_model() {
 /// ZOPILOT_REQUIRE_OPENAI=1 (and installs the client) so this cannot pass by skipping.
 #[tokio::test]
 async fn the_official_openai_client_works_unchanged() {
-    let has_client = std::process::Command::new("python3")
-        .args(["-c", "import openai"])
-        .status()
-        .is_ok_and(|s| s.success());
-    if !has_client {
-        assert!(
-            std::env::var_os("ZOPILOT_REQUIRE_OPENAI").is_none(),
-            "python3 -m pip install openai"
-        );
-        eprintln!(
-            "skipped: the openai Python package is not installed (python3 -m pip install openai)"
-        );
+    if !crate::support::python_has("openai", "openai", "ZOPILOT_REQUIRE_OPENAI") {
         return;
     }
     let (srv, _) = spawn_serve(&["--api-key", "sk-test", "--max-model-len", "1024"]);

@@ -218,6 +218,23 @@ pub async fn eventually<F: AsyncFnMut() -> bool>(limit: Duration, mut check: F) 
     false
 }
 
+/// Whether python3 can import `modules` (a test's reference or client). Without them the
+/// test skips, unless CI set `require` to make it fail instead.
+pub fn python_has(modules: &str, packages: &str, require: &str) -> bool {
+    let has = std::process::Command::new("python3")
+        .args(["-c", &format!("import {modules}")])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !has {
+        assert!(
+            std::env::var_os(require).is_none(),
+            "python3 -m pip install {packages}"
+        );
+        eprintln!("skipped: python3 cannot import {modules} (python3 -m pip install {packages})");
+    }
+    has
+}
+
 /// A free loopback port (bound then released).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
