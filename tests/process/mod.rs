@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use serde_json::{Value, json};
 
-use crate::support::{binary, client, free_port, sse_data};
+use crate::support::{binary, client, eventually, free_port, metric, sse_data};
 
 /// A spawned `serve`, killed when dropped.
 struct Running {
@@ -23,8 +23,14 @@ impl Drop for Running {
 }
 
 fn spawn_serve(extra: &[&str]) -> (Running, u16) {
+    spawn_serve_env(extra, &[])
+}
+
+/// [`spawn_serve`] with extra environment variables for the server.
+fn spawn_serve_env(extra: &[&str], env: &[(&str, &str)]) -> (Running, u16) {
     let port = free_port();
     let child = binary()
+        .envs(env.iter().copied())
         .args([
             "serve",
             "--model",
@@ -688,12 +694,33 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap()
 }
 
+/// The least resident memory of a process over two seconds of samples: what it holds once
+/// the requests just answered have been torn down, without the moment's transients.
+async fn settled_rss_kib(pid: u32) -> u64 {
+    let mut least = u64::MAX;
+    for _ in 0..40 {
+        least = least.min(rss_kib(pid));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    least
+}
+
 /// 256 clients at once against the defaults (16 sequence slots, a queue of 512): the burst
-/// waits its turn instead of being refused, three rounds running, without the server's
-/// memory growing.
+/// waits its turn instead of being refused, four rounds running; after each the server's
+/// books are back to idle (no sequence in flight, none queued) and its memory has not grown
+/// round over round.
+///
+/// Memory is a guard against gross leaks, not a fine gauge: resident memory measures what
+/// malloc has not handed back, not what the program holds. With glibc's defaults (up to
+/// eight arenas per core, opened as threads contend) the settled figure of one process swung
+/// 80–127 MB between identical rounds; with one arena and trimming (set below) 57–74 MB.
+/// Hence the first round as warm-up and baseline, and growth allowed up to half of it —
+/// a leak of what a burst holds (256 sequences' state, buffers and KV cache) passes that
+/// within the three rounds.
 #[tokio::test]
 async fn a_burst_of_256_clients_is_served_not_refused() {
-    let (srv, _) = spawn_serve(&[]);
+    let allocator = [("MALLOC_ARENA_MAX", "1"), ("MALLOC_TRIM_THRESHOLD_", "0")];
+    let (srv, _) = spawn_serve_env(&[], &allocator);
     wait_ready(&srv.url).await;
     let c = reqwest::Client::builder()
         .timeout(Duration::from_secs(300))
@@ -701,7 +728,7 @@ async fn a_burst_of_256_clients_is_served_not_refused() {
         .build()
         .unwrap();
     let mut rss = Vec::new();
-    for round in 0..3 {
+    for round in 0..4 {
         let requests = (0..256).map(|i| {
             let (c, url) = (c.clone(), srv.url.clone());
             async move {
@@ -729,14 +756,24 @@ async fn a_burst_of_256_clients_is_served_not_refused() {
             ok * 100 >= 256 * 99,
             "round {round}: {ok} of 256 answered 200"
         );
-        rss.push(rss_kib(srv.child.id()));
+        let idle = async || {
+            let Ok(r) = c.get(format!("{}/metrics", srv.url)).send().await else {
+                return false;
+            };
+            let text = r.text().await.unwrap_or_default();
+            ["zopilot_in_flight_sequences", "zopilot_queued_requests"]
+                .iter()
+                .all(|g| metric(&text, g) == 0.0)
+        };
+        assert!(
+            eventually(Duration::from_secs(10), idle).await,
+            "round {round}: sequences in flight or queued after every answer came"
+        );
+        rss.push(settled_rss_kib(srv.child.id()).await);
     }
-    let (low, high) = (
-        *rss.iter().min().unwrap() as f64,
-        *rss.iter().max().unwrap() as f64,
-    );
+    let (baseline, high) = (rss[0] as f64, *rss[1..].iter().max().unwrap() as f64);
     assert!(
-        high <= low * 1.15,
-        "resident memory over three rounds (KiB): {rss:?}"
+        high <= baseline * 1.5,
+        "settled resident memory after each of four rounds (KiB): {rss:?}"
     );
 }
