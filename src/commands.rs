@@ -415,7 +415,7 @@ fn bench(a: BenchArgs) -> Result<ExitCode> {
 
 fn synth(a: SynthArgs) -> Result<ExitCode> {
     let started = std::time::Instant::now();
-    let summary = crate::synth::write(a.preset, a.layers, a.seed, &a.out)?;
+    let summary = crate::synth::write(a.preset, a.layers, a.seed, a.quantized.is_some(), &a.out)?;
     println!(
         "{}",
         serde_json::json!({"out": a.out, "seconds": started.elapsed().as_secs_f64(), "summary": summary})

@@ -76,6 +76,7 @@ fn tiny(cpu: bool, isq: Option<Isq>) -> ModelSettings {
     ModelSettings {
         source: ModelSource::Synthetic(Preset::Tiny),
         revision: None,
+        quant_cache: None,
         isq,
         max_model_len: Some(512),
         max_num_seqs: 1,

@@ -31,8 +31,10 @@ fn bad(msg: impl Into<String>) -> SettingsError {
 pub enum ModelSource {
     /// A Hugging Face repository id (`owner/name`).
     Hub(String),
-    /// A directory holding config.json, tokenizer files and safetensors.
+    /// A directory holding config.json, tokenizer files and safetensors (or one GGUF file).
     Local(PathBuf),
+    /// A GGUF file (ours or llama.cpp's Mixtral conversion).
+    Gguf(PathBuf),
     /// A synthetic model written to a temporary directory at start-up.
     Synthetic(Preset),
 }
@@ -98,6 +100,8 @@ pub struct ModelSettings {
     pub cpu: bool,
     pub hf_token: Option<String>,
     pub hf_home: Option<PathBuf>,
+    /// The quantized-weights cache directory; `None` when off.
+    pub quant_cache: Option<PathBuf>,
     /// Where config.json comes from (mistral.rs' downloader reads HF_ENDPOINT itself).
     pub hf_endpoint: String,
     /// Name reported on /v1/models and in every response.
@@ -145,6 +149,15 @@ fn parse_source(raw: &str) -> Result<ModelSource, SettingsError> {
     }
     let path = Path::new(raw);
     let looks_like_path = raw.starts_with('/') || raw.starts_with('.') || raw.starts_with('~');
+    if raw.ends_with(".gguf") {
+        return if path.is_file() {
+            Ok(ModelSource::Gguf(path.to_path_buf()))
+        } else {
+            Err(bad(format!(
+                "--model names a GGUF file that does not exist. Given: {raw}"
+            )))
+        };
+    }
     if path.is_dir() {
         return Ok(ModelSource::Local(path.to_path_buf()));
     }
@@ -174,6 +187,13 @@ impl ModelSettings {
             .unwrap_or_else(|| DEFAULT_MODEL.to_owned());
         let source = parse_source(&raw_model)?;
         let isq = parse_isq(&a.isq)?;
+        // RunPod mounts network volumes at /runpod-volume: weights kept there survive
+        // worker restarts, so that is the default cache when it exists.
+        let hf_home = a.hf_home.clone().or_else(|| {
+            Path::new(RUNPOD_VOLUME)
+                .is_dir()
+                .then(|| Path::new(RUNPOD_VOLUME).join("huggingface"))
+        });
 
         let max_model_len = match a.max_model_len.or(a.max_model_len_compat) {
             None => Some(DEFAULT_MAX_MODEL_LEN),
@@ -231,13 +251,22 @@ impl ModelSettings {
             kv_cache_tokens,
             cpu: a.cpu,
             hf_token: non_empty(&a.hf_token),
-            // RunPod mounts network volumes at /runpod-volume: weights kept there survive
-            // worker restarts, so that is the default cache when it exists.
-            hf_home: a.hf_home.clone().or_else(|| {
-                Path::new(RUNPOD_VOLUME)
-                    .is_dir()
-                    .then(|| Path::new(RUNPOD_VOLUME).join("huggingface"))
-            }),
+            hf_home: hf_home.clone(),
+            quant_cache: match a.quant_cache.as_deref().map(str::trim) {
+                Some("off") => None,
+                Some("") => return Err(bad("--quant-cache must be a directory or `off`")),
+                Some(dir) => Some(PathBuf::from(dir)),
+                None => Some(
+                    hf_home
+                        .or_else(|| std::env::var_os("HF_HOME").map(PathBuf::from))
+                        .unwrap_or_else(|| {
+                            std::env::var_os("HOME")
+                                .map_or_else(|| PathBuf::from("/tmp"), PathBuf::from)
+                                .join(".cache/huggingface")
+                        })
+                        .join("zopilot-quant-cache"),
+                ),
+            },
             served_model_name,
             hf_endpoint: a.hf_endpoint.clone(),
             log_json: a.log_json,

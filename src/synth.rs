@@ -179,8 +179,15 @@ pub struct Summary {
     pub layers: usize,
 }
 
-/// Writes a complete model directory.
-pub fn write(preset: Preset, layers: Option<usize>, seed: u64, out: &Path) -> Result<Summary> {
+/// Writes a complete model directory: bf16 safetensors, or with `quantized` one Q4_K GGUF
+/// file of random quantized weights (`quant_cache::synth`) that `serve --model DIR` loads.
+pub fn write(
+    preset: Preset,
+    layers: Option<usize>,
+    seed: u64,
+    quantized: bool,
+    out: &Path,
+) -> Result<Summary> {
     let shapes = Shapes::of(preset, layers);
     if shapes.layers == 0 {
         bail!("--layers must be >= 1. Given: 0");
@@ -196,7 +203,16 @@ pub fn write(preset: Preset, layers: Option<usize>, seed: u64, out: &Path) -> Re
         &out.join("generation_config.json"),
         &json!({"bos_token_id": 1, "eos_token_id": 2}),
     )?;
-    let (bytes, shards) = write_weights(&shapes, seed, out)?;
+    let (bytes, shards) = if quantized {
+        let files = crate::quant_cache::HfFiles::read(out)?;
+        let arch = crate::quant_cache::layout::Arch::from_config(&files.config)?;
+        let bytes = crate::quant_cache::synth::write_q4k(out, &arch, &files, seed, |dims, buf| {
+            fill("model.embed_tokens.weight", dims, seed, 0, buf)
+        })?;
+        (bytes, 1)
+    } else {
+        write_weights(&shapes, seed, out)?
+    };
     Ok(Summary {
         parameters: shapes.parameters(),
         bytes,

@@ -22,6 +22,7 @@ use super::shaping::Shaper;
 use super::{
     Alternative, Backend, EngineError, FinishReason, Format, Prompt, Sampling, Step, TokenLogprob,
 };
+use crate::quant_cache::Prepared;
 use crate::settings::{Isq, ModelSettings, ModelSource};
 
 /// A loaded mistral.rs model.
@@ -33,6 +34,8 @@ pub struct MistralBackend {
     vocabulary: Option<Arc<Vocabulary>>,
     /// Keeps a synthetic model's directory alive for as long as the model is served.
     _synthetic_dir: Option<tempfile::TempDir>,
+    /// Likewise the view of a GGUF file (config, tokenizer, embedding and norms).
+    _view: Option<tempfile::TempDir>,
 }
 
 fn isq_type(isq: Isq) -> IsqType {
@@ -49,66 +52,153 @@ fn resolve_model(source: &ModelSource) -> anyhow::Result<(String, Option<tempfil
     Ok(match source {
         ModelSource::Hub(id) => (id.clone(), None),
         ModelSource::Local(dir) => (dir.display().to_string(), None),
+        ModelSource::Gguf(file) => (file.display().to_string(), None),
         ModelSource::Synthetic(preset) => {
             let dir = tempfile::Builder::new()
                 .prefix("zopilot-synthetic-")
                 .tempdir()?;
-            crate::synth::write(*preset, None, 0, dir.path())?;
+            crate::synth::write(*preset, None, 0, false, dir.path())?;
             (dir.path().display().to_string(), Some(dir))
         }
     })
 }
 
+/// A mistral.rs model built from `model_id` (a Hub id or directory) with `isq`.
+async fn build(s: &ModelSettings, model_id: &str, isq: Option<Isq>) -> anyhow::Result<Model> {
+    let context_hint = s
+        .max_model_len
+        .unwrap_or(crate::settings::DEFAULT_MAX_MODEL_LEN);
+    let mut builder = TextModelBuilder::new(model_id)
+        .with_max_num_seqs(s.max_num_seqs)
+        // mistral.rs 0.8.1's prefix cache changes greedy output when a prompt repeats
+        // (tests/http_api: a streamed answer diverged from the same request unstreamed
+        // after ~9 tokens, and matched with the cache off). Correctness first.
+        .with_prefix_cache_n(None)
+        .with_token_source(match &s.hf_token {
+            Some(t) => TokenSource::Literal(t.clone()),
+            None => TokenSource::CacheToken,
+        })
+        // Plan the device map for our real limits, not mistral.rs' defaults, so a model
+        // that fits is never split onto the CPU.
+        .with_device_mapping(DeviceMapSetting::Auto(AutoDeviceMapParams::Text {
+            max_seq_len: context_hint,
+            max_batch_size: s.max_num_seqs,
+        }));
+    if let Some(isq) = isq {
+        builder = builder.with_isq(isq_type(isq));
+    }
+    if let Some(rev) = &s.revision {
+        builder = builder.with_hf_revision(rev);
+    }
+    if s.cpu {
+        // f32 on the CPU: as fast there as f16, and numerically stable enough that
+        // greedy decoding does not depend on how requests happen to be batched.
+        builder = builder.with_force_cpu().with_dtype(ModelDType::F32);
+    } else if mistralrs::paged_attn_supported() {
+        builder = builder.with_paged_attn(
+            PagedAttentionMetaBuilder::default()
+                .with_gpu_memory(MemoryGpuConfig::ContextSize(s.kv_cache_tokens))
+                .build()?,
+        );
+    }
+    let handle = tokio::runtime::Handle::current();
+    // The loader does blocking file and device work inside an async fn.
+    tokio::task::spawn_blocking(move || handle.block_on(builder.build()))
+        .await
+        .map_err(|e| anyhow::anyhow!("model loading panicked: {e}"))?
+}
+
+/// Builds the model as `prepared` says: plainly, recording the quantized-weights cache, or
+/// from a GGUF file's view. Returns the view directory to keep while serving.
+fn load_prepared<'a>(
+    s: &'a ModelSettings,
+    model_id: &'a str,
+    prepared: Prepared,
+) -> BoxFuture<'a, anyhow::Result<(Model, Option<tempfile::TempDir>)>> {
+    use mistralrs::core::zopilot_weights::set_store;
+    async move {
+        match prepared {
+            Prepared::Plain => Ok((build(s, model_id, s.isq).await?, None)),
+            Prepared::Record { recorder, dest } => {
+                set_store(Some(recorder.clone()));
+                let built = build(s, model_id, s.isq).await;
+                set_store(None);
+                let model = built?;
+                let started = std::time::Instant::now();
+                let finished =
+                    tokio::task::spawn_blocking(move || recorder.finish(&dest).map(|()| dest))
+                        .await?;
+                match finished {
+                    Ok(dest) => tracing::info!(
+                        file = %dest.display(),
+                        seconds = started.elapsed().as_secs_f64(),
+                        "quantized-weights cache written: the next start loads it"
+                    ),
+                    Err(e) => tracing::warn!("quantized-weights cache not written: {e:#}"),
+                }
+                Ok((model, None))
+            }
+            Prepared::Replay {
+                view,
+                isq,
+                replay,
+                file,
+                cached,
+            } => {
+                set_store(Some(replay.clone()));
+                let built = build(s, &view.path().display().to_string(), Some(isq)).await;
+                set_store(None);
+                let err = match built {
+                    Ok(model) => return Ok((model, Some(view))),
+                    Err(e) => e,
+                };
+                let Some(tensor) = replay.corrupted() else {
+                    return Err(err);
+                };
+                if !cached {
+                    anyhow::bail!(
+                        "{}: tensor {tensor} does not match its checksum — the file is damaged; \
+                         download or write it again",
+                        file.display()
+                    );
+                }
+                tracing::warn!(
+                    file = %file.display(),
+                    "quantized-weights cache damaged (tensor {tensor} fails its checksum): \
+                     removing it and quantizing again"
+                );
+                drop(replay);
+                let _ = std::fs::remove_file(&file);
+                let again = crate::quant_cache::prepare(s)?;
+                if matches!(again, Prepared::Replay { .. }) {
+                    anyhow::bail!("{} could not be removed", file.display());
+                }
+                load_prepared(s, model_id, again).await
+            }
+        }
+    }
+    .boxed()
+}
+
 impl MistralBackend {
-    /// Loads (and, for Hub ids, downloads) the model. Blocking work runs off the runtime.
+    /// Loads (and, for Hub ids, downloads) the model: from a GGUF file or the
+    /// quantized-weights cache when there is one (`quant_cache`), else with in-situ
+    /// quantization, writing the cache. Blocking work runs off the runtime.
     pub async fn load(s: &ModelSettings) -> anyhow::Result<Self> {
         let (model_id, synthetic_dir) = resolve_model(&s.source)?;
         let context_hint = s
             .max_model_len
             .unwrap_or(crate::settings::DEFAULT_MAX_MODEL_LEN);
-        let mut builder = TextModelBuilder::new(&model_id)
-            .with_max_num_seqs(s.max_num_seqs)
-            // mistral.rs 0.8.1's prefix cache changes greedy output when a prompt repeats
-            // (tests/http_api: a streamed answer diverged from the same request unstreamed
-            // after ~9 tokens, and matched with the cache off). Correctness first.
-            .with_prefix_cache_n(None)
-            .with_token_source(match &s.hf_token {
-                Some(t) => TokenSource::Literal(t.clone()),
-                None => TokenSource::CacheToken,
-            })
-            // Plan the device map for our real limits, not mistral.rs' defaults, so a model
-            // that fits is never split onto the CPU.
-            .with_device_mapping(DeviceMapSetting::Auto(AutoDeviceMapParams::Text {
-                max_seq_len: context_hint,
-                max_batch_size: s.max_num_seqs,
-            }));
-        if let Some(isq) = s.isq {
-            builder = builder.with_isq(isq_type(isq));
-        }
-        if let Some(rev) = &s.revision {
-            builder = builder.with_hf_revision(rev);
-        }
-        if s.cpu {
-            // f32 on the CPU: as fast there as f16, and numerically stable enough that
-            // greedy decoding does not depend on how requests happen to be batched.
-            builder = builder.with_force_cpu().with_dtype(ModelDType::F32);
-        } else if mistralrs::paged_attn_supported() {
-            builder = builder.with_paged_attn(
-                PagedAttentionMetaBuilder::default()
-                    .with_gpu_memory(MemoryGpuConfig::ContextSize(s.kv_cache_tokens))
-                    .build()?,
-            );
-        }
-        let handle = tokio::runtime::Handle::current();
-        // The loader does blocking file and device work inside an async fn.
-        let model = tokio::task::spawn_blocking(move || handle.block_on(builder.build()))
-            .await
-            .map_err(|e| anyhow::anyhow!("model loading panicked: {e}"))??;
+        let prepared = {
+            let s = s.clone();
+            tokio::task::spawn_blocking(move || crate::quant_cache::prepare(&s)).await??
+        };
+        let (model, view) = load_prepared(s, &model_id, prepared).await?;
         let model_max = model.max_sequence_length()?.unwrap_or(context_hint);
         let vocab_size = crate::preflight::known_shapes(s).map(|shapes| shapes.vocab);
-        let tokenizer = match &synthetic_dir {
-            Some(dir) => Some(dir.path().join("tokenizer.json")),
-            None => crate::preflight::model_file(s, "tokenizer.json"),
+        let tokenizer = match (&synthetic_dir, &view) {
+            (Some(dir), _) | (None, Some(dir)) => Some(dir.path().join("tokenizer.json")),
+            (None, None) => crate::preflight::model_file(s, "tokenizer.json"),
         };
         let vocabulary = tokenizer
             .and_then(|t| std::fs::read_to_string(t).ok())
@@ -126,6 +216,7 @@ impl MistralBackend {
             vocab_size,
             vocabulary,
             _synthetic_dir: synthetic_dir,
+            _view: view,
         })
     }
 }

@@ -226,6 +226,7 @@ fn cached_config(id: &str, cache: &Path) -> Option<serde_json::Value> {
 pub(crate) fn model_file(m: &ModelSettings, name: &str) -> Option<PathBuf> {
     match &m.source {
         ModelSource::Local(dir) => Some(dir.join(name)),
+        ModelSource::Gguf(file) => file.parent().map(|d| d.join(name)),
         ModelSource::Hub(id) => snapshots(id, &hf_cache_dir(m))
             .map(|d| d.join(name))
             .find(|p| p.is_file()),
@@ -241,6 +242,7 @@ fn model_shapes(m: &ModelSettings, hub_config: Option<&serde_json::Value>) -> Op
         ModelSource::Local(dir) => read_config(&dir.join("config.json"))
             .as_ref()
             .and_then(shapes_from_config),
+        ModelSource::Gguf(_) => None,
         ModelSource::Hub(id) => hub_config.and_then(shapes_from_config).or_else(|| {
             id.starts_with("mistralai/Mixtral-8x7B")
                 .then(|| Shapes::of(Preset::Mixtral8x7b, None))
@@ -298,12 +300,19 @@ fn model_checks(
             Verdict::Pass,
             "synthetic model, written at start-up",
         )),
+        ModelSource::Gguf(file) => report.push(Check::new(
+            "model",
+            Verdict::Pass,
+            format!("GGUF model {}", file.display()),
+        )),
         ModelSource::Local(dir) => {
             let has = |f: &str| dir.join(f).exists();
             let weights = std::fs::read_dir(dir)
                 .map(|d| {
-                    d.flatten()
-                        .any(|e| e.file_name().to_string_lossy().ends_with(".safetensors"))
+                    d.flatten().any(|e| {
+                        let name = e.file_name().to_string_lossy().into_owned();
+                        name.ends_with(".safetensors") || name.ends_with(".gguf")
+                    })
                 })
                 .unwrap_or(false);
             let missing: Vec<&str> = [
@@ -312,7 +321,7 @@ fn model_checks(
                     "tokenizer.json",
                     has("tokenizer.json") || has("tokenizer.model"),
                 ),
-                ("*.safetensors", weights),
+                ("*.safetensors or a .gguf", weights),
             ]
             .into_iter()
             .filter(|(_, ok)| !ok)

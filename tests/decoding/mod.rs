@@ -31,7 +31,8 @@ fn transformers_ids() -> Option<Vec<Vec<u64>>> {
         return None;
     }
     let dir = tempfile::tempdir().unwrap();
-    zopilot_gpu::synth::write(zopilot_gpu::synth::Preset::Tiny, None, 0, dir.path()).unwrap();
+    zopilot_gpu::synth::write(zopilot_gpu::synth::Preset::Tiny, None, 0, false, dir.path())
+        .unwrap();
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/reference_ids.py");
     let mut child = std::process::Command::new("python3")
         .arg(script)

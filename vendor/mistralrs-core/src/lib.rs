@@ -88,6 +88,8 @@ pub use diagnostics::{
     DoctorCheck, DoctorReport, DoctorStatus, HfConnectivityInfo, MemoryInfo, SystemInfo,
 };
 mod tuning;
+/// zopilot-gpu patch: the quantized-weights hook (`models/zopilot_weights.rs`).
+pub use models::zopilot_weights;
 pub use tuning::{
     auto_tune, AutoTuneRequest, AutoTuneResult, FitStatus, QualityTier, TuneCandidate, TuneProfile,
 };

@@ -559,8 +559,10 @@ fn route(logits: &Tensor, top_k: usize) -> Result<(Tensor, Tensor)> {
 }
 
 impl StackedExperts {
-    /// Loads `experts.{i}.w1|w3|w2.weight`; `None` when this layer must take upstream's path
-    /// (pre-quantized checkpoints, ISQ types that are not GGUF, weights absent for UQFF).
+    /// Loads `experts.{i}.w1|w3|w2.weight`, or the stacked tensors the installed weight store
+    /// supplies (`zopilot_weights`, which is also handed what is quantized here); `None` when
+    /// this layer must take upstream's path (pre-quantized checkpoints, ISQ types that are not
+    /// GGUF, weights absent for UQFF).
     pub(crate) fn load(
         vb: &ShardedVarBuilder,
         num_experts: usize,
@@ -568,7 +570,10 @@ impl StackedExperts {
         intermediate: usize,
         act: Activation,
     ) -> Result<Option<Self>> {
-        if !vb.pp(0).contains_tensor("w1.weight") {
+        let stored_name = |name: &str| format!("{}.{name}", vb.prefix());
+        let in_store =
+            super::zopilot_weights::store().is_some_and(|s| s.contains(&stored_name("w1")));
+        if !in_store && !vb.pp(0).contains_tensor("w1.weight") {
             return Ok(None);
         }
         let mut stacked = Vec::with_capacity(3);
@@ -578,6 +583,15 @@ impl StackedExperts {
             ("w2", (hidden, intermediate)),
         ] {
             let isq = mistralrs_quant::immediate_isq_match(&vb.pp(0).pp(name));
+            let dims = [num_experts, shape.0, shape.1];
+            let target = isq
+                .as_ref()
+                .and_then(|m| m.device.clone())
+                .unwrap_or_else(|| vb.device().clone());
+            if let Some((q, mm)) = super::zopilot_weights::load_stored(&stored_name(name), &dims, &target)? {
+                stacked.push(StackedWeight::Quantized { q, mm });
+                continue;
+            }
             let weight = match isq {
                 None => {
                     let parts = (0..num_experts)
@@ -589,7 +603,6 @@ impl StackedExperts {
                     let Ok(dtype) = GgmlDType::try_from(m.ty) else {
                         return Ok(None);
                     };
-                    let target = m.device.unwrap_or_else(|| vb.device().clone());
                     let cpu = vb.clone().set_device(Device::Cpu);
                     // Experts in parallel, each in row blocks (`quantize_rows`).
                     let quantize = || {
@@ -613,8 +626,8 @@ impl StackedExperts {
                             started.elapsed().as_millis()
                         );
                     }
-                    let dims = vec![num_experts, shape.0, shape.1];
-                    let (q, mm) = gguf_layer(dtype, &bytes, dims, &target)?;
+                    super::zopilot_weights::record(&stored_name(name), dtype, &dims, &bytes)?;
+                    let (q, mm) = gguf_layer(dtype, &bytes, dims.to_vec(), &target)?;
                     StackedWeight::Quantized { q, mm }
                 }
             };

@@ -13,6 +13,7 @@ pub(crate) mod mistral;
 pub(crate) mod mixtral;
 pub(crate) mod mixtral_stacked_moe;
 pub(crate) mod zopilot_linear;
+pub mod zopilot_weights;
 pub(crate) mod phi2;
 pub(crate) mod phi3;
 pub(crate) mod phi3_5_moe;

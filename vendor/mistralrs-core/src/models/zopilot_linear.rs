@@ -15,6 +15,7 @@ use candle_core::{quantized::GgmlDType, DType, Device, Result, Tensor};
 use mistralrs_quant::{QuantMethod, ShardedVarBuilder};
 
 use super::mixtral_stacked_moe::{gguf_layer, qmatmul, quantize_rows};
+use super::zopilot_weights;
 
 /// Most tokens a forward takes through the Q4K mat-vec (launches of 8); more go upstream's
 /// way (candle's tiled kernels), as prefill does.
@@ -54,9 +55,21 @@ impl From<Arc<dyn QuantMethod>> for QLinear {
 }
 
 impl QLinear {
+    /// A layer around a GGUF tensor we made or were handed; our Q4K kernels take it when
+    /// it is Q4K (and `ZOPILOT_Q4K_LINEAR` is not 0).
+    fn owned(q: Arc<candle_core::quantized::QTensor>, mm: Arc<dyn QuantMethod>) -> Self {
+        let q4k = (own_q4k_enabled() && q.dtype() == GgmlDType::Q4K).then(|| Q4k {
+            q,
+            mm_addr: addr(&mm),
+        });
+        Self { mm, q4k }
+    }
+
     /// `[out_dim, in_dim]` weight at `vb` (`vb.pp("weight")`). `eligible`: the caller's
-    /// conditions for owning the weight (no pre-quantized checkpoint, no tensor parallelism);
-    /// otherwise, or when immediate ISQ does not ask for Q4K on CUDA, `upstream(vb)`.
+    /// conditions for owning the weight (no pre-quantized checkpoint, no tensor parallelism).
+    /// Then the installed weight store's tensor if it has one (`zopilot_weights`), else the
+    /// weight quantized here when immediate ISQ asks for a GGUF type and either it is Q4K on
+    /// CUDA or a store records it; otherwise `upstream(vb)`.
     pub(crate) fn load(
         in_dim: usize,
         out_dim: usize,
@@ -64,22 +77,31 @@ impl QLinear {
         eligible: bool,
         upstream: impl FnOnce(ShardedVarBuilder) -> Result<Arc<dyn QuantMethod>>,
     ) -> Result<Self> {
-        if eligible && own_q4k_enabled() && vb.contains_tensor("weight") {
-            if let Some(m) = mistralrs_quant::immediate_isq_match(&vb) {
-                let target = m.device.unwrap_or_else(|| vb.device().clone());
-                if GgmlDType::try_from(m.ty).ok() == Some(GgmlDType::Q4K) && target.is_cuda() {
-                    let w = vb
-                        .clone()
-                        .set_device(Device::Cpu)
-                        .get((out_dim, in_dim), "weight")?;
-                    let bytes = quantize_rows(&w, GgmlDType::Q4K)?;
-                    let (q, mm) = gguf_layer(GgmlDType::Q4K, &bytes, vec![out_dim, in_dim], &target)?;
-                    let mm_addr = addr(&mm);
-                    return Ok(Self {
-                        mm,
-                        q4k: Some(Q4k { q, mm_addr }),
-                    });
-                }
+        if eligible {
+            let name = format!("{}.weight", vb.prefix());
+            let isq = mistralrs_quant::immediate_isq_match(&vb);
+            let target = isq
+                .as_ref()
+                .and_then(|m| m.device.clone())
+                .unwrap_or_else(|| vb.device().clone());
+            let dims = [out_dim, in_dim];
+            if let Some((q, mm)) = zopilot_weights::load_stored(&name, &dims, &target)? {
+                return Ok(Self::owned(q, mm));
+            }
+            // Ours when our Q4K kernels take the result or a weight store records it; the
+            // same candle quantizer as upstream's ISQ, so the same bytes either way.
+            let dtype = isq
+                .and_then(|m| GgmlDType::try_from(m.ty).ok())
+                .filter(|&d| {
+                    zopilot_weights::installed()
+                        || (own_q4k_enabled() && d == GgmlDType::Q4K && target.is_cuda())
+                });
+            if let Some(dtype) = dtype.filter(|_| vb.contains_tensor("weight")) {
+                let w = vb.clone().set_device(Device::Cpu).get((out_dim, in_dim), "weight")?;
+                let bytes = quantize_rows(&w, dtype)?;
+                zopilot_weights::record(&name, dtype, &dims, &bytes)?;
+                let (q, mm) = gguf_layer(dtype, &bytes, dims.to_vec(), &target)?;
+                return Ok(Self::owned(q, mm));
             }
         }
         Ok(Self {
