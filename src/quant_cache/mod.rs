@@ -127,26 +127,37 @@ pub fn cache_key(m: &ModelSettings, isq: Isq) -> Option<String> {
         ModelSource::Local(dir) => {
             let dir = dir.canonicalize().ok()?;
             let config = std::fs::read(dir.join("config.json")).ok()?;
-            let mut files: Vec<String> = std::fs::read_dir(&dir)
-                .ok()?
-                .flatten()
-                .filter(|e| e.path().extension().is_some_and(|x| x == "safetensors"))
-                .map(|e| {
-                    let len = e.metadata().map_or(0, |m| m.len());
-                    format!("{}:{len}", e.file_name().to_string_lossy())
-                })
-                .collect();
-            files.sort();
             format!(
-                "dir={}\nconfig_crc32={:08x}\nsafetensors={}",
+                "dir={}\nconfig_crc32={:08x}",
                 dir.display(),
-                crc32fast::hash(&config),
-                files.join(",")
+                crc32fast::hash(&config)
             )
         }
         _ => return None,
     };
     Some(format!("format={FORMAT}\n{source}\nisq={}", isq.name()))
+}
+
+/// A local checkpoint's safetensors as names, sizes and modification times, or `None` when
+/// it has none (left out of the key, so a cache outlives the bf16 files it was made from;
+/// kept in the file, so weights replaced under the same config are noticed).
+fn fingerprint(dir: &Path) -> Option<String> {
+    let mut files: Vec<String> = std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "safetensors"))
+        .map(|e| {
+            let m = e.metadata().ok();
+            let len = m.as_ref().map_or(0, |m| m.len());
+            let mtime = m
+                .and_then(|m| m.modified().ok())
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_nanos());
+            format!("{}:{len}:{mtime}", e.file_name().to_string_lossy())
+        })
+        .collect();
+    files.sort();
+    (!files.is_empty()).then(|| files.join(","))
 }
 
 /// The cache file of `key`.
@@ -190,7 +201,17 @@ pub fn prepare(m: &ModelSettings) -> Result<Prepared> {
     };
     let file = cache_file(&dir, m, &key, isq);
     if file.exists() {
-        match open(&file, Some(&key)).and_then(|o| o.into_prepared(file.clone(), true, &m.source)) {
+        let checkpoint = match &m.source {
+            ModelSource::Local(d) => fingerprint(d),
+            _ => None,
+        };
+        let usable = open(&file, Some(&key)).and_then(|o| {
+            if checkpoint.is_some() && o.checkpoint != checkpoint {
+                bail!("the checkpoint's safetensors changed since it was written");
+            }
+            o.into_prepared(file.clone(), true, &m.source)
+        });
+        match usable {
             Ok(p) => {
                 tracing::info!(file = %file.display(), "quantized-weights cache found: loading it instead of quantizing");
                 return Ok(p);
@@ -234,12 +255,17 @@ pub fn prepare(m: &ModelSettings) -> Result<Prepared> {
         ModelSource::Local(d) => d.display().to_string(),
         _ => String::new(),
     };
+    let local = matches!(m.source, ModelSource::Local(_));
     let plan: store::Plan = Box::new(move |dir: &Path, dtype| {
         let files = HfFiles::read(dir)?;
         let arch = Arch::from_config(&files.config)?;
+        let mut meta = metadata(&arch, &files, &model_name, Some(&key))?;
+        if let Some(fp) = fingerprint(dir).filter(|_| local) {
+            meta.push(("zopilot.checkpoint", Meta::Str(fp)));
+        }
         Ok(store::Planned {
             entries: layout::entries(&arch, dtype),
-            meta: metadata(&arch, &files, &model_name, Some(&key))?,
+            meta,
         })
     });
     tracing::info!(file = %file.display(), "quantized-weights cache: this load writes it");
@@ -386,10 +412,13 @@ fn llama_vocab(tok: &Value, size: usize) -> Result<(Vec<String>, Vec<f32>, Vec<i
             Value::Array(p) => p.iter().filter_map(Value::as_str).collect(),
             _ => continue,
         };
-        if let Some(id) = vocab.get(&joined).and_then(Value::as_u64) {
-            if (id as usize) < size {
-                scores[id as usize] = -(rank as f32) - 1.0;
-            }
+        if let Some(id) = vocab
+            .get(&joined)
+            .and_then(Value::as_u64)
+            .map(|i| i as usize)
+            .filter(|&i| i < size)
+        {
+            scores[id] = -(rank as f32) - 1.0;
         }
     }
     Ok((tokens, scores, types))
@@ -403,6 +432,8 @@ pub struct Opened {
     tokenizer: Option<String>,
     tokenizer_config: Option<Value>,
     experts: GgmlDType,
+    /// The checkpoint fingerprint a cache file was made from (local directories).
+    checkpoint: Option<String>,
 }
 
 fn meta_str(c: &Content, k: &str) -> Option<String> {
@@ -561,6 +592,7 @@ pub fn open(path: &Path, key: Option<&str>) -> Result<Opened> {
                 })
             }),
         experts: experts.unwrap_or(GgmlDType::Q4K),
+        checkpoint: meta_str(&content, "zopilot.checkpoint"),
     })
 }
 

@@ -204,7 +204,7 @@ mod tests {
         let want = (1.0f32 / 1024.0).sqrt();
         assert!(mean.abs() < 0.05 * want, "mean {mean}");
         assert!((std / want - 1.0).abs() < 0.15, "std {std}, want {want}");
-        // The same range of blocks from another split is the same bytes.
+        // Seeded: the same blocks again are the same bytes.
         assert_eq!(q4k_blocks(&e, 7, 0, blocks, None), bytes);
         let zero = q4k_blocks(&e, 7, 0, 8, Some(0));
         assert!(zero[..4 * Q4K_BYTES].iter().all(|b| *b == 0));

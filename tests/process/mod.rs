@@ -66,7 +66,7 @@ fn json_stdout(out: &std::process::Output) -> Value {
 }
 
 /// Polls /ping until 200, returning every status seen on the way.
-async fn wait_ready(url: &str) -> Vec<u16> {
+pub(crate) async fn wait_ready(url: &str) -> Vec<u16> {
     let c = client();
     let mut seen = Vec::new();
     let start = Instant::now();

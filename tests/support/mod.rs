@@ -275,5 +275,7 @@ pub fn binary() -> std::process::Command {
     ] {
         c.env_remove(var);
     }
+    // Tests that want the quantized-weights cache name a directory of their own.
+    c.env("ZOPILOT_QUANT_CACHE", "off");
     c
 }
