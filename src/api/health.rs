@@ -23,6 +23,8 @@ pub async fn health(State(s): State<AppState>) -> Json<Value> {
         "queued": e.queued(),
         "max_num_seqs": e.max_num_seqs(),
         "version": env!("CARGO_PKG_VERSION"),
+        // While loading: phase, percent, bytes, rate and ETA (quant_cache::progress).
+        "loading": crate::quant_cache::progress::snapshot(),
     }))
 }
 

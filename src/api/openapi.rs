@@ -157,7 +157,7 @@ pub async fn openapi(State(s): State<AppState>) -> Json<Value> {
             "/tokenize": {"post": {"summary": "Prompt token ids as generation sees them (vLLM's shape): {count, max_model_len, tokens}", "requestBody": json_body("TokenizeRequest"), "responses": answers("token ids")}},
             "/detokenize": {"post": {"summary": "The text of token ids: {prompt}", "requestBody": json_body("DetokenizeRequest"), "responses": answers("text")}},
             "/v1/models": {"get": {"summary": "The served model", "responses": {"200": {"description": "OpenAI model list"}}}},
-            "/health": {"get": {"summary": "Liveness and readiness state", "responses": {"200": {"description": "{status, readiness, model, context_len, in_flight, queued, max_num_seqs, version}"}}}},
+            "/health": {"get": {"summary": "Liveness and readiness state", "responses": {"200": {"description": "{status, readiness, model, context_len, in_flight, queued, max_num_seqs, version, loading}; loading is {phase, percent, bytes_done, bytes_total, rate_bytes_per_second, eta_seconds} while the model loads, else null"}}}},
             "/ping": {"get": {"summary": "RunPod load-balancer health", "responses": {
                 "200": {"description": "ready"}, "204": {"description": "loading"}, "503": {"description": "loading failed, or shutting down"}}}},
             "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "text exposition format"}}}},

@@ -115,6 +115,7 @@ fn load_prepared<'a>(
     model_id: &'a str,
     prepared: Prepared,
 ) -> BoxFuture<'a, anyhow::Result<(Model, Option<tempfile::TempDir>)>> {
+    use crate::quant_cache::progress;
     use mistralrs::core::zopilot_weights::set_store;
     async move {
         match prepared {
@@ -123,6 +124,7 @@ fn load_prepared<'a>(
                 set_store(Some(recorder.clone()));
                 let built = build(s, model_id, s.isq).await;
                 set_store(None);
+                progress::end();
                 let model = built?;
                 let started = std::time::Instant::now();
                 let finished =
@@ -146,8 +148,10 @@ fn load_prepared<'a>(
                 cached,
             } => {
                 set_store(Some(replay.clone()));
+                progress::begin("reading quantized weights", replay.quantized_bytes());
                 let built = build(s, &view.path().display().to_string(), Some(isq)).await;
                 set_store(None);
+                progress::end();
                 let err = match built {
                     Ok(model) => return Ok((model, Some(view))),
                     Err(e) => e,

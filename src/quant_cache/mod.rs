@@ -18,6 +18,7 @@
 pub mod checkpoint;
 pub mod gguf;
 pub mod layout;
+pub mod progress;
 pub mod store;
 pub mod synth;
 

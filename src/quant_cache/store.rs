@@ -79,6 +79,11 @@ impl Replay {
         self.corrupted.lock().unwrap().clone()
     }
 
+    /// Bytes of the quantized tensors, what a load reads through [`WeightStore::get`].
+    pub fn quantized_bytes(&self) -> u64 {
+        self.slots(Kind::Quantized).map(|s| s.len as u64).sum()
+    }
+
     /// Every tensor of `kind`, by Hugging Face name.
     pub fn slots(&self, kind: Kind) -> impl Iterator<Item = &Slot> {
         self.slots.values().filter(move |s| s.entry.kind == kind)
@@ -99,6 +104,7 @@ impl WeightStore for Replay {
         let (slot, bytes) = self
             .bytes(name)
             .map_err(|e| candle_core::Error::Msg(format!("quantized-weights file: {e:#}")))?;
+        super::progress::advance(bytes.len() as u64);
         let bytes = match slot.entry.permute_heads {
             Some(heads) => Cow::Owned(permute_rows(bytes, slot.entry.spec.dims[0], heads, false)),
             None => Cow::Borrowed(bytes),
@@ -172,6 +178,17 @@ impl Recorder {
         let meta: Vec<(&str, Meta)> = planned.meta.iter().map(|(k, v)| (*k, v.clone())).collect();
         let (file, layout) = gguf::create(&self.tmp, &meta, &specs)?;
         let file = Arc::new(file);
+        let quantized: u64 = planned
+            .entries
+            .iter()
+            .zip(&layout.sizes)
+            .filter(|(e, _)| e.kind == Kind::Quantized)
+            .map(|(_, n)| n)
+            .sum();
+        super::progress::begin(
+            "quantizing (and writing the quantized-weights cache)",
+            quantized,
+        );
         *self.checksums.lock().unwrap() = vec![None; specs.len()];
         let (tx, rx) = sync_channel::<(usize, Vec<u8>)>(2);
         let (f, offsets, sums, failed) = (
@@ -307,6 +324,7 @@ impl WeightStore for Recorder {
             Some(heads) => permute_rows(&t.bytes, e.spec.dims[0], heads, true),
             None => t.bytes.into_owned(),
         };
+        super::progress::advance(bytes.len() as u64);
         let tx = open.tx.clone();
         // Send outside the lock: the writer may be busy with the previous tensor.
         drop(guard);
