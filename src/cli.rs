@@ -206,6 +206,11 @@ pub struct ModelArgs {
     #[arg(long, env = "ZOPILOT_MAX_NUM_SEQS", default_value_t = 16)]
     pub max_num_seqs: usize,
 
+    /// Most prompt tokens one prefill step takes on a GPU: waiting prompts beyond it wait for
+    /// the next step, so the step's activations stay bounded. A longer prompt runs alone.
+    #[arg(long, env = "ZOPILOT_MAX_PREFILL_TOKENS", default_value_t = 2048)]
+    pub max_prefill_tokens: usize,
+
     /// Requests that may wait, first come first served, for a sequence slot while all are
     /// busy; one more is answered 429 with Retry-After at once. 0: no queue.
     #[arg(long, env = "ZOPILOT_MAX_QUEUE", default_value_t = 512)]
@@ -216,7 +221,8 @@ pub struct ModelArgs {
     pub max_queue_wait: f64,
 
     /// Tokens of KV cache reserved on the GPU (paged attention); 0 means
-    /// max-model-len × 4, enough for four full-length sequences.
+    /// max-model-len × 3, enough for three full-length sequences (and, for Mixtral Q4K on a
+    /// 32 GB card, room for a full-length prompt's prefill beside it).
     #[arg(long, env = "ZOPILOT_KV_CACHE_TOKENS", default_value_t = 0)]
     pub kv_cache_tokens: usize,
 
@@ -233,8 +239,9 @@ pub struct ModelArgs {
     pub hf_home: Option<PathBuf>,
 
     /// Quantized-weights cache: a directory, or `off`. The first in-situ-quantized load
-    /// writes a GGUF file there; later starts load it instead of quantizing
-    /// [default: HF_HOME/zopilot-quant-cache].
+    /// writes a GGUF file there; later starts load it instead of quantizing. The CUDA
+    /// driver's compiled kernels are kept under it too (`cuda-jit`, unless CUDA_CACHE_PATH
+    /// is set) [default: HF_HOME/zopilot-quant-cache].
     #[arg(long, env = "ZOPILOT_QUANT_CACHE")]
     pub quant_cache: Option<String>,
 

@@ -97,7 +97,7 @@ async fn shutdown_signal() {
 
 fn serve(args: ServeArgs) -> Result<ExitCode> {
     let settings = Settings::from_serve_args(&args)?;
-    settings.model.export_hf_home();
+    settings.model.export_env();
     init_logging(settings.model.log_json);
     // Before anything is downloaded or loaded: every version and device fact, with fixes.
     if let Some(stop) = start_checks(&settings.model) {
@@ -265,7 +265,7 @@ async fn serve_async(s: Settings) -> Result<()> {
 
 fn generate(a: GenerateArgs) -> Result<ExitCode> {
     let model = ModelSettings::from_args(&a.model)?;
-    model.export_hf_home();
+    model.export_env();
     init_logging(model.log_json);
     block_on(async move {
         let engine = Arc::new(Engine::new(
@@ -321,7 +321,7 @@ fn generate(a: GenerateArgs) -> Result<ExitCode> {
 
 fn worker(a: WorkerArgs) -> Result<ExitCode> {
     let s = WorkerSettings::from_args(&a)?;
-    s.model.export_hf_home();
+    s.model.export_env();
     init_logging(s.model.log_json);
     if let Some(endpoint) = &s.endpoint_id {
         tracing::info!(endpoint_id = %endpoint, "RunPod endpoint");
@@ -382,7 +382,7 @@ fn worker(a: WorkerArgs) -> Result<ExitCode> {
 
 fn bench(a: BenchArgs) -> Result<ExitCode> {
     let model = ModelSettings::from_args(&a.model)?;
-    model.export_hf_home();
+    model.export_env();
     init_logging(model.log_json);
     if a.concurrency.is_empty()
         || a.concurrency.contains(&0)

@@ -16,6 +16,9 @@ pub const DEFAULT_MODEL: &str = "mistralai/Mixtral-8x7B-Instruct-v0.1";
 pub const RUNPOD_VOLUME: &str = "/runpod-volume";
 /// Context length used when neither `--max-model-len` nor `MAX_MODEL_LEN` is given.
 pub const DEFAULT_MAX_MODEL_LEN: usize = 8192;
+/// Size limit given to the CUDA driver's JIT cache when it lives under the quantized-weights
+/// cache (the driver's own default, 256 MiB, can evict kernels a start needs).
+const CUDA_JIT_CACHE_BYTES: u64 = 1 << 30;
 
 /// A configuration mistake, reported before anything is loaded.
 #[derive(Debug, thiserror::Error)]
@@ -93,6 +96,8 @@ pub struct ModelSettings {
     /// `None` means the model's own limit (`max_position_embeddings`).
     pub max_model_len: Option<usize>,
     pub max_num_seqs: usize,
+    /// Most prompt tokens one prefill step admits (a longer prompt runs alone).
+    pub max_prefill_tokens: usize,
     /// The waiting line in front of the sequence slots.
     pub queue: QueueLimits,
     /// Tokens of paged KV cache to reserve on a GPU.
@@ -205,6 +210,12 @@ impl ModelSettings {
             }
             Some(n) => Some(n),
         };
+        if !(64..=1 << 20).contains(&a.max_prefill_tokens) {
+            return Err(bad(format!(
+                "--max-prefill-tokens must be between 64 and 1048576. Given: {}",
+                a.max_prefill_tokens
+            )));
+        }
         if !(1..=256).contains(&a.max_num_seqs) {
             return Err(bad(format!(
                 "--max-num-seqs must be between 1 and 256. Given: {}",
@@ -230,7 +241,7 @@ impl ModelSettings {
         };
         let context_for_kv = max_model_len.unwrap_or(DEFAULT_MAX_MODEL_LEN);
         let kv_cache_tokens = match a.kv_cache_tokens {
-            0 => context_for_kv * 4,
+            0 => context_for_kv * 3,
             n if n < context_for_kv => {
                 return Err(bad(format!(
                     "--kv-cache-tokens must be >= --max-model-len ({context_for_kv}) so one \
@@ -247,6 +258,7 @@ impl ModelSettings {
             isq,
             max_model_len,
             max_num_seqs: a.max_num_seqs,
+            max_prefill_tokens: a.max_prefill_tokens,
             queue,
             kv_cache_tokens,
             cpu: a.cpu,
@@ -273,13 +285,38 @@ impl ModelSettings {
         })
     }
 
-    /// Hands the Hugging Face cache location to the download library, which reads `HF_HOME`.
-    /// Call before any thread is started.
-    pub fn export_hf_home(&self) {
+    /// Hands the Hugging Face cache location to the download library, which reads `HF_HOME`,
+    /// and keeps the CUDA driver's compiled kernels beside the quantized-weights cache.
+    /// Call before any thread is started and before CUDA is initialised.
+    ///
+    /// The GPU kernels ship as PTX, which the driver compiles for the card on first use:
+    /// ~25 s of the first start on an H200, ~2 s once its cache holds them. The driver's
+    /// default cache (`~/.nv/ComputeCache`, 256 MiB) lives on a container's scratch disk and
+    /// dies with it; under the quantized-weights cache (a RunPod network volume) it survives,
+    /// so only a pod's first start on a driver pays. `CUDA_CACHE_PATH` set by the user wins.
+    pub fn export_env(&self) {
         if let Some(home) = &self.hf_home {
             // SAFETY: called from `main` before the runtime or any other thread exists.
             unsafe { std::env::set_var("HF_HOME", home) };
         }
+        if let Some(dir) = self.cuda_jit_cache() {
+            // SAFETY: as above.
+            unsafe {
+                std::env::set_var("CUDA_CACHE_PATH", dir);
+                if std::env::var_os("CUDA_CACHE_MAXSIZE").is_none() {
+                    std::env::set_var("CUDA_CACHE_MAXSIZE", CUDA_JIT_CACHE_BYTES.to_string());
+                }
+            }
+        }
+    }
+
+    /// Where the CUDA driver's JIT cache goes: `<quant-cache>/cuda-jit`, unless
+    /// `CUDA_CACHE_PATH` is already set or the quantized-weights cache is off.
+    pub fn cuda_jit_cache(&self) -> Option<PathBuf> {
+        if std::env::var_os("CUDA_CACHE_PATH").is_some() {
+            return None;
+        }
+        self.quant_cache.as_ref().map(|dir| dir.join("cuda-jit"))
     }
 }
 
@@ -437,7 +474,7 @@ mod tests {
         assert_eq!(s.model.source, ModelSource::Hub(DEFAULT_MODEL.into()));
         assert_eq!(s.model.isq, Some(Isq::Q4K));
         assert_eq!(s.model.max_model_len, Some(DEFAULT_MAX_MODEL_LEN));
-        assert_eq!(s.model.kv_cache_tokens, DEFAULT_MAX_MODEL_LEN * 4);
+        assert_eq!(s.model.kv_cache_tokens, DEFAULT_MAX_MODEL_LEN * 3);
     }
 
     #[test]

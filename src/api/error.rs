@@ -143,6 +143,12 @@ impl From<EngineError> for ApiError {
             EngineError::Invalid { param, message } => ApiError::bad(param, message),
             e @ EngineError::Timeout(_) => ApiError::Timeout(e.to_string()),
             EngineError::Internal(m) => ApiError::Internal(m),
+            e @ EngineError::OutOfMemory(_) => {
+                if let EngineError::OutOfMemory(detail) = &e {
+                    tracing::error!(%detail, "out of GPU memory");
+                }
+                ApiError::Unavailable(e.to_string())
+            }
         }
     }
 }
@@ -201,3 +207,26 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
 /// The configured body limit, carried in request extensions for the 413 message.
 #[derive(Clone, Copy)]
 pub struct BodyLimit(pub usize);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A step that ran out of GPU memory is a 503 naming the fixes; any other failed step
+    /// stays a 500 whose detail never reaches the client.
+    #[test]
+    fn out_of_memory_is_told_apart_from_other_failures() {
+        let oom = EngineError::from_step_failure(
+            r#"DriverError(CUDA_ERROR_OUT_OF_MEMORY, "out of memory")"#.into(),
+        );
+        let api = ApiError::from(oom);
+        assert_eq!(api.parts().0, StatusCode::SERVICE_UNAVAILABLE);
+        let message = api.body()["error"]["message"].as_str().unwrap().to_owned();
+        assert!(message.contains("--max-model-len"), "{message}");
+        assert!(!message.contains("DriverError"), "{message}");
+
+        let other = ApiError::from(EngineError::from_step_failure("shape mismatch".into()));
+        assert_eq!(other.parts().0, StatusCode::INTERNAL_SERVER_ERROR);
+        assert!(!other.body().to_string().contains("shape mismatch"));
+    }
+}

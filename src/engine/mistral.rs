@@ -68,6 +68,7 @@ async fn build(s: &ModelSettings, model_id: &str, isq: Option<Isq>) -> anyhow::R
     let context_hint = s
         .max_model_len
         .unwrap_or(crate::settings::DEFAULT_MAX_MODEL_LEN);
+    mistralrs::core::set_max_prefill_tokens(s.max_prefill_tokens);
     let mut builder = TextModelBuilder::new(model_id)
         .with_max_num_seqs(s.max_num_seqs)
         // mistral.rs 0.8.1's prefix cache changes greedy output when a prompt repeats
@@ -578,7 +579,7 @@ impl MistralBackend {
                         break;
                     }
                 }
-                Step::Failed(m) => return Err(EngineError::Internal(m)),
+                Step::Failed(m) => return Err(EngineError::from_step_failure(m)),
             }
         }
         Ok(steps)

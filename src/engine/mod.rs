@@ -171,6 +171,29 @@ pub enum EngineError {
     Timeout(Duration),
     #[error("internal error: {0}")]
     Internal(String),
+    /// The GPU had no memory left for this request's step; the server stays up.
+    #[error(
+        "the GPU ran out of memory for this request (its prompt's prefill beside the others'); \
+         the server is still up: retry, or send a shorter prompt. Operators: lower \
+         --max-model-len, --kv-cache-tokens or --max-prefill-tokens"
+    )]
+    OutOfMemory(String),
+}
+
+impl EngineError {
+    /// A failed engine step as the error its client gets: out of memory told apart.
+    pub fn from_step_failure(msg: String) -> Self {
+        const OOM: [&str; 3] = [
+            "CUDA_ERROR_OUT_OF_MEMORY",
+            "out of memory",
+            "Failed to allocate preallocated KV cache",
+        ];
+        if OOM.iter().any(|s| msg.contains(s)) {
+            EngineError::OutOfMemory(msg)
+        } else {
+            EngineError::Internal(msg)
+        }
+    }
 }
 
 /// Where the model is in its life.

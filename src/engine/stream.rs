@@ -204,7 +204,7 @@ pub(super) async fn run(c: StreamCtx) {
                 usage,
             }
         }
-        Outcome::Failed(msg) => Event::Error(EngineError::Internal(msg)),
+        Outcome::Failed(msg) => Event::Error(EngineError::from_step_failure(msg)),
         Outcome::Timeout => {
             metrics.cancelled.fetch_add(1, Relaxed);
             Event::Error(EngineError::Timeout(timeout))

@@ -261,13 +261,28 @@ pub fn gib(bytes: u64) -> f64 {
 pub struct MemoryPlan {
     pub weights_bytes: u64,
     pub kv_cache_bytes: u64,
+    /// The activations of the largest prefill pass (`prefill_tokens` tokens at once).
+    pub prefill_bytes: u64,
+    pub prefill_tokens: usize,
+    /// The CUDA context, cuBLAS workspaces and the engine's standing buffers.
     pub overhead_bytes: u64,
     pub kv_bytes_per_token: u64,
 }
 
 impl MemoryPlan {
     pub fn total(&self) -> u64 {
-        self.weights_bytes + self.kv_cache_bytes + self.overhead_bytes
+        self.weights_bytes + self.kv_cache_bytes + self.prefill_bytes + self.overhead_bytes
+    }
+
+    fn parts(&self, kv_tokens: usize) -> String {
+        format!(
+            "weights {:.1} + KV cache {:.1} for {kv_tokens} tokens + prefill {:.1} for {} tokens + CUDA and buffers {:.1}",
+            gib(self.weights_bytes),
+            gib(self.kv_cache_bytes),
+            gib(self.prefill_bytes),
+            self.prefill_tokens,
+            gib(self.overhead_bytes)
+        )
     }
 }
 
@@ -277,21 +292,17 @@ pub fn memory_check(plan: &MemoryPlan, device: Option<&DeviceFacts>, kv_tokens: 
             "memory",
             Verdict::Skip,
             format!(
-                "needs {:.1} GiB on a GPU (weights {:.1} + KV {:.1} + overhead {:.1}); no GPU to compare with",
+                "needs {:.1} GiB on a GPU ({}); no GPU to compare with",
                 gib(plan.total()),
-                gib(plan.weights_bytes),
-                gib(plan.kv_cache_bytes),
-                gib(plan.overhead_bytes)
+                plan.parts(kv_tokens)
             ),
         );
     };
     let have = d.free_bytes.unwrap_or(d.total_bytes);
     let summary = format!(
-        "needs {:.1} GiB (weights {:.1} + KV cache {:.1} for {kv_tokens} tokens + overhead {:.1}); {} has {:.1} GiB free",
+        "needs {:.1} GiB ({}); {} has {:.1} GiB free",
         gib(plan.total()),
-        gib(plan.weights_bytes),
-        gib(plan.kv_cache_bytes),
-        gib(plan.overhead_bytes),
+        plan.parts(kv_tokens),
         d.name,
         gib(have)
     );
@@ -300,7 +311,8 @@ pub fn memory_check(plan: &MemoryPlan, device: Option<&DeviceFacts>, kv_tokens: 
     }
     let short = plan.total() - have;
     let fewer_tokens = short.div_ceil(plan.kv_bytes_per_token.max(1));
-    if plan.weights_bytes + plan.overhead_bytes < have && (fewer_tokens as usize) < kv_tokens {
+    let fixed = plan.weights_bytes + plan.prefill_bytes + plan.overhead_bytes;
+    if fixed < have && (fewer_tokens as usize) < kv_tokens {
         let max_tokens = kv_tokens - fewer_tokens as usize;
         return Check::new("memory", Verdict::Fail, summary)
             .fix(format!("lower --kv-cache-tokens to <= {max_tokens} (and --max-model-len with it), {:.1} GiB less KV cache", gib(short)));
@@ -518,7 +530,9 @@ mod tests {
         let plan = MemoryPlan {
             weights_bytes: 25 << 30,
             kv_cache_bytes: 4 << 30,
-            overhead_bytes: 2 << 30,
+            prefill_bytes: 1 << 30,
+            prefill_tokens: 8192,
+            overhead_bytes: 1 << 30,
             kv_bytes_per_token: 128 << 10,
         };
         let c = memory_check(&plan, Some(&gpu((12, 0), 32, 30)), 32768);

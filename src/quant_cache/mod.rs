@@ -435,6 +435,31 @@ pub struct Opened {
     experts: GgmlDType,
     /// The checkpoint fingerprint a cache file was made from (local directories).
     checkpoint: Option<String>,
+    /// Bytes of all tensors, and of the largest one.
+    tensor_bytes: u64,
+    largest_tensor: u64,
+}
+
+/// What the preflight needs of a GGUF file, read from its header alone (no tensor data).
+#[derive(Debug, Clone)]
+pub struct Inspected {
+    pub config: Value,
+    /// The experts' GGML type (Q4_K for our cache files; llama.cpp's Q4_K_M also Q4_K).
+    pub experts: Isq,
+    pub tensor_bytes: u64,
+    pub largest_tensor: u64,
+}
+
+/// Reads a GGUF model's or cache file's header as [`open`] does (`key`: the cache key it must
+/// carry), without reading a tensor.
+pub fn inspect(path: &Path, key: Option<&str>) -> Result<Inspected> {
+    let o = open(path, key)?;
+    Ok(Inspected {
+        config: o.config,
+        experts: isq_of(o.experts),
+        tensor_bytes: o.tensor_bytes,
+        largest_tensor: o.largest_tensor,
+    })
 }
 
 fn meta_str(c: &Content, k: &str) -> Option<String> {
@@ -579,6 +604,8 @@ pub fn open(path: &Path, key: Option<&str>) -> Result<Opened> {
             },
         });
     }
+    let tensor_bytes = slots.iter().map(|s| s.len as u64).sum();
+    let largest_tensor = slots.iter().map(|s| s.len as u64).max().unwrap_or(0);
     Ok(Opened {
         arch,
         replay: Replay::new(&file, slots)?,
@@ -593,6 +620,8 @@ pub fn open(path: &Path, key: Option<&str>) -> Result<Opened> {
                 })
             }),
         experts: experts.unwrap_or(GgmlDType::Q4K),
+        tensor_bytes,
+        largest_tensor,
         checkpoint: meta_str(&content, "zopilot.checkpoint"),
     })
 }
@@ -649,7 +678,9 @@ fn write_plain(replay: &Replay, path: &Path) -> Result<()> {
             GgmlDType::F32 => (Dtype::F32, bytes.to_vec()),
             GgmlDType::F16 => (Dtype::F16, bytes.to_vec()),
             other => {
-                // llama.cpp quantizes the embedding: dequantize it once, here.
+                // llama.cpp quantizes the embedding: dequantize it once, here, to f32, the
+                // exact values llama.cpp's row lookup gives (bf16 would round them, enough
+                // to flip a near-tied routing choice and part the text from llama.cpp's).
                 let cpu = candle_core::Device::Cpu;
                 let q = candle_core::quantized::ggml_file::qtensor_from_ggml(
                     other,
@@ -658,11 +689,8 @@ fn write_plain(replay: &Replay, path: &Path) -> Result<()> {
                     &cpu,
                 )?;
                 let values: Vec<f32> = q.dequantize(&cpu)?.flatten_all()?.to_vec1()?;
-                let data = values
-                    .iter()
-                    .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
-                    .collect();
-                (Dtype::BF16, data)
+                let data = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+                (Dtype::F32, data)
             }
         };
         tensors.push((slot.entry.hf.clone(), dtype, dims, data));

@@ -244,3 +244,104 @@ async fn a_gguf_model_directory_serves_over_http() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// `check --json` with `args`: its checks by id.
+fn checks(args: &[&std::ffi::OsStr]) -> Value {
+    let out = binary()
+        .args(["check", "--json", "--cpu"])
+        .args(args)
+        .output()
+        .unwrap();
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "check --json printed JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    let mut by_id = serde_json::Map::new();
+    for c in report["checks"].as_array().unwrap() {
+        by_id.insert(c["id"].as_str().unwrap().to_owned(), c.clone());
+    }
+    Value::Object(by_id)
+}
+
+/// `check` tells whether a cache file serves the start or the start writes one, counts the
+/// cache in the disk budget, and lets a cache stand in for deleted safetensors.
+#[test]
+fn check_shows_the_cache_and_counts_it_on_disk() {
+    let model = tempfile::tempdir().unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    synth(model.path(), &[]);
+    let args = [
+        "--model".as_ref(),
+        model.path().as_os_str(),
+        "--quant-cache".as_ref(),
+        cache.path().as_os_str(),
+    ];
+    let before = checks(&args);
+    assert_eq!(before["cache"]["verdict"], "pass", "{before}");
+    let summary = before["cache"]["summary"].as_str().unwrap();
+    assert!(
+        summary.contains("no quantized-weights cache yet"),
+        "{summary}"
+    );
+    assert!(
+        summary.contains(&cache.path().display().to_string()),
+        "{summary}"
+    );
+    let disk = before["disk"]["summary"].as_str().unwrap();
+    assert!(disk.contains("the quantized-weights cache up to"), "{disk}");
+    assert!(
+        before["host_memory"]["summary"]
+            .as_str()
+            .unwrap()
+            .contains("anonymous memory"),
+        "{before}"
+    );
+
+    generate(model.path(), cache.path());
+    let file = cache_file(cache.path());
+    for f in std::fs::read_dir(model.path()).unwrap().flatten() {
+        if f.path().extension().is_some_and(|x| x == "safetensors") {
+            std::fs::remove_file(f.path()).unwrap();
+        }
+    }
+    let after = checks(&args);
+    let summary = after["cache"]["summary"].as_str().unwrap();
+    assert_eq!(after["cache"]["verdict"], "pass", "{after}");
+    assert!(summary.contains("loading maps it"), "{summary}");
+    assert!(summary.contains(&file.display().to_string()), "{summary}");
+    assert_eq!(
+        after["model"]["verdict"], "pass",
+        "the cache stands in: {after}"
+    );
+    assert_eq!(after["disk"]["summary"], "nothing to download or write");
+
+    let off = checks(&[
+        "--model".as_ref(),
+        model.path().as_os_str(),
+        "--quant-cache".as_ref(),
+        "off".as_ref(),
+    ]);
+    assert_eq!(off["cache"]["verdict"], "pass", "{off}");
+    assert!(
+        off["cache"]["summary"]
+            .as_str()
+            .unwrap()
+            .contains("cache off"),
+        "{off}"
+    );
+
+    let gguf = tempfile::tempdir().unwrap();
+    synth(gguf.path(), &["--quantized", "q4k"]);
+    let g = checks(&["--model".as_ref(), gguf.path().as_os_str()]);
+    assert_eq!(g["model"]["verdict"], "pass", "{g}");
+    assert!(
+        g["model"]["summary"]
+            .as_str()
+            .unwrap()
+            .starts_with("GGUF model"),
+        "{g}"
+    );
+    assert_eq!(g["cache"]["verdict"], "skip", "{g}");
+}

@@ -10,7 +10,11 @@ mod backends;
 pub(crate) use backends::{flash_attn, maybe_synchronize, naive_sdpa, sinks_attn};
 
 /// Chunk size for attention computation to avoid OOM on long sequences
-pub(crate) const ATTENTION_CHUNK_SIZE: usize = 1024;
+///
+/// zopilot-gpu patch: 256 (upstream 1024). Each chunk's scores are `[b, heads, chunk,
+/// context]`, three copies live at once (scores, masked, softmax): at 1024 a single
+/// 8k-token prompt's chunk took ~1.5 GB of a 32 GB card.
+pub(crate) const ATTENTION_CHUNK_SIZE: usize = 256;
 
 /// Generic chunked attention computation that can be used by different backends
 pub(crate) fn chunked_attention<F>(

@@ -127,6 +127,9 @@ fn mma_max_tokens() -> usize {
 
 /// Tokens candle's quantized mat-vec kernels take in one launch (they go up to 8 columns).
 const VEC_TOKENS: usize = 8;
+/// The most tokens one pass of the grouped (prefill) path takes; longer batches go in slices.
+const GROUPED_SLICE_TOKENS: usize = 2048;
+
 /// Up to this many tokens, [`qmatmul`] splits a quantized matmul into mat-vec launches.
 const VEC_SPLIT_MAX_TOKENS: usize = 128;
 
@@ -650,12 +653,27 @@ impl StackedExperts {
     pub(crate) fn forward(&self, xs: &Tensor, router_logits: &Tensor, top_k: usize) -> Result<Tensor> {
         let (ids, weights) = route(&router_logits.to_dtype(DType::F32)?, top_k)?;
         let n = xs.dim(0)?;
-        let ys = if n <= self.gather_max_tokens {
-            self.forward_gather(xs, &ids, &weights)?
-        } else {
-            self.forward_grouped(xs, &ids, &weights)?
-        };
-        ys.to_dtype(xs.dtype())
+        if n <= self.gather_max_tokens {
+            return self.forward_gather(xs, &ids, &weights)?.to_dtype(xs.dtype());
+        }
+        // A long prefill goes through the experts a slice of tokens at a time: each expert's
+        // intermediates grow with the tokens routed to it, and at 8k tokens they and the f32
+        // sum took ~1 GB of a 32 GB card. Tokens are independent here, so the result is the
+        // same; only the experts' dequantization repeats per slice.
+        let mut parts = Vec::with_capacity(n.div_ceil(GROUPED_SLICE_TOKENS));
+        for start in (0..n).step_by(GROUPED_SLICE_TOKENS) {
+            let len = GROUPED_SLICE_TOKENS.min(n - start);
+            let ys = self.forward_grouped(
+                &xs.narrow(0, start, len)?,
+                &ids.narrow(0, start, len)?,
+                &weights.narrow(0, start, len)?,
+            )?;
+            parts.push(ys.to_dtype(xs.dtype())?);
+        }
+        if parts.len() == 1 {
+            return Ok(parts.remove(0));
+        }
+        Tensor::cat(&parts, 0)
     }
 
     /// The tensors for decoding `n` tokens through our fused Q4K kernels

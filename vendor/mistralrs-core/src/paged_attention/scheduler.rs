@@ -3,7 +3,10 @@
 
 use std::{
     collections::{HashMap, VecDeque},
-    sync::{atomic::Ordering, Arc, Mutex},
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
 };
 
 use tracing::{info, warn};
@@ -31,6 +34,17 @@ type BucketKey = (usize, bool, usize);
 
 /// Allow sequences to wait for 64 scheduling passes before warning of deprivation.
 const WAITING_TIMEOUT: usize = 64;
+
+/// zopilot-gpu patch: the most prompt tokens one prefill step admits; a prompt longer than
+/// this still runs, alone. Upstream 0.8.1 admitted every waiting prompt the KV cache could
+/// hold into one forward pass, whose activations then grew with their sum (four prompts of
+/// 8k tokens: one 32k-token pass). Process-wide, set before loading; unbounded by default.
+static MAX_PREFILL_TOKENS: AtomicUsize = AtomicUsize::new(usize::MAX);
+
+/// zopilot-gpu patch: sets the prefill token budget (see `MAX_PREFILL_TOKENS`).
+pub fn set_max_prefill_tokens(tokens: usize) {
+    MAX_PREFILL_TOKENS.store(tokens.max(1), Ordering::Relaxed);
+}
 
 pub struct PagedAttentionSchedulerOutput {
     /// Either ALL prompt or ALL completion.
@@ -116,9 +130,16 @@ impl PagedAttentionScheduler {
     /// correct flash attention varlen operation (avoiding soundness issues with padding).
     ///
     /// Also removes preempted sequences from self.running.
+    ///
+    /// zopilot-gpu patch: `uniform_length` is false for completions. A decode step attends
+    /// through the block tables with each sequence's own context length, so sequences of
+    /// different lengths batch correctly; bucketing them preempted every sequence but the
+    /// shortest at each step and re-prefilled it later (upstream issue #2024; upstream's
+    /// `requires_uniform_completion_batch` is false for normal models since #2354).
     fn bucket_and_preempt_sequences(
         &mut self,
         sequences: VecDeque<Arc<Mutex<Sequence>>>,
+        uniform_length: bool,
     ) -> VecDeque<Arc<Mutex<Sequence>>> {
         if sequences.len() <= 1 {
             return sequences;
@@ -131,7 +152,9 @@ impl PagedAttentionScheduler {
             // Use effective length for prompts so sequences with different
             // prefix cache hits land in separate buckets. The causal offset
             // (seqlen_k - seqlen_q) is only correct when all Qs are the same.
-            let effective_len = if seq_guard.is_prompt() {
+            let effective_len = if !uniform_length {
+                0
+            } else if seq_guard.is_prompt() {
                 seq_guard.len().saturating_sub(seq_guard.prefix_cache_len())
             } else {
                 seq_guard.len()
@@ -179,6 +202,8 @@ impl PagedAttentionScheduler {
     pub fn schedule(&mut self, logger: &IntervalLogger) -> PagedAttentionSchedulerOutput {
         let mut scheduled: VecDeque<Arc<Mutex<Sequence>>> = VecDeque::new();
         let mut for_waiting_again: VecDeque<Arc<Mutex<Sequence>>> = VecDeque::new();
+        let prefill_budget = MAX_PREFILL_TOKENS.load(Ordering::Relaxed);
+        let mut prefill_tokens = 0usize;
         while !self.waiting.is_empty() {
             let mut did_ignore = false;
             let seq = self.waiting.front().unwrap().clone();
@@ -191,6 +216,10 @@ impl PagedAttentionScheduler {
             let seq_id = *seq_guard.id();
             let tokens = seq_guard.get_toks().to_vec();
             let num_tokens = tokens.len();
+            if !scheduled.is_empty() && prefill_tokens + num_tokens > prefill_budget {
+                break;
+            }
+            prefill_tokens += num_tokens;
             let mm_features = seq_guard.mm_features().to_vec();
             drop(seq_guard);
 
@@ -309,7 +338,7 @@ impl PagedAttentionScheduler {
         if !scheduled.is_empty() {
             // Bucket scheduled prompts by sequence length to ensure all sequences in a batch
             // have the same length (required for correct flash attention varlen operation).
-            let scheduled = self.bucket_and_preempt_sequences(scheduled);
+            let scheduled = self.bucket_and_preempt_sequences(scheduled, true);
 
             // Rebuild num_cached_tokens from the bucketed sequences.
             // prefix_cache_len was set per-sequence above, so this stays aligned
@@ -375,7 +404,7 @@ impl PagedAttentionScheduler {
 
         // Bucket running completions by sequence length
         let running_for_bucket = std::mem::take(&mut self.running);
-        let bucketed = self.bucket_and_preempt_sequences(running_for_bucket);
+        let bucketed = self.bucket_and_preempt_sequences(running_for_bucket, false);
         self.running = bucketed;
 
         self.running
