@@ -265,6 +265,11 @@ fn checks(args: &[&std::ffi::OsStr]) -> Value {
     Value::Object(by_id)
 }
 
+/// The summary of check `id` in [`checks`]' result.
+fn summary<'a>(checks: &'a Value, id: &str) -> &'a str {
+    checks[id]["summary"].as_str().unwrap_or_default()
+}
+
 /// `check` tells whether a cache file serves the start or the start writes one, counts the
 /// cache in the disk budget, and lets a cache stand in for deleted safetensors.
 #[test]
@@ -280,22 +285,13 @@ fn check_shows_the_cache_and_counts_it_on_disk() {
     ];
     let before = checks(&args);
     assert_eq!(before["cache"]["verdict"], "pass", "{before}");
-    let summary = before["cache"]["summary"].as_str().unwrap();
-    assert!(
-        summary.contains("no quantized-weights cache yet"),
-        "{summary}"
-    );
-    assert!(
-        summary.contains(&cache.path().display().to_string()),
-        "{summary}"
-    );
-    let disk = before["disk"]["summary"].as_str().unwrap();
+    let line = summary(&before, "cache");
+    assert!(line.contains("no quantized-weights cache yet"), "{line}");
+    assert!(line.contains(&cache.path().display().to_string()), "{line}");
+    let disk = summary(&before, "disk");
     assert!(disk.contains("the quantized-weights cache up to"), "{disk}");
     assert!(
-        before["host_memory"]["summary"]
-            .as_str()
-            .unwrap()
-            .contains("anonymous memory"),
+        summary(&before, "host_memory").contains("anonymous memory"),
         "{before}"
     );
 
@@ -307,10 +303,10 @@ fn check_shows_the_cache_and_counts_it_on_disk() {
         }
     }
     let after = checks(&args);
-    let summary = after["cache"]["summary"].as_str().unwrap();
+    let line = summary(&after, "cache");
     assert_eq!(after["cache"]["verdict"], "pass", "{after}");
-    assert!(summary.contains("loading maps it"), "{summary}");
-    assert!(summary.contains(&file.display().to_string()), "{summary}");
+    assert!(line.contains("loading maps it"), "{line}");
+    assert!(line.contains(&file.display().to_string()), "{line}");
     assert_eq!(
         after["model"]["verdict"], "pass",
         "the cache stands in: {after}"
@@ -324,24 +320,12 @@ fn check_shows_the_cache_and_counts_it_on_disk() {
         "off".as_ref(),
     ]);
     assert_eq!(off["cache"]["verdict"], "pass", "{off}");
-    assert!(
-        off["cache"]["summary"]
-            .as_str()
-            .unwrap()
-            .contains("cache off"),
-        "{off}"
-    );
+    assert!(summary(&off, "cache").contains("cache off"), "{off}");
 
     let gguf = tempfile::tempdir().unwrap();
     synth(gguf.path(), &["--quantized", "q4k"]);
     let g = checks(&["--model".as_ref(), gguf.path().as_os_str()]);
     assert_eq!(g["model"]["verdict"], "pass", "{g}");
-    assert!(
-        g["model"]["summary"]
-            .as_str()
-            .unwrap()
-            .starts_with("GGUF model"),
-        "{g}"
-    );
+    assert!(summary(&g, "model").starts_with("GGUF model"), "{g}");
     assert_eq!(g["cache"]["verdict"], "skip", "{g}");
 }
