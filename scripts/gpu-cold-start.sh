@@ -106,6 +106,20 @@ print(sorted(codes, key=str))
 EOF2
 }
 
+# Against the server on :8123 serving $M: the full-depth benchmark into $OUT/$1, then one
+# and four ~7,900-token prompts, each phase's peak GPU memory after it.
+bench_and_long_prompts() {
+  timeout 300 "$B" bench --url http://localhost:8123 --model $M --distinct-prompts --prompt-tokens 512 \
+    --max-tokens 128 --concurrency 1,4,16,32 --json > "$OUT/$1" 2> "$W/bench.log"
+  echo "bench exit $?" >> "$S"
+  mem_since "benchmark at the defaults (and what ran since the last figure)"
+  log "long prompts at the defaults: one, then four at once (~7900 tokens each)"
+  echo "one: $(long_prompts 1 7900)" >> "$S"
+  mem_since "one long prompt"
+  echo "four: $(long_prompts 4 7900)" >> "$S"
+  mem_since "four long prompts at once"
+}
+
 stop() {
   kill -TERM "$pid" 2> /dev/null
   wait "$pid" 2> /dev/null
@@ -133,15 +147,7 @@ if [ "$MODE" = full ]; then
   log "greedy alone and in a decode batch of mixed lengths"
   timeout 240 python3 "$(dirname "$0")/mixed-batch-check.py" http://localhost:8123 16 48 > "$OUT/mixed-batch.json"
   echo "mixed-batch check exit $?: $(head -c 300 "$OUT/mixed-batch.json")" >> "$S"
-  timeout 300 "$B" bench --url http://localhost:8123 --model $M --distinct-prompts --prompt-tokens 512 \
-    --max-tokens 128 --concurrency 1,4,16,32 --json > "$OUT/bench-serve-defaults.json" 2> "$W/bench.log"
-  echo "bench exit $?" >> "$S"
-  mem_since "mixed-batch check and benchmark at the defaults"
-  log "long prompts at the defaults: one, then four at once (~7900 tokens each)"
-  echo "one: $(long_prompts 1 7900)" >> "$S"
-  mem_since "one long prompt"
-  echo "four: $(long_prompts 4 7900)" >> "$S"
-  mem_since "four long prompts at once"
+  bench_and_long_prompts bench-serve-defaults.json
   stop; kill $smi
 
   log "serve under a 16 GiB host-memory cap, cold page cache"
@@ -196,14 +202,7 @@ EOF2
     echo "mixed-batch check $mode exit $?: $(head -c 420 "$W/mixed$mode.json")" >> "$S"
   done
   cp "$W"/mixed*.json "$OUT/"
-  timeout 300 "$B" bench --url http://localhost:8123 --model $M --distinct-prompts --prompt-tokens 512 \
-    --max-tokens 128 --concurrency 1,4,16,32 --json > "$OUT/bench-serve-5090.json" 2> "$W/bench.log"
-  echo "bench exit $?" >> "$S"
-  mem_since "benchmark at the defaults"
-  echo "one: $(long_prompts 1 7900)" >> "$S"
-  mem_since "one long prompt"
-  echo "four: $(long_prompts 4 7900)" >> "$S"
-  mem_since "four long prompts at once"
+  bench_and_long_prompts bench-serve-5090.json
   grep -ciE "out of memory|CUDA_ERROR_OUT_OF_MEMORY" "$W/serve.log" | sed 's/^/out-of-memory lines in the log: /' >> "$S"
   stop; kill $smi $ballast 2> /dev/null
 fi

@@ -312,7 +312,7 @@ impl ModelSettings {
 
     /// Where the CUDA driver's JIT cache goes: `<quant-cache>/cuda-jit`, unless
     /// `CUDA_CACHE_PATH` is already set or the quantized-weights cache is off.
-    pub fn cuda_jit_cache(&self) -> Option<PathBuf> {
+    fn cuda_jit_cache(&self) -> Option<PathBuf> {
         if std::env::var_os("CUDA_CACHE_PATH").is_some() {
             return None;
         }

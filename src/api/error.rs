@@ -143,12 +143,7 @@ impl From<EngineError> for ApiError {
             EngineError::Invalid { param, message } => ApiError::bad(param, message),
             e @ EngineError::Timeout(_) => ApiError::Timeout(e.to_string()),
             EngineError::Internal(m) => ApiError::Internal(m),
-            e @ EngineError::OutOfMemory(_) => {
-                if let EngineError::OutOfMemory(detail) = &e {
-                    tracing::error!(%detail, "out of GPU memory");
-                }
-                ApiError::Unavailable(e.to_string())
-            }
+            e @ EngineError::OutOfMemory(_) => ApiError::Unavailable(e.to_string()),
         }
     }
 }

@@ -181,7 +181,9 @@ pub enum EngineError {
 }
 
 impl EngineError {
-    /// A failed engine step as the error its client gets: out of memory told apart.
+    /// A failed engine step as the error its client gets: out of memory told apart (and
+    /// logged here, whole, since its client sees only the fixes; other failures are logged
+    /// where they become a 500).
     pub fn from_step_failure(msg: String) -> Self {
         const OOM: [&str; 3] = [
             "CUDA_ERROR_OUT_OF_MEMORY",
@@ -189,6 +191,7 @@ impl EngineError {
             "Failed to allocate preallocated KV cache",
         ];
         if OOM.iter().any(|s| msg.contains(s)) {
+            tracing::error!(detail = %msg, "out of GPU memory");
             EngineError::OutOfMemory(msg)
         } else {
             EngineError::Internal(msg)

@@ -12,7 +12,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use super::rules::{self, Check, Verdict};
-use super::{HostFacts, disk_free};
+use super::{HostFacts, disk_free, nearest_existing};
 use crate::quant_cache;
 use crate::settings::{Isq, ModelSettings, ModelSource};
 use crate::synth::Shapes;
@@ -34,23 +34,32 @@ pub enum LoadPath {
     Plain,
 }
 
+/// A GGUF file whose header read as `inspected`, and the config it carries.
+fn mapped(
+    file: PathBuf,
+    cached: bool,
+    inspected: quant_cache::Inspected,
+) -> (LoadPath, Option<serde_json::Value>, Option<String>) {
+    let path = LoadPath::Gguf {
+        file,
+        cached,
+        tensor_bytes: inspected.tensor_bytes,
+        largest_tensor: inspected.largest_tensor,
+    };
+    (path, Some(inspected.config), None)
+}
+
 /// Decides the load path as `quant_cache::prepare` will, from headers only. Also returns
-/// the config a GGUF file carries (its shapes), and a GGUF model's header error, if any.
+/// the config a GGUF file carries (its shapes), and why a GGUF model is unusable, if it is.
 pub fn load_path(m: &ModelSettings) -> (LoadPath, Option<serde_json::Value>, Option<String>) {
     match quant_cache::gguf_model(&m.source) {
         Ok(Some(file)) => {
             return match quant_cache::inspect(&file, None) {
-                Ok(i) => (
-                    LoadPath::Gguf {
-                        file,
-                        cached: false,
-                        tensor_bytes: i.tensor_bytes,
-                        largest_tensor: i.largest_tensor,
-                    },
-                    Some(i.config),
-                    None,
-                ),
-                Err(e) => (LoadPath::Plain, None, Some(format!("{e:#}"))),
+                Ok(i) => mapped(file, false, i),
+                Err(e) => {
+                    let why = format!("GGUF model {}: {e:#}", file.display());
+                    (LoadPath::Plain, None, Some(why))
+                }
             };
         }
         Err(e) => return (LoadPath::Plain, None, Some(format!("{e:#}"))),
@@ -66,13 +75,7 @@ pub fn load_path(m: &ModelSettings) -> (LoadPath, Option<serde_json::Value>, Opt
         return (LoadPath::Quantize { writes: None }, None, None);
     };
     if let Ok(i) = quant_cache::inspect(&file, Some(&key)) {
-        let path = LoadPath::Gguf {
-            file,
-            cached: true,
-            tensor_bytes: i.tensor_bytes,
-            largest_tensor: i.largest_tensor,
-        };
-        return (path, Some(i.config), None);
+        return mapped(file, true, i);
     }
     (LoadPath::Quantize { writes: Some(file) }, None, None)
 }
@@ -170,8 +173,9 @@ pub fn cache_check(m: &ModelSettings, path: &LoadPath) -> Check {
 
 /// The filesystem a path is on (its nearest existing ancestor's device).
 fn filesystem(path: &Path) -> Option<u64> {
-    let existing = path.ancestors().find(|p| p.exists())?;
-    std::fs::metadata(existing).ok().map(|m| m.dev())
+    std::fs::metadata(nearest_existing(path)?)
+        .ok()
+        .map(|m| m.dev())
 }
 
 /// What a start writes to disk: (directory, bytes, what).

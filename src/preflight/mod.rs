@@ -163,8 +163,13 @@ fn host_facts(cache_dir: PathBuf) -> HostFacts {
     }
 }
 
+/// `path`, or its nearest ancestor that exists (a directory a start will create).
+pub(crate) fn nearest_existing(path: &Path) -> Option<&Path> {
+    path.ancestors().find(|p| p.exists())
+}
+
 pub(crate) fn disk_free(path: &Path) -> Option<u64> {
-    let existing = path.ancestors().find(|p| p.exists())?;
+    let existing = nearest_existing(path)?;
     let c = std::ffi::CString::new(existing.as_os_str().as_encoded_bytes()).ok()?;
     let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
     // SAFETY: a valid path and a zeroed out-struct.
@@ -313,43 +318,26 @@ fn model_checks(
     (path, gguf_error): (&load::LoadPath, Option<&str>),
     report: &mut Report,
 ) {
-    match &m.source {
-        ModelSource::Synthetic(_) => report.push(Check::new(
+    match (&m.source, path, gguf_error) {
+        (ModelSource::Synthetic(_), ..) => report.push(Check::new(
             "model",
             Verdict::Pass,
             "synthetic model, written at start-up",
         )),
-        ModelSource::Gguf(file) => report.push(match gguf_error {
-            None => Check::new(
+        // A GGUF model, as a file or the one GGUF of a directory.
+        (_, _, Some(e)) => report.push(
+            Check::new("model", Verdict::Fail, e)
+                .fix("point --model at one Mixtral GGUF file (llama.cpp's conversion or ours), or a directory of safetensors"),
+        ),
+        (ModelSource::Gguf(file), _, None)
+        | (ModelSource::Local(_), load::LoadPath::Gguf { file, cached: false, .. }, None) => {
+            report.push(Check::new(
                 "model",
                 Verdict::Pass,
                 format!("GGUF model {}", file.display()),
-            ),
-            Some(e) => Check::new(
-                "model",
-                Verdict::Fail,
-                format!("GGUF model {}: {e}", file.display()),
-            )
-            .fix("pass a Mixtral GGUF (llama.cpp's conversion or ours) with --model"),
-        }),
-        ModelSource::Local(dir) if gguf_error.is_some() => report.push(
-            Check::new(
-                "model",
-                Verdict::Fail,
-                gguf_error.unwrap_or_default().to_owned(),
-            )
-            .fix("point --model at one GGUF file, or a directory of safetensors"),
-        ),
-        ModelSource::Local(_) if matches!(path, load::LoadPath::Gguf { cached: false, .. }) => {
-            if let load::LoadPath::Gguf { file, .. } = path {
-                report.push(Check::new(
-                    "model",
-                    Verdict::Pass,
-                    format!("GGUF model {}", file.display()),
-                ));
-            }
+            ))
         }
-        ModelSource::Local(dir) => {
+        (ModelSource::Local(dir), ..) => {
             let has = |f: &str| dir.join(f).exists();
             // A cache file of this checkpoint stands in for its safetensors.
             let cached = matches!(path, load::LoadPath::Gguf { cached: true, .. });
@@ -390,7 +378,7 @@ fn model_checks(
                 );
             }
         }
-        ModelSource::Hub(id) => {
+        (ModelSource::Hub(id), ..) => {
             report.push(hub_model_check(id, m, remote, host));
         }
     }

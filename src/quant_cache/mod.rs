@@ -444,8 +444,6 @@ pub struct Opened {
 #[derive(Debug, Clone)]
 pub struct Inspected {
     pub config: Value,
-    /// The experts' GGML type (Q4_K for our cache files; llama.cpp's Q4_K_M also Q4_K).
-    pub experts: Isq,
     pub tensor_bytes: u64,
     pub largest_tensor: u64,
 }
@@ -456,7 +454,6 @@ pub fn inspect(path: &Path, key: Option<&str>) -> Result<Inspected> {
     let o = open(path, key)?;
     Ok(Inspected {
         config: o.config,
-        experts: isq_of(o.experts),
         tensor_bytes: o.tensor_bytes,
         largest_tensor: o.largest_tensor,
     })
