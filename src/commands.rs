@@ -35,6 +35,8 @@ pub fn exit_code_for(e: &anyhow::Error) -> ExitCode {
 
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> Result<ExitCode> {
+    // Before any thread starts: large buffers get mappings of their own (engine/heap.rs).
+    crate::engine::heap::fix_mmap_threshold();
     match cli.command {
         Some(Command::Serve(a)) => serve(a),
         Some(Command::Generate(a)) => generate(a),
@@ -209,6 +211,7 @@ async fn serve_async(s: Settings) -> Result<()> {
     };
     let listener = bind(s.server.listen).await?;
     tracing::info!(addr = %listener.local_addr()?, model = %engine.model_name, "listening; loading the model");
+    engine.trim_heap_when_idle();
     let token = CancellationToken::new();
     drain_on_signal(engine.clone(), token.clone());
     let mut servers = tokio::task::JoinSet::new();
@@ -340,6 +343,7 @@ fn worker(a: WorkerArgs) -> Result<ExitCode> {
             api_key: None,
             body_limit: 64 << 20,
         };
+        engine.trim_heap_when_idle();
         let token = CancellationToken::new();
         drain_on_signal(engine.clone(), token.clone());
         if let Some(addr) = s.health_listen {

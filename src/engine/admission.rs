@@ -5,7 +5,7 @@
 //! with its future and leaves the queue. Never unbounded: at most `max_waiting` wait.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -26,6 +26,8 @@ pub struct Admission {
     slots: Arc<Semaphore>,
     total: usize,
     waiting: Arc<AtomicUsize>,
+    /// Slots handed out so far: a change means work since the last look.
+    admitted: AtomicU64,
     limits: QueueLimits,
     metrics: Arc<Metrics>,
 }
@@ -46,6 +48,7 @@ impl Admission {
             slots: Arc::new(Semaphore::new(slots)),
             total: slots,
             waiting: Arc::new(AtomicUsize::new(0)),
+            admitted: AtomicU64::new(0),
             limits,
             metrics,
         }
@@ -67,6 +70,15 @@ impl Admission {
         self.waiting.load(Relaxed)
     }
 
+    pub fn admitted(&self) -> u64 {
+        self.admitted.load(Relaxed)
+    }
+
+    /// No sequence running and none waiting.
+    pub fn idle(&self) -> bool {
+        self.running() == 0 && self.waiting() == 0
+    }
+
     fn refuse(&self) -> EngineError {
         self.metrics.rejected.fetch_add(1, Relaxed);
         EngineError::Overloaded(self.total)
@@ -76,6 +88,7 @@ impl Admission {
     pub async fn admit(&self) -> Result<OwnedSemaphorePermit, EngineError> {
         // Permits go to waiters first, so this succeeds only when nobody is waiting.
         if let Ok(permit) = self.slots.clone().try_acquire_owned() {
+            self.admitted.fetch_add(1, Relaxed);
             self.metrics.queue_wait.observe(0.0);
             return Ok(permit);
         }
@@ -88,6 +101,7 @@ impl Admission {
         let since = Instant::now();
         match tokio::time::timeout(self.limits.max_wait, self.slots.clone().acquire_owned()).await {
             Ok(Ok(permit)) => {
+                self.admitted.fetch_add(1, Relaxed);
                 self.metrics
                     .queue_wait
                     .observe(since.elapsed().as_secs_f64());

@@ -4,6 +4,7 @@
 //! behind it (`mistral`) is the only code that imports mistralrs.
 
 mod admission;
+pub mod heap;
 mod json_close;
 mod mistral;
 mod shaping;
@@ -325,6 +326,12 @@ impl Engine {
     }
 
     /// Stops admitting new requests; those running finish.
+    /// Gives freed heap back to the operating system whenever the engine goes idle after
+    /// work (see `heap`); runs until the engine is dropped. Call once, inside the runtime.
+    pub fn trim_heap_when_idle(self: &Arc<Self>) {
+        tokio::spawn(heap::trim_when_idle(Arc::downgrade(self)));
+    }
+
     pub fn drain(&self) {
         let mut s = self.state.write().unwrap_or_else(|e| e.into_inner());
         if *s == Readiness::Ready || *s == Readiness::Loading {

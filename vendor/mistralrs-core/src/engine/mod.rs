@@ -317,6 +317,18 @@ impl Engine {
             let scheduler_idle = waiting_len == 0 && running_len == 0;
 
             if scheduler_idle {
+                // zopilot-gpu patch: an idle engine holds no batch's KV tensors. The
+                // non-paged cache keeps the last step's batch (the KV of every sequence in
+                // it) until the next step replaces it: between bursts, memory held for
+                // nothing, and how much depends on how the last batch happened to end.
+                {
+                    let pipeline = get_mut_arcmutex!(self.pipeline);
+                    if let crate::kv_cache::EitherCache::Normal(cache) = pipeline.cache() {
+                        for layer in cache.lock().unwrap().0.iter_mut() {
+                            layer.reset();
+                        }
+                    }
+                }
                 if should_terminate() {
                     self.replicate_request_to_daemons(&Request::Terminate);
                     break 'lp;
