@@ -198,7 +198,7 @@ __device__ __forceinline__ float lane_dot(const LaneW &w, const LaneAct &a,
 // The w13 kernel's arithmetic: activation sums by dp4a in the lane (its eight weight rows
 // share one activation load, so the sums cost no extra load there) and ggml's branchy scale
 // decode. Measured on an H100 against the precomputed sums and branch-free decode above in
-// that kernel (run Z, same run): one stream ITL 1.70 against 1.78 ms. w2 and the mat-vec,
+// that kernel (same run): one stream ITL 1.70 against 1.78 ms. w2 and the mat-vec,
 // one weight row per activation load, are faster with the precomputed sums.
 __device__ __forceinline__ uint32_t scale_byte(const uint4 &hd, int i) {
   const uint32_t w = i < 4 ? hd.y : (i < 8 ? hd.z : hd.w);
@@ -315,7 +315,7 @@ __global__ void quantize_kernel(const T *__restrict__ x, long long stride,
 #define ZQ_W13_MIN_BLOCKS 1
 #endif
 // w2: three blocks an SM (at most 85 registers; left alone, ptxas took 128 and two fit).
-// Kernel bench on an H100 (sessions 7–8): 30.4–30.8 against 31.7 µs at one token, 52.8
+// Kernel bench on an H100: 30.4–30.8 against 31.7 µs at one token, 52.8
 // against 57.5 at two.
 #ifndef ZQ_W2_MIN_BLOCKS
 #define ZQ_W2_MIN_BLOCKS 3
@@ -495,7 +495,7 @@ struct MvJobs {
 
 // y[t, row] = x[t] · w[row] for NT tokens, one row per warp, each weight byte read once.
 // One token: four blocks an SM (64 registers; ptxas' own choice, 77, fits three). Kernel
-// bench on an H100 (run CCC): the lm_head 38.7 against 40.8–41.0 µs, q 7.5–7.8 against
+// bench on an H100: the lm_head 38.7 against 40.8–41.0 µs, q 7.5–7.8 against
 // 7.6–8.1, the 58-kernel chain 991 against 1,002 µs; five blocks spill (lm_head 67 µs).
 template <int NT, typename OUT, int ROUND>
 __global__ void __launch_bounds__(WARPS * 32, NT == 1 ? 4 : 1)

@@ -251,7 +251,7 @@ fn mma_min_tokens() -> usize {
 }
 
 /// The tensor-core kernels (grouped experts, dense matmul) are on unless `ZOPILOT_MMA=0`
-/// (session 4's kernels then, for comparison).
+/// (the dp4a mat-vec and the host-routed grouped path then, for comparison).
 pub(crate) fn mma_enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| switch_on("ZOPILOT_MMA"))

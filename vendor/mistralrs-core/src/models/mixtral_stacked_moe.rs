@@ -118,7 +118,7 @@ fn gather_max_tokens() -> usize {
 }
 
 /// Most tokens the grouped tensor-core expert kernels take (`ZOPILOT_MOE_MMA_MAX_TOKENS`; 0 or
-/// `ZOPILOT_MMA=0` turns them off: session 4's path, the host-routed grouped path below, for
+/// `ZOPILOT_MMA=0` turns them off: the host-routed grouped path below, for
 /// every batch of more than `ZOPILOT_MOE_GATHER_MAX_TOKENS`). Default 64: decode batches up to
 /// 64 sequences; longer batches (prefill) dequantize each expert for cuBLAS.
 fn mma_max_tokens() -> usize {
