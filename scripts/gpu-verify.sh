@@ -29,7 +29,9 @@ if command -v nvcc > /dev/null; then
   log "kernels against their references (q4k-kernel-bench --check)"
   cc=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -d .)
   here=$(dirname "$0")
-  if nvcc -O3 -arch=sm_"$cc" -o /tmp/q4k-kernel-bench "$here/q4k-kernel-bench.cu" > "$OUT/kbench-build.log" 2>&1; then
+  source "$here/kernel-flags.sh"
+  # The product's flags: --check validates the compilation that ships.
+  if nvcc "${KERNEL_FLAGS[@]}" -arch=sm_"$cc" -o /tmp/q4k-kernel-bench "$here/q4k-kernel-bench.cu" > "$OUT/kbench-build.log" 2>&1; then
     run /tmp/q4k-kernel-bench --check 1 4 32 64
     run /tmp/q4k-kernel-bench --check --dense 1 4 32
     run /tmp/q4k-kernel-bench --check --attention

@@ -10,18 +10,12 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 src="$here/../vendor/mistralrs-core/src/cuda/zopilot_q4k.cu"
-build_rs="$here/../vendor/mistralrs-core/build.rs"
 root=${KERNELS_TOOLKIT_DIR:-$HOME/.cache/cuda-pypi-13.0-nvcc}
 archs=("$@")
 [ ${#archs[@]} -gt 0 ] || archs=(sm_80 sm_89 sm_90a sm_120a)
 
-# The flags vendor/mistralrs-core/build.rs passes to nvcc; each must still be there.
-flags=(-std=c++17 -O3 -U__CUDA_NO_HALF_OPERATORS__ -U__CUDA_NO_HALF_CONVERSIONS__
-  -U__CUDA_NO_HALF2_OPERATORS__ -U__CUDA_NO_BFLOAT16_CONVERSIONS__ --expt-relaxed-constexpr
-  --expt-extended-lambda --use_fast_math)
-for f in "${flags[@]}"; do
-  grep -qF -- "\"$f\"" "$build_rs" || { echo "flag $f is no longer in $build_rs: update this list" >&2; exit 1; }
-done
+# The flags the product's build passes to nvcc (checked against build.rs there).
+source "$here/kernel-flags.sh"
 
 if [ ! -x "$root/bin/nvcc" ]; then
   work=$(mktemp -d)
@@ -41,7 +35,7 @@ out=$(mktemp -d)
 for arch in "${archs[@]}"; do
   cc=${arch#sm_}
   start=$(date +%s)
-  "$root/bin/nvcc" "${flags[@]}" -c -o "$out/$arch.o" "$src" -gencode "arch=compute_$cc,code=$arch"
+  "$root/bin/nvcc" "${KERNEL_FLAGS[@]}" -c -o "$out/$arch.o" "$src" -gencode "arch=compute_$cc,code=$arch"
   echo "$arch: ok, $(stat -c %s "$out/$arch.o") bytes, $(( $(date +%s) - start )) s"
 done
 rm -rf "$out"

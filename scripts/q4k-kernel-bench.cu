@@ -5,7 +5,8 @@
 // dense layers (q, k/v, lm_head shapes) the mat-vec against the tensor-core matmul: agreement
 // of their outputs and time per call (CUDA events). One JSON object per line. Build and run on
 // a GPU host (no Rust needed):
-//   nvcc -O3 -arch=sm_90 -o q4k-kernel-bench scripts/q4k-kernel-bench.cu
+//   source scripts/kernel-flags.sh   (the product's nvcc flags, as KERNEL_FLAGS)
+//   nvcc "${KERNEL_FLAGS[@]}" -arch=sm_90 -o q4k-kernel-bench scripts/q4k-kernel-bench.cu
 //   ./q4k-kernel-bench [tokens ...]        (default 1 2 4 8 16 32 64)
 //   ./q4k-kernel-bench --dense [tokens ...] (dense layers: mat-vec against tensor cores)
 //   ./q4k-kernel-bench --chain              (one-token decode step: launch gaps, PDL, graph)
