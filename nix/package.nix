@@ -42,8 +42,10 @@ let
     filter =
       path: type:
       (craneLib.filterCargoSources path type)
-      # The patched mistralrs-core whole: its CUDA and Metal kernels are not Cargo sources.
+      # The patched mistralrs-core and our kernel crate whole: their CUDA (and Metal) kernels
+      # and nvcc flag list are not Cargo sources.
       || lib.hasInfix "/vendor/mistralrs-core" (toString path)
+      || lib.hasInfix "/kernels" (toString path)
       || lib.hasSuffix "libcuda-symbols.txt" path
       || lib.hasSuffix ".py" path;
   };

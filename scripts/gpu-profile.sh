@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # One traced benchmark on a GPU machine: where a decode step's time goes at 1 and 32 streams.
-# ZOPILOT_STEP_TRACE=1 (vendor/ patch) prints one line per engine step: sequences in the
+# ZOPILOT_STEP_TRACE=1 (--step-trace) prints one line per engine step: sequences in the
 # batch, input building, the host's time to queue the forward (launch), forward time (with a
 # device sync, so GPU time included; launch close to forward = host-bound), the logits
 # copy to the host and the whole step; the rest is sampling, responses and host work.
 # Results in $OUT (default ./gpu-profile). Per-kernel GPU time: ncu, ranked by
 # scripts/ncu-summary.py; docs/decode.md reads the results.
 #
-#   scripts/gpu-profile.sh path/to/zopilot-gpu [extra env, e.g. ZOPILOT_MIXTRAL_MOE=loop]
+#   scripts/gpu-profile.sh path/to/zopilot-gpu [extra env, e.g. ZOPILOT_MIXTRAL_PATH=upstream]
 set -u
 B=${1:?usage: gpu-profile.sh BINARY [VAR=value ...]}
 shift

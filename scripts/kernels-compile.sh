@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Compiles our CUDA kernels (vendor/mistralrs-core/src/cuda/zopilot_q4k.cu, launchers and all)
-# with nvcc 13.0 and the flags the product's build gives them, for every GPU family we ship:
+# Compiles our CUDA kernels (kernels/cuda/*.cu, launchers and all) with nvcc 13.0 and the
+# flags kernels/build.rs gives them (kernels/nvcc-flags.txt), for every GPU family we ship:
 # sm_80 (A100), sm_89 (L4/RTX 40), sm_90a (H100/H200), sm_120a (RTX 5090). No GPU needed, so
 # CI runs it: a change that breaks one family's build fails here, not in a user's nix build.
 # nvcc comes from NVIDIA's wheels through pip (only the compiler, its headers and cudart),
@@ -9,12 +9,12 @@
 #   scripts/kernels-compile.sh [sm_80 sm_89 sm_90a sm_120a]
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-src="$here/../vendor/mistralrs-core/src/cuda/zopilot_q4k.cu"
+srcs=("$here"/../kernels/cuda/*.cu)
 root=${KERNELS_TOOLKIT_DIR:-$HOME/.cache/cuda-pypi-13.0-nvcc}
 archs=("$@")
 [ ${#archs[@]} -gt 0 ] || archs=(sm_80 sm_89 sm_90a sm_120a)
 
-# The flags the product's build passes to nvcc (checked against build.rs there).
+# The flags the product's build passes to nvcc.
 source "$here/kernel-flags.sh"
 
 if [ ! -x "$root/bin/nvcc" ]; then
@@ -35,7 +35,12 @@ out=$(mktemp -d)
 for arch in "${archs[@]}"; do
   cc=${arch#sm_}
   start=$(date +%s)
-  "$root/bin/nvcc" "${KERNEL_FLAGS[@]}" -c -o "$out/$arch.o" "$src" -gencode "arch=compute_$cc,code=$arch"
-  echo "$arch: ok, $(stat -c %s "$out/$arch.o") bytes, $(( $(date +%s) - start )) s"
+  bytes=0
+  for src in "${srcs[@]}"; do
+    o="$out/$arch-$(basename "$src" .cu).o"
+    "$root/bin/nvcc" "${KERNEL_FLAGS[@]}" -c -o "$o" "$src" -gencode "arch=compute_$cc,code=$arch"
+    bytes=$((bytes + $(stat -c %s "$o")))
+  done
+  echo "$arch: ok, ${#srcs[@]} files, $bytes bytes, $(( $(date +%s) - start )) s"
 done
 rm -rf "$out"

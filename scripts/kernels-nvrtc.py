@@ -1,4 +1,4 @@
-"""Compiles our CUDA kernels (vendor/mistralrs-core/src/cuda/zopilot_q4k.cu) with the NVRTC
+"""Compiles our CUDA kernels (kernels/cuda/*.cu) with the NVRTC
 of a given CUDA release, for the compute capabilities the flake builds, on a machine with
 no GPU and no CUDA install. It exists because the flake's CUDA (12.8) has no `nvcc` on PyPI
 (NVIDIA's cu12 nvcc wheels carry only ptxas, libnvvm and headers), while NVRTC 12.8 is
@@ -21,8 +21,8 @@ import sys
 import tempfile
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-KERNELS = ROOT / "vendor/mistralrs-core/src/cuda/zopilot_q4k.cu"
-# The flags vendor/mistralrs-core/build.rs gives nvcc that NVRTC accepts (it has no -O3,
+KERNELS = ROOT / "kernels/cuda"
+# The flags kernels/nvcc-flags.txt gives nvcc that NVRTC accepts (it has no -O3,
 # --expt-relaxed-constexpr or --expt-extended-lambda; with -default-device they matter not).
 FLAGS = [
     "-std=c++17",
@@ -79,30 +79,41 @@ def main():
     major, minor = ctypes.c_int(), ctypes.c_int()
     nvrtc.nvrtcVersion(ctypes.byref(major), ctypes.byref(minor))
     print(f"NVRTC {major.value}.{minor.value} ({nv.parent})")
-    source = KERNELS.read_bytes()
+    sources = sorted(KERNELS.glob("*.cu"))
     failed = 0
     with tempfile.TemporaryDirectory() as shims:
         for name, text in SHIMS.items():
             pathlib.Path(shims, name).write_text(text)
-        includes = [f"-I{shims}"] + [f"-I{nv / p / 'include'}" for p in ("cuda_runtime", "cuda_cccl", "cuda_nvcc")]
+        includes = [f"-I{shims}", f"-I{KERNELS}"] + [f"-I{nv / p / 'include'}" for p in ("cuda_runtime", "cuda_cccl", "cuda_nvcc")]
         for arch in args.archs:
-            prog = ctypes.c_void_p()
-            assert nvrtc.nvrtcCreateProgram(ctypes.byref(prog), source, KERNELS.name.encode(), 0, None, None) == 0
-            opts = [f"-arch={arch}", *FLAGS, *includes, "--pre-include=cuda_runtime.h", "--pre-include=launch_shim.h"]
-            rc = nvrtc.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*[o.encode() for o in opts]))
-            size = ctypes.c_size_t()
-            nvrtc.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
-            log = ctypes.create_string_buffer(size.value)
-            nvrtc.nvrtcGetProgramLog(prog, log)
-            cubin = ctypes.c_size_t()
-            if rc == 0:
-                nvrtc.nvrtcGetCUBINSize(prog, ctypes.byref(cubin))
-            print(f"{arch}: {'ok' if rc == 0 else nvrtc.nvrtcGetErrorString(rc).decode()}, cubin {cubin.value} bytes")
-            if rc != 0:
-                failed += 1
-                print(log.value.decode(errors="replace")[-6000:])
-            nvrtc.nvrtcDestroyProgram(ctypes.byref(prog))
+            total, arch_failed = 0, 0
+            for src in sources:
+                rc, size, log = compile_one(nvrtc, src, arch, includes)
+                total += size
+                if rc != 0:
+                    arch_failed += 1
+                    print(f"{arch} {src.name}: {nvrtc.nvrtcGetErrorString(rc).decode()}")
+                    print(log[-6000:])
+            print(f"{arch}: {'ok' if not arch_failed else 'FAILED'}, {len(sources)} files, cubins {total} bytes")
+            failed += arch_failed
     sys.exit(1 if failed else 0)
+
+
+def compile_one(nvrtc, src, arch, includes):
+    """Compiles one .cu for `arch`: (status, cubin bytes, log)."""
+    prog = ctypes.c_void_p()
+    assert nvrtc.nvrtcCreateProgram(ctypes.byref(prog), src.read_bytes(), src.name.encode(), 0, None, None) == 0
+    opts = [f"-arch={arch}", *FLAGS, *includes, "--pre-include=cuda_runtime.h", "--pre-include=launch_shim.h"]
+    rc = nvrtc.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*[o.encode() for o in opts]))
+    size = ctypes.c_size_t()
+    nvrtc.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+    log = ctypes.create_string_buffer(size.value)
+    nvrtc.nvrtcGetProgramLog(prog, log)
+    cubin = ctypes.c_size_t()
+    if rc == 0:
+        nvrtc.nvrtcGetCUBINSize(prog, ctypes.byref(cubin))
+    nvrtc.nvrtcDestroyProgram(ctypes.byref(prog))
+    return rc, cubin.value, log.value.decode(errors="replace")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-// Kernel bench for vendor/mistralrs-core/src/cuda/zopilot_q4k.cu's MoE kernels at Mixtral's
+// Kernel bench for kernels/cuda/'s MoE and dense kernels at Mixtral's
 // shapes (8 experts, hidden 4096, FFN 14336, top-2), on random Q4_K weights: the per-pair
 // decode kernels (w1‖w3·SiLU, w2 + weighted sum) against the grouped ones (plan, w1‖w3,
 // w2, combine on tensor cores; w1‖w3 and w2 timed with their activation packing), and for
@@ -13,7 +13,17 @@
 //   ./q4k-kernel-bench --attention          (one-token rope + cache write + decode attention)
 //   ./q4k-kernel-bench --host               (host µs per launch and per allocate + free)
 //   add --check: exit 1 when an output disagrees with its reference (scripts/gpu-verify.sh)
-#include "../vendor/mistralrs-core/src/cuda/zopilot_q4k.cu"
+// Every kernel file in one translation unit (the product builds them one by one; the device
+// code is the same either way).
+#include "../kernels/cuda/launch.cu"
+#include "../kernels/cuda/quantize.cu"
+#include "../kernels/cuda/norm.cu"
+#include "../kernels/cuda/matvec.cu"
+#include "../kernels/cuda/matmul.cu"
+#include "../kernels/cuda/moe_pair.cu"
+#include "../kernels/cuda/moe_grouped.cu"
+#include "../kernels/cuda/dequantize.cu"
+#include "../kernels/cuda/attention.cu"
 
 #include <chrono>
 #include <cmath>

@@ -171,6 +171,9 @@ pub struct SelftestArgs {
     /// Compute the CPU reference and print it as JSON (used by the self-test itself).
     #[arg(long, hide = true)]
     pub reference: bool,
+
+    #[command(flatten)]
+    pub decode: DecodeArgs,
 }
 
 /// What to load and how: shared by every command that runs the model.
@@ -261,6 +264,50 @@ pub struct ModelArgs {
     /// Log as JSON lines (for log collectors) instead of human-readable text.
     #[arg(long, env = "ZOPILOT_LOG_JSON")]
     pub log_json: bool,
+
+    #[command(flatten)]
+    pub decode: DecodeArgs,
+}
+
+/// How Mixtral decodes on a GPU: which path, and from how many tokens each of our kernels
+/// takes over (the `zopilot-kernels` crate; docs/decode.md has the dispatch table). The
+/// defaults are what was measured fastest; these are for comparison, profiling and tuning
+/// on another card.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Decode options")]
+pub struct DecodeArgs {
+    /// Mixtral's layers: `ours` (stacked experts, our Q4K kernels, the fused decode layer) or
+    /// `upstream` (mistral.rs' own: a loop over the experts, candle's kernels).
+    #[arg(long, env = "ZOPILOT_MIXTRAL_PATH", default_value = "ours")]
+    pub mixtral_path: String,
+
+    /// Programmatic dependent launch of our kernels (Hopper and later): on or off.
+    #[arg(long, env = "ZOPILOT_PDL", default_value = "on")]
+    pub pdl: String,
+
+    /// Most tokens in a forward for which the experts run per (token, expert) pair; more go
+    /// grouped by expert.
+    #[arg(long, env = "ZOPILOT_MOE_GATHER_MAX_TOKENS", default_value_t = 2)]
+    pub moe_gather_max_tokens: usize,
+
+    /// Most tokens for the grouped experts on tensor cores (more: each expert dequantized for
+    /// cuBLAS); 0 turns them off.
+    #[arg(long, env = "ZOPILOT_MOE_MMA_MAX_TOKENS", default_value_t = 64)]
+    pub moe_mma_max_tokens: usize,
+
+    /// Rows from which the dense Q4K layers multiply on tensor cores instead of the mat-vec;
+    /// 0 turns that off.
+    #[arg(long, env = "ZOPILOT_MMA_MIN_TOKENS", default_value_t = 3)]
+    pub mma_min_tokens: usize,
+
+    /// Print one `zopilot-step` line per engine step on stderr (scripts/gpu-profile.sh).
+    #[arg(long, env = "ZOPILOT_STEP_TRACE")]
+    pub step_trace: bool,
+
+    /// With --step-trace: the GPU spins this many µs before each forward, so the host queues
+    /// the whole step ahead of it (forward time minus this is the GPU's own time).
+    #[arg(long, env = "ZOPILOT_STEP_TRACE_HEAD_US", default_value_t = 0)]
+    pub step_trace_head_us: usize,
 }
 
 /// The HTTP server.

@@ -153,6 +153,7 @@ fn check(a: CheckArgs) -> Result<ExitCode> {
 }
 
 fn selftest(a: SelftestArgs) -> Result<ExitCode> {
+    crate::settings::install_decode_options(&crate::settings::decode_options(&a.decode)?);
     if a.reference {
         let r = block_on(crate::selftest::reference())??;
         println!("{}", serde_json::to_string(&r)?);

@@ -92,6 +92,8 @@ fn tiny(cpu: bool, isq: Option<Isq>) -> ModelSettings {
         hf_endpoint: String::new(),
         served_model_name: "selftest".into(),
         log_json: false,
+        // The process's own (the self-test proves the kernels the model will run).
+        decode: zopilot_kernels::options::get().clone(),
     }
 }
 

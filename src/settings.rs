@@ -6,9 +6,10 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::cli::{ModelArgs, ServeArgs, WorkerArgs};
+use crate::cli::{DecodeArgs, ModelArgs, ServeArgs, WorkerArgs};
 use crate::engine::QueueLimits;
 use crate::synth::Preset;
+pub use zopilot_kernels::options::{DecodeOptions, MixtralPath};
 
 /// The model served when neither `--model` nor RunPod's `MODEL_NAME` says otherwise.
 pub const DEFAULT_MODEL: &str = "mistralai/Mixtral-8x7B-Instruct-v0.1";
@@ -112,6 +113,8 @@ pub struct ModelSettings {
     /// Name reported on /v1/models and in every response.
     pub served_model_name: String,
     pub log_json: bool,
+    /// Which decode path and kernels run (process-wide: [`Self::export_env`] installs them).
+    pub decode: DecodeOptions,
 }
 
 /// The HTTP server's own limits.
@@ -133,6 +136,50 @@ pub struct ServerSettings {
 pub struct Settings {
     pub model: ModelSettings,
     pub server: ServerSettings,
+}
+
+/// Validates the decode options (`--mixtral-path`, `--pdl`, the kernel thresholds).
+pub fn decode_options(a: &DecodeArgs) -> Result<DecodeOptions, SettingsError> {
+    let mixtral_path = match a.mixtral_path.trim().to_ascii_lowercase().as_str() {
+        "ours" => MixtralPath::Ours,
+        "upstream" => MixtralPath::Upstream,
+        other => {
+            return Err(bad(format!(
+                "--mixtral-path must be `ours` or `upstream`. Given: {other:?}"
+            )));
+        }
+    };
+    let pdl = match a.pdl.trim().to_ascii_lowercase().as_str() {
+        "on" | "1" | "true" => true,
+        "off" | "0" | "false" => false,
+        other => {
+            return Err(bad(format!(
+                "--pdl must be `on` or `off`. Given: {other:?}"
+            )));
+        }
+    };
+    // The grouped kernels plan at most 4,096 (token, expert) pairs: 512 tokens of top-8.
+    if a.moe_mma_max_tokens > 512 {
+        return Err(bad(format!(
+            "--moe-mma-max-tokens must be at most 512 (0 turns the kernels off). Given: {}",
+            a.moe_mma_max_tokens
+        )));
+    }
+    if a.step_trace_head_us > 1_000_000 {
+        return Err(bad(format!(
+            "--step-trace-head-us must be at most 1000000 (one second). Given: {}",
+            a.step_trace_head_us
+        )));
+    }
+    Ok(DecodeOptions {
+        mixtral_path,
+        pdl,
+        moe_gather_max_tokens: a.moe_gather_max_tokens,
+        moe_mma_max_tokens: a.moe_mma_max_tokens,
+        mma_min_tokens: a.mma_min_tokens,
+        step_trace: a.step_trace,
+        step_trace_head_us: a.step_trace_head_us,
+    })
 }
 
 fn non_empty(v: &Option<String>) -> Option<String> {
@@ -282,6 +329,7 @@ impl ModelSettings {
             served_model_name,
             hf_endpoint: a.hf_endpoint.clone(),
             log_json: a.log_json,
+            decode: decode_options(&a.decode)?,
         })
     }
 
@@ -295,6 +343,7 @@ impl ModelSettings {
     /// dies with it; under the quantized-weights cache (a RunPod network volume) it survives,
     /// so only a pod's first start on a driver pays. `CUDA_CACHE_PATH` set by the user wins.
     pub fn export_env(&self) {
+        install_decode_options(&self.decode);
         if let Some(home) = &self.hf_home {
             // SAFETY: called from `main` before the runtime or any other thread exists.
             unsafe { std::env::set_var("HF_HOME", home) };
@@ -478,6 +527,60 @@ mod tests {
     }
 
     #[test]
+    fn decode_options_default_to_ours_and_take_each_flag() {
+        let d = serve(&["--model", "synthetic:tiny"]).unwrap().model.decode;
+        assert_eq!(d, DecodeOptions::default());
+        assert_eq!(d.mixtral_path, MixtralPath::Ours);
+        let d = serve(&[
+            "--model",
+            "synthetic:tiny",
+            "--mixtral-path",
+            "upstream",
+            "--pdl",
+            "off",
+            "--moe-gather-max-tokens",
+            "4",
+            "--moe-mma-max-tokens",
+            "0",
+            "--mma-min-tokens",
+            "9",
+            "--step-trace",
+            "--step-trace-head-us",
+            "500",
+        ])
+        .unwrap()
+        .model
+        .decode;
+        assert_eq!(
+            d,
+            DecodeOptions {
+                mixtral_path: MixtralPath::Upstream,
+                pdl: false,
+                moe_gather_max_tokens: 4,
+                moe_mma_max_tokens: 0,
+                mma_min_tokens: 9,
+                step_trace: true,
+                step_trace_head_us: 500,
+            }
+        );
+    }
+
+    #[test]
+    fn bad_decode_options_name_the_flag() {
+        for (args, flag) in [
+            (["--mixtral-path", "loop"], "--mixtral-path"),
+            (["--pdl", "maybe"], "--pdl"),
+            (["--moe-mma-max-tokens", "513"], "--moe-mma-max-tokens"),
+            (["--step-trace-head-us", "2000000"], "--step-trace-head-us"),
+        ] {
+            let mut argv = vec!["--model", "synthetic:tiny"];
+            argv.extend_from_slice(&args);
+            let e = serve(&argv).unwrap_err().to_string();
+            assert!(e.contains(flag) && e.contains(args[1]), "{e}");
+        }
+    }
+
+    #[test]
     fn kv_cache_smaller_than_context_names_both() {
         let e = serve(&[
             "--model",
@@ -599,5 +702,14 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("--max-model-len"), "{e}");
+    }
+}
+
+/// Makes `options` the process's decode options (read by the kernels and the vendored Mixtral
+/// layer at load). Once per process, before any model loads; a second, different set is a
+/// programming error and is logged, the first options staying in force.
+pub fn install_decode_options(options: &DecodeOptions) {
+    if let Err(now) = zopilot_kernels::options::set(options.clone()) {
+        tracing::error!(?now, asked = ?options, "decode options already set; keeping the first");
     }
 }

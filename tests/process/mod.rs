@@ -202,6 +202,17 @@ fn help_lists_every_flag_with_its_env_variable() {
         "--body-limit",
         "--log-json",
         "--revision",
+        "Decode options",
+        "--mixtral-path",
+        "ZOPILOT_MIXTRAL_PATH",
+        "--pdl",
+        "ZOPILOT_PDL",
+        "--moe-gather-max-tokens",
+        "ZOPILOT_MOE_GATHER_MAX_TOKENS",
+        "--moe-mma-max-tokens",
+        "--mma-min-tokens",
+        "--step-trace",
+        "ZOPILOT_STEP_TRACE_HEAD_US",
     ] {
         assert!(help.contains(needle), "`{needle}` in serve --help");
     }
@@ -268,7 +279,7 @@ fn greedy_with(isq: &str, env: &[(&str, &str)]) -> String {
 /// batches take and the grouped one that prefill takes (the threshold moves which is which).
 #[test]
 fn stacked_experts_decode_exactly_like_upstreams_loop() {
-    let upstream = greedy_with("none", &[("ZOPILOT_MIXTRAL_MOE", "loop")]);
+    let upstream = greedy_with("none", &[("ZOPILOT_MIXTRAL_PATH", "upstream")]);
     assert!(!upstream.is_empty());
     for threshold in ["0", "4", "100000"] {
         let stacked = greedy_with("none", &[("ZOPILOT_MOE_GATHER_MAX_TOKENS", threshold)]);

@@ -2,4 +2,3 @@ pub mod ffi;
 pub mod gdn;
 pub mod moe;
 pub mod ssm;
-pub mod zopilot_q4k;

@@ -11,7 +11,7 @@ use mistralrs_quant::{
 use serde::{Deserialize, Serialize};
 use std::{collections::HashMap, sync::Arc};
 
-use super::mixtral_stacked_moe::{profile_skip_moe, stacked_moe_enabled, StackedExperts};
+use super::mixtral_stacked_moe::{ours_enabled, StackedExperts};
 use super::zopilot_linear::QLinear;
 use crate::{
     amoe::AnyMoeBaseModelMixin,
@@ -206,7 +206,7 @@ impl Attention {
             // The attention kernel quantized its output for o_proj already: straight to the
             // mat-vec (what `o_proj.forward` would do after quantizing `out` the same way).
             if let (Some(x), Some(w)) = (quantized, self.o_proj.q4k_for(1, out.device())) {
-                let y = crate::cuda::zopilot_q4k::matvec_many(&[w], &x, original_dtype, None)?;
+                let y = zopilot_kernels::matvec_many(&[w], &x, original_dtype, None)?;
                 return y[0].reshape((b_sz, q_len, ()));
             }
             return self.o_proj.forward(&out, original_dtype);
@@ -291,14 +291,14 @@ impl Attention {
     /// zopilot-gpu patch: one decode token (batch 1) with paged attention on CUDA. Where our
     /// split-context attention applies (head dim 128, plain causal attention, block size a
     /// multiple of 8): its two kernels also rotate q and k and write the KV cache
-    /// (`decode_attention` with [`DecodeRope`](crate::cuda::zopilot_q4k::DecodeRope)), and
+    /// (`decode_attention` with [`DecodeRope`](zopilot_kernels::DecodeRope)), and
     /// with a Q4K o_proj quantize the output for o_proj's mat-vec — two launches where rope q,
     /// rope k, `reshape_and_cache`, paged attention and the quantization were five. Otherwise
     /// the rope and the cache write in one kernel of ours (`rope_cache_decode`), then paged
     /// attention's decode over the cache (`forward_donor_cache`, which does not write it).
     /// `None` when the layer is not set up that way (no paged attention, a cache in another
     /// dtype than the activations — FP8, whose scales the kernels do not apply —, interleaved
-    /// rope) or with `ZOPILOT_ROPE_CACHE=0`: the caller then takes the general path.
+    /// rope) or with upstream's Mixtral path chosen: the caller then takes the general path.
     #[cfg(feature = "cuda")]
     #[allow(clippy::too_many_arguments)]
     fn attend_one_token(
@@ -309,7 +309,7 @@ impl Attention {
         seqlen_offsets: &[usize],
         metadata: Option<&((Tensor, Tensor), &PagedAttentionInputMetadata)>,
         flash_params: &FlashParams,
-    ) -> Result<Option<(Tensor, Option<crate::cuda::zopilot_q4k::Q8Rows>)>> {
+    ) -> Result<Option<(Tensor, Option<zopilot_kernels::Q8Rows>)>> {
         let (Some(paged_attn), Some(((key_cache, value_cache), input_metadata)), Some((cos, sin))) =
             (&self.paged_attn, metadata, self.rotary_emb.neox_tables())
         else {
@@ -329,7 +329,7 @@ impl Attention {
             || slots.dtype() != DType::I64
             || slots.elem_count() != 1
             || !q.device().is_cuda()
-            || !rope_cache_enabled()
+            || !ours_enabled()
         {
             return Ok(None);
         }
@@ -338,7 +338,7 @@ impl Attention {
         let k = k.reshape((1, self.num_kv_heads, 1, self.head_dim))?;
         let v = v.reshape((1, self.num_kv_heads, 1, self.head_dim))?;
         let (cos, sin) = (cos.narrow(0, pos, 1)?, sin.narrow(0, pos, 1)?);
-        let rope = crate::cuda::zopilot_q4k::DecodeRope {
+        let rope = zopilot_kernels::DecodeRope {
             k: &k,
             v: &v,
             cos: &cos,
@@ -360,8 +360,7 @@ impl Attention {
         let table = table.and_then(|t| t.get(&q.device().location()));
         let ours = match (table, ctx) {
             (Some(table), Some(ctx))
-                if decode_attention_enabled()
-                    && table.dtype() == DType::U32
+                if table.dtype() == DType::U32
                     && self.head_dim == 128
                     && key_cache.dim(3)? % 8 == 0
                     && sdpa.sliding_window.is_none()
@@ -374,12 +373,12 @@ impl Attention {
             _ => None,
         };
         // Rope and cache write in our attention's own launch, or in their kernel first.
-        let fused = ours.is_some() && attention_rope_fused();
+        let fused = ours.is_some();
         if !fused {
-            crate::cuda::zopilot_q4k::rope_cache_decode(&q, &rope, key_cache, value_cache)?;
+            zopilot_kernels::rope_cache_decode(&q, &rope, key_cache, value_cache)?;
         }
         let (out, quantized) = match ours {
-            Some((table, ctx)) => crate::cuda::zopilot_q4k::decode_attention(
+            Some((table, ctx)) => zopilot_kernels::decode_attention(
                 &q,
                 fused.then_some(&rope),
                 key_cache,
@@ -404,30 +403,6 @@ impl Attention {
         };
         Ok(Some((out.reshape((b_sz, q_len, ()))?, quantized)))
     }
-}
-
-/// zopilot-gpu patch: `ZOPILOT_DECODE_ATTN` (on unless `0`): the one-token path attends with
-/// our split-context kernel instead of paged attention's (read once).
-#[cfg(feature = "cuda")]
-fn decode_attention_enabled() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| super::mixtral_stacked_moe::switch_on("ZOPILOT_DECODE_ATTN"))
-}
-
-/// zopilot-gpu patch: `ZOPILOT_ATTN_ROPE_FUSED` (on unless `0`): our decode attention rotates
-/// q and writes the token's k/v itself, else the rope + cache kernel runs first (read once).
-#[cfg(feature = "cuda")]
-fn attention_rope_fused() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| super::mixtral_stacked_moe::switch_on("ZOPILOT_ATTN_ROPE_FUSED"))
-}
-
-/// zopilot-gpu patch: `ZOPILOT_ROPE_CACHE` (on unless `0`): one-token decode attention through
-/// [`Attention::attend_one_token`] (read once).
-#[cfg(feature = "cuda")]
-fn rope_cache_enabled() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| super::mixtral_stacked_moe::switch_on("ZOPILOT_ROPE_CACHE"))
 }
 
 #[derive(Clone)]
@@ -520,8 +495,8 @@ impl SparseMoeBlock {
         })?;
         let vb = vb.pp("experts");
         // zopilot-gpu patch: stacked experts with on-device routing unless `own_weights` says
-        // no or ZOPILOT_MIXTRAL_MOE=loop.
-        let stacked = if own && stacked_moe_enabled() {
+        // no or upstream's path is chosen (`--mixtral-path upstream`).
+        let stacked = if own && ours_enabled() {
             StackedExperts::load(
                 &vb,
                 cfg.num_local_experts,
@@ -554,7 +529,7 @@ impl Module for SparseMoeBlock {
         let (b_size, seq_len, hidden_dim) = xs.dims3()?;
         let xs = xs.reshape(((), hidden_dim))?;
 
-        if let Some(stacked) = self.stacked.as_ref().filter(|_| !profile_skip_moe()) {
+        if let Some(stacked) = self.stacked.as_ref() {
             // zopilot-gpu patch: decode through the fused Q4K kernels where they apply.
             if let Some(ys) = stacked.forward_fused(&xs, &self.gate, self.num_experts_per_tok)? {
                 return ys.reshape((b_size, seq_len, hidden_dim));
@@ -568,10 +543,6 @@ impl Module for SparseMoeBlock {
             None => xs,
         };
 
-        if profile_skip_moe() {
-            // Profiling only (ZOPILOT_MOE_SKIP=1): what a decode step costs without the experts.
-            return Tensor::zeros((b_size, seq_len, hidden_dim), xs.dtype(), xs.device());
-        }
         if let Some(stacked) = &self.stacked {
             let ys = stacked.forward(&xs, &router_logits, self.num_experts_per_tok)?;
             return ys.reshape((b_size, seq_len, hidden_dim));
@@ -734,7 +705,7 @@ struct FusedLayer<'a> {
     moe: super::mixtral_stacked_moe::FusedMoe<'a>,
 }
 
-/// zopilot-gpu patch: a decode layer through our Q4K kernels (`cuda/zopilot_q4k.cu`).
+/// zopilot-gpu patch: a decode layer through our Q4K kernels (the `zopilot-kernels` crate).
 #[cfg(feature = "cuda")]
 impl DecoderLayer {
     /// The q/k/v weights and the MoE block's tensors when this layer's decode of `xs` goes
@@ -744,7 +715,7 @@ impl DecoderLayer {
         let (b, s, _) = xs.dims3()?;
         let (n, device) = (b * s, xs.device());
         let (attn, moe) = (&self.self_attn, &self.block_sparse_moe);
-        if profile_skip_moe() || attn.o_proj.q4k_for(n, device).is_none() {
+        if attn.o_proj.q4k_for(n, device).is_none() {
             return Ok(None);
         }
         let plan = || {
@@ -780,7 +751,7 @@ impl DecoderLayer {
         metadata: Option<((Tensor, Tensor), &PagedAttentionInputMetadata)>,
         flash_params: &FlashParams,
     ) -> Result<Tensor> {
-        use crate::cuda::zopilot_q4k as zq;
+        use zopilot_kernels as zq;
         let (b, s, hidden) = xs.dims3()?;
         let dtype = xs.dtype();
         let x = xs.reshape((b * s, hidden))?;
@@ -804,15 +775,15 @@ impl DecoderLayer {
             flash_params,
         )?;
         let norm = &self.post_attention_layernorm;
-        let (h, mq, routing) = zq::rmsnorm_quantize(
+        let (h, mq, _) = zq::rmsnorm_quantize(
             &attn.reshape((b * s, hidden))?,
             Some(&x),
             norm.weight(),
             norm.eps() as f32,
-            moe.router_for_norm(),
+            None,
         )?;
         let h = h.ok_or_else(|| candle_core::Error::Msg("fused RMSNorm: no residual".into()))?;
-        moe.forward(&mq, routing, dtype, Some(&h))?
+        moe.forward(&mq, dtype, Some(&h))?
             .reshape((b, s, hidden))
     }
 }

@@ -5,8 +5,8 @@
 //! keeps the eight experts of a layer as one `[E, N, K]` weight per projection and routes on the
 //! device (softmax, top-k, renormalise in f32, as the reference implementation does):
 //! - decode on CUDA with Q4K weights ([`StackedExperts::fused`], our kernels in
-//!   `cuda/zopilot_q4k.cu`): up to `ZOPILOT_MOE_GATHER_MAX_TOKENS` tokens (default 2) one
-//!   kernel pass per (token, expert) pair; up to `ZOPILOT_MOE_MMA_MAX_TOKENS` (default 64) the
+//!   the `zopilot-kernels` crate): up to `moe_gather_max_tokens` tokens (default 2) one
+//!   kernel pass per (token, expert) pair; up to `moe_mma_max_tokens` (default 64) the
 //!   pairs grouped by expert on the device and each expert read once per chunk of 8–16 pairs,
 //!   on tensor cores; no host synchronisation either way;
 //! - few tokens otherwise (other quantizations): one indexed matmul per projection over the
@@ -15,11 +15,11 @@
 //! - more tokens (prefill, larger decode batches): one host read of the routing, then per
 //!   expert one matmul over the tokens routed to it: up to 16 tokens candle's Q8_1 mat-vec
 //!   kernel on the expert's bytes, past that the expert dequantized alone (so the transient
-//!   is one expert) for cuBLAS (`GroupedKernel`).
+//!   is one expert) for cuBLAS (`GROUPED_MMVQ_MAX_TOKENS`).
 //!
 //! In-situ quantization of the stacked weights is done here (experts in parallel, in row
 //! blocks) into one GGUF tensor per projection, because a stacked layer handed to the generic
-//! ISQ path comes back type-erased and the grouped path needs the quantized bytes. `ZOPILOT_MIXTRAL_MOE=loop` selects upstream's path.
+//! ISQ path comes back type-erased and the grouped path needs the quantized bytes. `--mixtral-path upstream` (`zopilot_kernels::options`) selects upstream's path.
 
 use std::sync::Arc;
 
@@ -73,56 +73,26 @@ pub(crate) fn gguf_layer(
     Ok((q, mm))
 }
 
-/// Which MoE implementation Mixtral layers use (read once per model load).
-pub(crate) fn stacked_moe_enabled() -> bool {
-    !matches!(
-        std::env::var("ZOPILOT_MIXTRAL_MOE").as_deref(),
-        Ok("loop") | Ok("upstream")
-    )
+/// Whether our Mixtral path runs (`zopilot_kernels::options`, `--mixtral-path`), rather
+/// than upstream's: the stacked experts here, and the Q4K layers and fused decode layer.
+pub(crate) fn ours_enabled() -> bool {
+    zopilot_kernels::options::get().mixtral_path == zopilot_kernels::options::MixtralPath::Ours
 }
 
-/// `ZOPILOT_MOE_SKIP=1` replaces every MoE block by zeros: wrong text, but the benchmark then
-/// shows what a decode step costs without the experts (docs/performance.md). Read once.
-pub(crate) fn profile_skip_moe() -> bool {
-    static SKIP: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *SKIP.get_or_init(|| switch_set("ZOPILOT_MOE_SKIP"))
-}
-
-/// The value of environment variable `var` as a count, if it is set and one.
-pub(crate) fn env_usize(var: &str) -> Option<usize> {
-    std::env::var(var).ok().and_then(|v| v.parse().ok())
-}
-
-/// An on/off switch that is on unless environment variable `var` is `0`.
-pub(crate) fn switch_on(var: &str) -> bool {
-    std::env::var(var).map_or(true, |v| v != "0")
-}
-
-/// An opt-in switch: on only when environment variable `var` is `1`.
-pub(crate) fn switch_set(var: &str) -> bool {
-    std::env::var(var).is_ok_and(|v| v == "1")
-}
-
-/// `ZOPILOT_MOE_FUSED=0` turns the fused Q4K decode kernels off (for comparison). Read once.
-#[cfg(feature = "cuda")]
-fn fused_enabled() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| switch_on("ZOPILOT_MOE_FUSED"))
-}
-
-/// Default 2, measured on an H100 (8 layers, same run): at 4 sequences the grouped path
-/// (each used expert read once) gives 636 tok/s against 548 with the indexed kernel; at 2
-/// sequences 394 against 385; with threshold 1, 2 sequences drop to 347.
+/// Default 2 (`DecodeOptions::moe_gather_max_tokens`), measured on an H100 (8 layers, same
+/// run): at 4 sequences the grouped path (each used expert read once) gives 636 tok/s against
+/// 548 with the indexed kernel; at 2 sequences 394 against 385; with threshold 1, 2 sequences
+/// drop to 347.
 fn gather_max_tokens() -> usize {
-    env_usize("ZOPILOT_MOE_GATHER_MAX_TOKENS").unwrap_or(2)
+    zopilot_kernels::options::get().moe_gather_max_tokens
 }
 
-/// Most tokens the grouped tensor-core expert kernels take (`ZOPILOT_MOE_MMA_MAX_TOKENS`; 0 or
-/// `ZOPILOT_MMA=0` turns them off: the host-routed grouped path below, for
-/// every batch of more than `ZOPILOT_MOE_GATHER_MAX_TOKENS`). Default 64: decode batches up to
-/// 64 sequences; longer batches (prefill) dequantize each expert for cuBLAS.
+/// Most tokens the grouped tensor-core expert kernels take (`DecodeOptions::moe_mma_max_tokens`;
+/// 0 turns them off: the host-routed grouped path below, for every batch of more than
+/// [`gather_max_tokens`]). Default 64: decode batches up to 64 sequences; longer batches
+/// (prefill) dequantize each expert for cuBLAS.
 fn mma_max_tokens() -> usize {
-    env_usize("ZOPILOT_MOE_MMA_MAX_TOKENS").unwrap_or(64)
+    zopilot_kernels::options::get().moe_mma_max_tokens
 }
 
 /// Tokens candle's quantized mat-vec kernels take in one launch (they go up to 8 columns).
@@ -149,15 +119,12 @@ fn in_vec_launches(x: &Tensor, f: impl Fn(&Tensor) -> Result<Tensor>) -> Result<
 /// blocks, the 8-row router 1 block, on a 132-SM H100. Measured there with ncu at 32
 /// sequences, per call: q/o 189 µs, k/v 166 µs, router 156 µs — 7 ms of a 20 ms decode step
 /// for 8 layers. The mat-vec kernel fills the GPU and reads the weight once per 8 tokens
-/// (q_proj: 9 µs a launch). `ZOPILOT_QMATMUL_SPLIT=0` turns the split off (for comparison).
+/// (q_proj: 9 µs a launch).
 pub(crate) fn qmatmul(xs: &Tensor, w: &dyn QuantMethod) -> Result<Tensor> {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let on = *ON.get_or_init(|| switch_on("ZOPILOT_QMATMUL_SPLIT"));
     let dims = xs.dims().to_vec();
     let hidden = *dims.last().unwrap_or(&0);
     let tokens = if hidden == 0 { 0 } else { xs.elem_count() / hidden };
-    if !on
-        || !xs.device().is_cuda()
+    if !xs.device().is_cuda()
         || w.quantized_act_type().is_none()
         || tokens <= VEC_TOKENS
         || tokens > VEC_SPLIT_MAX_TOKENS
@@ -188,7 +155,7 @@ impl StackedWeight {
     #[cfg(feature = "cuda")]
     fn fused_q4k(&self) -> Option<&QTensor> {
         match self {
-            Self::Quantized { q, .. } if crate::cuda::zopilot_q4k::q4k_applies(q) => Some(q),
+            Self::Quantized { q, .. } if zopilot_kernels::q4k_applies(q) => Some(q),
             _ => None,
         }
     }
@@ -286,12 +253,7 @@ impl Grouped {
     fn matmul(&self, e: usize, x: &Tensor) -> Result<Tensor> {
         if let Self::PerExpert(q) = self {
             let m = x.dim(0)?;
-            let limit = match grouped_kernel() {
-                GroupedKernel::Auto => mmvq_max_tokens().unwrap_or(AUTO_MMVQ_MAX_TOKENS),
-                GroupedKernel::Mmvq => mmvq_max_tokens().unwrap_or(MMVQ_MAX_TOKENS),
-                GroupedKernel::Dequant => 0,
-            };
-            if m <= limit {
+            if m <= GROUPED_MMVQ_MAX_TOKENS {
                 return in_vec_launches(x, |x| expert_mmvq(q, e, x));
             }
         }
@@ -303,43 +265,14 @@ impl Grouped {
     }
 }
 
-/// How the grouped path multiplies the tokens routed to one quantized expert
-/// (`ZOPILOT_MOE_GROUPED`, read once). Measured on an H100 (docs/performance.md §9):
-/// - `auto` (default): up to 16 tokens candle's mat-vec kernel on the expert's bytes (one
-///   read of the expert per 8 tokens), more tokens the expert dequantized alone to f16 for
-///   cuBLAS;
-/// - `dequant`: always dequantize (best at 32 sequences when experts get > 8 tokens);
-/// - `mmvq`: mat-vec in launches of 8 tokens up to 64 tokens per expert (best at 16).
-///
-/// candle's tiled MMQ kernel (`mul_mat_q4_K`) was tried here too and lost at every size
-/// (4 sequences: 19.4 ms per step against 5.8 ms).
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum GroupedKernel {
-    Auto,
-    Dequant,
-    Mmvq,
-}
-
-fn grouped_kernel() -> GroupedKernel {
-    static K: std::sync::OnceLock<GroupedKernel> = std::sync::OnceLock::new();
-    *K.get_or_init(|| match std::env::var("ZOPILOT_MOE_GROUPED").as_deref() {
-        Ok("dequant") => GroupedKernel::Dequant,
-        Ok("mmvq") => GroupedKernel::Mmvq,
-        _ => GroupedKernel::Auto,
-    })
-}
-
-/// Most tokens per expert the `mmvq` choice takes before dequantizing instead.
-const MMVQ_MAX_TOKENS: usize = 64;
-/// The same for `auto` (two mat-vec launches). H100, same run: 16 streams 845 → 937 tok/s
-/// against a limit of 8, 32 streams 1,306 → 1,279 (within the run-to-run spread).
-const AUTO_MMVQ_MAX_TOKENS: usize = 16;
-
-/// `ZOPILOT_MOE_MMVQ_MAX_TOKENS` overrides the mat-vec limit of `auto` or `mmvq`.
-fn mmvq_max_tokens() -> Option<usize> {
-    static N: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
-    *N.get_or_init(|| env_usize("ZOPILOT_MOE_MMVQ_MAX_TOKENS"))
-}
+/// Most tokens routed to one quantized expert that the grouped path multiplies with candle's
+/// mat-vec kernel on the expert's bytes (one read of the expert per 8 tokens); more tokens
+/// dequantize the expert alone to f16 for cuBLAS. Measured on an H100 (same run): 16 streams
+/// 845 → 937 tok/s against a limit of 8, 32 streams 1,306 → 1,279 (within the run-to-run
+/// spread); always dequantizing and a limit of 64 were each best at one batch size only, and
+/// candle's tiled MMQ kernel (`mul_mat_q4_K`) lost at every size (4 sequences: 19.4 ms per
+/// step against 5.8 ms).
+const GROUPED_MMVQ_MAX_TOKENS: usize = 16;
 
 /// `x` `[m, K]` in f32 on the GPU, quantized to Q8_1 the way candle's quantized matmuls
 /// want it: rows padded to 512 values, 36 bytes per 32 values. Returns the bytes and the
@@ -433,13 +366,6 @@ fn expert_mmvq(_q: &QTensor, _e: usize, _x: &Tensor) -> Result<Tensor> {
     candle_core::bail!("the expert mat-vec path needs a CUDA build")
 }
 
-/// `ZOPILOT_DEQUANT=candle` dequantizes Q4K experts with candle's kernel instead of ours.
-#[cfg(feature = "cuda")]
-fn zopilot_dequant_enabled() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("ZOPILOT_DEQUANT").map_or(true, |v| v != "candle"))
-}
-
 /// Dequantizes expert `e` of a stacked k-quant tensor on the GPU (ours for Q4K, else candle's
 /// own kernel, pointed at the expert's bytes), so prefill holds one expert in f16, not the
 /// whole layer.
@@ -449,8 +375,8 @@ fn dequantize_expert_f16(q: &QTensor, e: usize) -> Result<Tensor> {
     use candle_core::{CudaStorage, Shape, Storage};
 
     let (dev, src, n, k) = expert_bytes(q, e)?;
-    if q.dtype() == GgmlDType::Q4K && zopilot_dequant_enabled() {
-        return crate::cuda::zopilot_q4k::dequant_q4k_f16(&dev, src, n, k);
+    if q.dtype() == GgmlDType::Q4K {
+        return zopilot_kernels::dequant_q4k_f16(&dev, src, n, k);
     }
     let Some((name, block_dim)) = dequant_f16_kernel(q.dtype()) else {
         candle_core::bail!("no per-expert dequantization for {:?}", q.dtype());
@@ -490,37 +416,21 @@ pub(crate) struct FusedMoe<'a> {
 
 #[cfg(feature = "cuda")]
 impl<'a> FusedMoe<'a> {
-    /// The router and top k for the RMSNorm before this block to compute the routing in its
-    /// launch (`zq::rmsnorm_quantize`), when `ZOPILOT_ROUTER_IN_NORM=1` asks for it. Off by
-    /// default: on an H100 it saved no GPU time at 1 or 4 streams and cost about 0.11 ms a
-    /// step at 16 (docs/performance.md §13).
-    pub(crate) fn router_for_norm(&self) -> Option<(&'a QTensor, usize)> {
-        static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        ON.get_or_init(|| switch_set("ZOPILOT_ROUTER_IN_NORM"))
-            .then_some((self.router, self.top_k))
-    }
-
     /// The MoE block on an input already quantized (`x`, e.g. from the fused RMSNorm):
-    /// `routing` (the tokens' expert ids and weights) as the caller computed it (the fused
-    /// RMSNorm, from [`Self::router_for_norm`]), else router and routing in one kernel here
-    /// (logits rounded through `dtype`, as the unfused router returns them); then per (token,
-    /// expert) pair w1‖w3 with SiLU·mul and the activation's quantization in one kernel, w2
+    /// router and routing in one kernel (logits rounded through `dtype`, as the unfused
+    /// router returns them); then per (token, expert) pair w1‖w3 with SiLU·mul and the activation's quantization in one kernel, w2
     /// with the weighted sum (and `resid`, when given) in another, written in `dtype` — two or
     /// three launches where the unfused path takes about sixteen; or, `grouped`, the pairs
     /// grouped by expert on the device and each expert read once per chunk of pairs (tensor
     /// cores; [`zq::moe_grouped`]), no host sync.
     pub(crate) fn forward(
         &self,
-        x: &crate::cuda::zopilot_q4k::Q8Rows,
-        routing: Option<(Tensor, Tensor)>,
+        x: &zopilot_kernels::Q8Rows,
         dtype: DType,
         resid: Option<&Tensor>,
     ) -> Result<Tensor> {
-        use crate::cuda::zopilot_q4k as zq;
-        let (ids, weights) = match routing {
-            Some(r) => r,
-            None => zq::router_topk(self.router, x, self.top_k, Some(dtype))?,
-        };
+        use zopilot_kernels as zq;
+        let (ids, weights) = zq::router_topk(self.router, x, self.top_k, Some(dtype))?;
         if self.grouped {
             return zq::moe_grouped((self.w1, self.w3, self.w2), &ids, &weights, x, dtype, resid);
         }
@@ -677,9 +587,9 @@ impl StackedExperts {
     }
 
     /// The tensors for decoding `n` tokens through our fused Q4K kernels
-    /// (`cuda/zopilot_q4k.cu`), when they apply: at most `ZOPILOT_MOE_GATHER_MAX_TOKENS`
-    /// tokens (per-pair kernels) or `ZOPILOT_MOE_MMA_MAX_TOKENS` (grouped), Q4K experts and
-    /// router on CUDA, SiLU, top-k ≤ 8 of ≤ 256 experts, and not `ZOPILOT_MOE_FUSED=0`.
+    /// (the `zopilot-kernels` crate), when they apply: at most `moe_gather_max_tokens`
+    /// tokens (per-pair kernels) or `moe_mma_max_tokens` (grouped), Q4K experts and
+    /// router on CUDA, SiLU, top-k ≤ 8 of ≤ 256 experts.
     #[cfg(feature = "cuda")]
     pub(crate) fn fused<'a>(
         &'a self,
@@ -691,13 +601,11 @@ impl StackedExperts {
         let experts = self.w1.dims().map_or(0, |(e, _, _)| e);
         let grouped = n > self.gather_max_tokens;
         let grouped_ok = n <= self.mma_max_tokens
-            && n * top_k <= crate::cuda::zopilot_q4k::GROUPED_MAX_PAIRS
-            && crate::cuda::zopilot_q4k::mma_enabled();
+            && n * top_k <= zopilot_kernels::GROUPED_MAX_PAIRS;
         if (grouped && !grouped_ok)
             || !(1..=8).contains(&top_k)
             || top_k > experts
             || experts > 256
-            || !fused_enabled()
             || self.act != Activation::Silu
         {
             return None;
@@ -718,8 +626,8 @@ impl StackedExperts {
         let Some(moe) = self.fused(xs.dim(0)?, top_k, gate, xs.device()) else {
             return Ok(None);
         };
-        let x = crate::cuda::zopilot_q4k::quantize(xs)?;
-        moe.forward(&x, None, xs.dtype(), None).map(Some)
+        let x = zopilot_kernels::quantize(xs)?;
+        moe.forward(&x, xs.dtype(), None).map(Some)
     }
 
     #[cfg(not(feature = "cuda"))]

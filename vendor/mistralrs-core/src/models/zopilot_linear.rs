@@ -1,5 +1,5 @@
 //! zopilot-gpu patch: Mixtral's quantized linear layers (attention projections, router,
-//! lm_head) keeping their Q4K tensor, so decode runs our Q4K mat-vec (`cuda/zopilot_q4k.cu`)
+//! lm_head) keeping their Q4K tensor, so decode runs our Q4K mat-vec (`zopilot-kernels`)
 //! on an input quantized once for all layers that read it (q, k and v; router and experts).
 //!
 //! Upstream, each of these layers casts its input to f32, quantizes it to Q8_1, multiplies,
@@ -7,7 +7,7 @@
 //! When immediate ISQ asks for Q4K on a CUDA device, [`QLinear::load`] quantizes the weight
 //! itself (the same candle quantizer ISQ uses) and wraps the tensor in the same `GgufMatMul`
 //! upstream would have built, so every other path (prefill, ISQ listing) is unchanged.
-//! `ZOPILOT_Q4K_LINEAR=0` loads upstream's layers instead (for comparison).
+//! With upstream's Mixtral path chosen (`--mixtral-path upstream`) upstream's layers load instead.
 
 use std::sync::Arc;
 
@@ -40,7 +40,7 @@ struct Q4k {
 }
 
 fn own_q4k_enabled() -> bool {
-    super::mixtral_stacked_moe::switch_on("ZOPILOT_Q4K_LINEAR")
+    super::mixtral_stacked_moe::ours_enabled()
 }
 
 fn addr(mm: &Arc<dyn QuantMethod>) -> usize {
@@ -56,7 +56,7 @@ impl From<Arc<dyn QuantMethod>> for QLinear {
 
 impl QLinear {
     /// A layer around a GGUF tensor we made or were handed; our Q4K kernels take it when
-    /// it is Q4K (and `ZOPILOT_Q4K_LINEAR` is not 0).
+    /// it is Q4K (and our Mixtral path is chosen).
     fn owned(q: Arc<candle_core::quantized::QTensor>, mm: Arc<dyn QuantMethod>) -> Self {
         let q4k = (own_q4k_enabled() && q.dtype() == GgmlDType::Q4K).then(|| Q4k {
             q,
@@ -117,7 +117,7 @@ impl QLinear {
         (q4k.mm_addr == addr(&self.mm)
             && (1..=MAX_TOKENS).contains(&tokens)
             && device.is_cuda()
-            && crate::cuda::zopilot_q4k::q4k_applies(&q4k.q))
+            && zopilot_kernels::q4k_applies(&q4k.q))
         .then_some(&*q4k.q)
     }
 
@@ -139,7 +139,7 @@ impl QLinear {
                 .map(|l| l.q4k_for(tokens, xs.device()))
                 .collect::<Option<Vec<_>>>();
             if let Some(qs) = qs {
-                use crate::cuda::zopilot_q4k as zq;
+                use zopilot_kernels as zq;
                 let x = zq::quantize(&xs.reshape((tokens, hidden))?)?;
                 return zq::matvec_many(&qs, &x, dtype, None)?
                     .into_iter()

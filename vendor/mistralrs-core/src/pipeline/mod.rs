@@ -1216,7 +1216,8 @@ fn zopilot_batch_to_host(
 }
 
 /// zopilot-gpu patch: where one engine step's time went, printed as one `zopilot-step` line
-/// on stderr when `ZOPILOT_STEP_TRACE=1` (profiling; scripts/gpu-profile.sh reads it).
+/// on stderr with `--step-trace` (`zopilot_kernels::options`; profiling,
+/// scripts/gpu-profile.sh reads it).
 struct ZopilotStepTrace {
     start: Instant,
     inputs: Duration,
@@ -1225,7 +1226,7 @@ struct ZopilotStepTrace {
     launch: Duration,
     forward: Duration,
     copy: Duration,
-    /// GPU head start before the forward (`ZOPILOT_STEP_TRACE_HEAD_US`), in µs.
+    /// GPU head start before the forward (`--step-trace-head-us`), in µs.
     head_us: u64,
 }
 
@@ -1273,20 +1274,15 @@ impl ZopilotStepTrace {
         Ok(())
     }
 
-    /// With `ZOPILOT_STEP_TRACE_HEAD_US=N`, the GPU spins N µs before the forward is queued:
+    /// With `--step-trace-head-us N`, the GPU spins N µs before the forward is queued:
     /// the host then runs ahead, so `forward_us - head_us` is the GPU's own time for the step,
     /// and its difference from the plain trace's forward is time the GPU spent waiting for
     /// launches.
     fn head_start(&mut self, device: &Device) -> candle_core::Result<()> {
-        static HEAD: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-        let us = *HEAD.get_or_init(|| {
-            crate::models::mixtral_stacked_moe::env_usize("ZOPILOT_STEP_TRACE_HEAD_US")
-                .unwrap_or(0)
-                .min(1_000_000)
-        });
+        let us = zopilot_kernels::options::get().step_trace_head_us.min(1_000_000);
         if us > 0 {
             #[cfg(feature = "cuda")]
-            crate::cuda::zopilot_q4k::spin(device, us as i32)?;
+            zopilot_kernels::spin(device, us as i32)?;
             self.head_us = us as u64;
         }
         let _ = device;
@@ -1308,8 +1304,7 @@ impl ZopilotStepTrace {
     }
 }
 
-/// zopilot-gpu patch: `ZOPILOT_STEP_TRACE=1` turns on the per-step trace (read once).
+/// zopilot-gpu patch: the per-step trace is on (`--step-trace`).
 pub(crate) fn zopilot_step_trace() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var_os("ZOPILOT_STEP_TRACE").is_some())
+    zopilot_kernels::options::get().step_trace
 }
