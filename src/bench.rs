@@ -3,13 +3,18 @@
 //! and reports TTFT percentiles, inter-token latency, per-stream and aggregate decode
 //! rates, prompt rate, load time, peak GPU memory and peak host RSS. Greedy decoding;
 //! synthetic models never emit EOS, so every request generates exactly `--max-tokens`.
+//! With `--long-prompt-tokens`, each level also measures mixed load: its streams decode
+//! while long prompts arrive one after another, and the streams' inter-token latency in
+//! that window is reported beside the prompts' TTFT (what chunked prefill is judged by).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use futures::StreamExt;
 use serde::Serialize;
+use tokio_util::sync::CancellationToken;
 
 use crate::engine::{Engine, Event, GenRequest, Prompt};
 use crate::metrics::Metrics;
@@ -23,8 +28,26 @@ struct Sample {
     end: Instant,
     tokens: usize,
     prompt_tokens: usize,
-    /// Gaps between consecutive tokens, seconds.
+    /// Gaps between consecutive tokens, seconds, each with the arrival that ended it.
     gaps: Vec<f64>,
+    arrivals: Vec<Instant>,
+}
+
+/// How a caller steers one request beyond its shape: a counter of requests that have their
+/// first token (incremented once, then), and a signal to stop reading and drop the request.
+#[derive(Clone, Default)]
+struct Steer {
+    started: Option<Arc<AtomicUsize>>,
+    stop: Option<CancellationToken>,
+}
+
+impl Steer {
+    async fn stopped(&self) {
+        match &self.stop {
+            Some(t) => t.cancelled().await,
+            None => std::future::pending().await,
+        }
+    }
 }
 
 /// Token arrival times of one request, as they happen.
@@ -33,16 +56,22 @@ struct Clock {
     first: Option<Instant>,
     last: Instant,
     gaps: Vec<f64>,
+    arrivals: Vec<Instant>,
+    started: Option<Arc<AtomicUsize>>,
+    count: usize,
 }
 
 impl Clock {
-    fn new() -> Self {
+    fn new(steer: &Steer) -> Self {
         let now = Instant::now();
         Clock {
             start: now,
             first: None,
             last: now,
             gaps: Vec::new(),
+            arrivals: Vec::new(),
+            started: steer.started.clone(),
+            count: 0,
         }
     }
 
@@ -51,19 +80,25 @@ impl Clock {
         let now = Instant::now();
         if self.first.is_some() {
             self.gaps.push((now - self.last).as_secs_f64());
+            self.arrivals.push(now);
+        } else if let Some(n) = &self.started {
+            n.fetch_add(1, Ordering::SeqCst);
         }
         self.first.get_or_insert(now);
         self.last = now;
+        self.count += 1;
     }
 
-    fn finish(self, tokens: usize, prompt_tokens: usize) -> Sample {
+    /// The sample; `tokens` from the final usage, or the tokens seen when stopped early.
+    fn finish(self, tokens: Option<usize>, prompt_tokens: usize) -> Sample {
         Sample {
             start: self.start,
             first: self.first.unwrap_or(self.last),
             end: self.last,
-            tokens,
+            tokens: tokens.unwrap_or(self.count),
             prompt_tokens,
             gaps: self.gaps,
+            arrivals: self.arrivals,
         }
     }
 }
@@ -110,6 +145,24 @@ pub struct Level {
     pub prompt_tokens_per_second: f64,
     /// Per-stream decode rate / floor_tokens_per_second.
     pub fraction_of_floor: Option<f64>,
+    /// The level's streams again, decoding while long prompts arrive (`--long-prompt-tokens`).
+    pub mixed: Option<MixedLoad>,
+}
+
+/// A level's streams decoding while long prompts arrive one after another: what a long
+/// prompt costs the streams already running (their inter-token latency while the prompts
+/// are being answered, against the level's `inter_token` without them) and what the
+/// prompts wait (TTFT).
+#[derive(Debug, Clone, Serialize)]
+pub struct MixedLoad {
+    pub long_prompt_tokens: usize,
+    pub long_prompts: usize,
+    /// Gaps between the streams' tokens that ended between the first long prompt's sending
+    /// and the last one's first token.
+    pub inter_token_during_prompts: Percentiles,
+    pub gaps_during_prompts: usize,
+    /// The long prompts' time to first token (each sent when the one before it answered).
+    pub long_prompt_ttft: Percentiles,
 }
 
 /// The whole run.
@@ -155,6 +208,11 @@ pub struct BenchOptions {
     pub model_named: bool,
     /// Every stream its own prompt ([`stream_prompt`]) instead of one prompt for all.
     pub distinct_prompts: bool,
+    /// Mixed load: prompts of this many tokens arrive while each level's streams decode
+    /// (0: off).
+    pub long_prompt_tokens: usize,
+    /// How many long prompts arrive, one after another, in each level's mixed phase.
+    pub long_prompts: usize,
 }
 
 fn peak_rss() -> Option<u64> {
@@ -209,8 +267,9 @@ async fn one_in_process(
     engine: Arc<Engine>,
     prompt: Vec<u32>,
     max_tokens: usize,
+    steer: Steer,
 ) -> Result<Sample> {
-    let mut clock = Clock::new();
+    let mut clock = Clock::new(&steer);
     let prompt_tokens = prompt.len();
     let req = GenRequest {
         prompt: Prompt::Tokens(prompt),
@@ -222,12 +281,18 @@ async fn one_in_process(
         decoding: Default::default(),
     };
     let mut g = engine.generate(req).await?;
-    let mut tokens = 0;
-    while let Some(ev) = g.events.recv().await {
+    let mut tokens = None;
+    loop {
+        let ev = tokio::select! {
+            ev = g.events.recv() => ev,
+            // Dropping the request (below) cancels it in the engine.
+            () = steer.stopped() => break,
+        };
         match ev {
-            Event::Text { .. } => clock.token(),
-            Event::Done { usage, .. } => tokens = usage.completion_tokens,
-            Event::Error(e) => return Err(e.into()),
+            Some(Event::Text { .. }) => clock.token(),
+            Some(Event::Done { usage, .. }) => tokens = Some(usage.completion_tokens),
+            Some(Event::Error(e)) => return Err(e.into()),
+            None => break,
         }
     }
     Ok(clock.finish(tokens, prompt_tokens))
@@ -240,8 +305,9 @@ async fn one_http(
     key: Option<String>,
     prompt: String,
     max_tokens: usize,
+    steer: Steer,
 ) -> Result<Sample> {
-    let mut clock = Clock::new();
+    let mut clock = Clock::new(&steer);
     let body = serde_json::json!({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": true,
                                   "stream_options": {"include_usage": true}});
     let mut req = client.post(format!("{url}/v1/completions")).json(&body);
@@ -250,8 +316,14 @@ async fn one_http(
     }
     let resp = req.send().await?.error_for_status()?;
     let mut stream = resp.bytes_stream();
-    let (mut tokens, mut prompt_tokens, mut buf) = (0, 0, String::new());
-    while let Some(chunk) = stream.next().await {
+    let (mut tokens, mut prompt_tokens, mut buf) = (None, 0, String::new());
+    loop {
+        let chunk = tokio::select! {
+            c = stream.next() => c,
+            // Dropping the response closes the connection, which cancels the request.
+            () = steer.stopped() => break,
+        };
+        let Some(chunk) = chunk else { break };
         buf.push_str(&String::from_utf8_lossy(&chunk?));
         while let Some(i) = buf.find("\n\n") {
             let event: String = buf.drain(..i + 2).collect();
@@ -263,7 +335,7 @@ async fn one_http(
             }
             let v: serde_json::Value = serde_json::from_str(data)?;
             if let Some(n) = v["usage"]["completion_tokens"].as_u64() {
-                tokens = n as usize;
+                tokens = Some(n as usize);
                 prompt_tokens = v["usage"]["prompt_tokens"].as_u64().unwrap_or(0) as usize;
             } else if v["choices"][0]["text"]
                 .as_str()
@@ -305,6 +377,104 @@ fn stream_prompt(base: &[u32], stream: Option<usize>) -> Vec<u32> {
     p
 }
 
+/// Where requests go: the engine in-process, or a server's `/v1/completions`.
+struct Target {
+    engine: Arc<Engine>,
+    client: reqwest::Client,
+    url: Option<String>,
+    key: Option<String>,
+}
+
+impl Target {
+    /// One request on a task of its own: `prompt` in-process, or over HTTP a text of its
+    /// length (stream `stream`'s own text when given).
+    fn spawn(
+        &self,
+        prompt: Vec<u32>,
+        stream: Option<usize>,
+        max_tokens: usize,
+        steer: Steer,
+    ) -> tokio::task::JoinHandle<Result<Sample>> {
+        let (engine, client, url, key) = (
+            self.engine.clone(),
+            self.client.clone(),
+            self.url.clone(),
+            self.key.clone(),
+        );
+        tokio::spawn(async move {
+            match url {
+                None => one_in_process(engine, prompt, max_tokens, steer).await,
+                Some(u) => {
+                    let text = prompt_text(prompt.len(), stream);
+                    one_http(client, u, key, text, max_tokens, steer).await
+                }
+            }
+        })
+    }
+}
+
+/// The mixed phase of a level: `c` streams decode (up to `budget` tokens each); once every
+/// one has its first token, the long prompts are sent one after another, each answered with
+/// one token; then the streams are stopped. The streams' gaps that ended inside that window
+/// and the prompts' TTFT are reported.
+async fn mixed_load(
+    target: &Target,
+    c: usize,
+    prompt: &[u32],
+    distinct: bool,
+    long: &[u32],
+    o: &BenchOptions,
+    budget: usize,
+) -> Result<MixedLoad> {
+    let started = Arc::new(AtomicUsize::new(0));
+    let stop = CancellationToken::new();
+    let steer = Steer {
+        started: Some(started.clone()),
+        stop: Some(stop.clone()),
+    };
+    let streams: Vec<_> = (0..c)
+        .map(|i| {
+            let stream = distinct.then_some(i);
+            target.spawn(stream_prompt(prompt, stream), stream, budget, steer.clone())
+        })
+        .collect();
+    while started.load(Ordering::SeqCst) < c {
+        if streams.iter().all(|t| t.is_finished()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let window_start = Instant::now();
+    let mut ttfts = Vec::with_capacity(o.long_prompts);
+    for j in 0..o.long_prompts {
+        // Each long prompt its own (past every stream's index), so no prefix is shared.
+        let stream = Some(c + 1000 + j);
+        let p = stream_prompt(long, stream);
+        let s = target.spawn(p, stream, 1, Steer::default()).await??;
+        ttfts.push((s.first - s.start).as_secs_f64());
+    }
+    let window_end = Instant::now();
+    stop.cancel();
+    let mut during = Vec::new();
+    for t in streams {
+        let s = t.await??;
+        during.extend(
+            s.gaps
+                .iter()
+                .zip(&s.arrivals)
+                .filter(|(_, at)| **at >= window_start && **at <= window_end)
+                .map(|(g, _)| *g),
+        );
+    }
+    Ok(MixedLoad {
+        long_prompt_tokens: long.len(),
+        long_prompts: o.long_prompts,
+        gaps_during_prompts: during.len(),
+        inter_token_during_prompts: percentiles(during),
+        long_prompt_ttft: percentiles(ttfts),
+    })
+}
+
 fn summarize(concurrency: usize, samples: &[Sample]) -> Level {
     let prompt_tokens =
         samples.iter().map(|s| s.prompt_tokens).sum::<usize>() / samples.len().max(1);
@@ -339,6 +509,7 @@ fn summarize(concurrency: usize, samples: &[Sample]) -> Level {
             / (t1 - t0).as_secs_f64().max(1e-9),
         decode_aggregate_tokens_per_second: per_stream.iter().sum(),
         fraction_of_floor: None,
+        mixed: None,
         prompt_tokens_per_second: if mean_ttft > 0.0 {
             prompt_tokens as f64 / mean_ttft
         } else {
@@ -360,7 +531,10 @@ async fn served_model(client: &reqwest::Client, url: &str, key: Option<&str>) ->
 /// Runs the benchmark.
 pub async fn run(mut model: ModelSettings, o: BenchOptions) -> Result<BenchReport> {
     let max_c = o.concurrency.iter().copied().max().unwrap_or(1);
-    model.max_num_seqs = model.max_num_seqs.max(max_c);
+    // A slot per stream, and one more for the mixed phase's long prompt.
+    model.max_num_seqs = model
+        .max_num_seqs
+        .max(max_c + usize::from(o.long_prompt_tokens > 0));
     let started = Instant::now();
     let engine = Arc::new(Engine::new(
         &model,
@@ -374,6 +548,26 @@ pub async fn run(mut model: ModelSettings, o: BenchOptions) -> Result<BenchRepor
         (Some(loaded), fixed_prompt(&engine, o.prompt_tokens).await?)
     } else {
         (None, vec![0; o.prompt_tokens])
+    };
+    // The mixed-load phase's long prompt, and how long its decoding streams may run: until
+    // the model's context is full (they are stopped once the long prompts are answered).
+    // In-process the loaded engine's own limit; over HTTP the server's default.
+    let context = match (&o.url, engine.context_len()) {
+        (None, n) if n > 0 => n,
+        _ => model
+            .max_model_len
+            .unwrap_or(crate::settings::DEFAULT_MAX_MODEL_LEN),
+    };
+    let stream_budget = context.saturating_sub(o.prompt_tokens + 1);
+    let long_prompt = match o.long_prompt_tokens {
+        0 => None,
+        n if n + 1 > context || stream_budget < 2 => bail!(
+            "--long-prompt-tokens {n} and --prompt-tokens {} must each leave room in the \
+             {context}-token context (--max-model-len)",
+            o.prompt_tokens
+        ),
+        n if o.url.is_none() => Some(fixed_prompt(&engine, n).await?),
+        n => Some(vec![0; n]),
     };
     let client = reqwest::Client::new();
     let mut gpu_peak = crate::preflight::driver::gpu_used_bytes();
@@ -408,41 +602,24 @@ pub async fn run(mut model: ModelSettings, o: BenchOptions) -> Result<BenchRepor
     let floor = bandwidth.zip(bytes_per_token).map(|(bw, b)| bw / b as f64);
     let mut levels = Vec::new();
     for &c in &o.concurrency {
+        let target = Target {
+            engine: engine.clone(),
+            client: client.clone(),
+            url: o.url.clone(),
+            key: o.api_key.clone(),
+        };
         // Warm-up: one request of the same shape, not measured.
-        match &o.url {
-            None => {
-                drop(one_in_process(engine.clone(), prompt.clone(), o.max_tokens.min(8)).await?)
-            }
-            Some(u) => drop(
-                one_http(
-                    client.clone(),
-                    u.clone(),
-                    o.api_key.clone(),
-                    prompt_text(prompt.len(), None),
-                    o.max_tokens.min(8),
-                )
-                .await?,
-            ),
-        }
+        let warm = o.max_tokens.min(8);
+        drop(
+            target
+                .spawn(prompt.clone(), None, warm, Steer::default())
+                .await??,
+        );
         let tasks: Vec<_> = (0..c)
             .map(|i| {
                 let stream = o.distinct_prompts.then_some(i);
-                let (engine, prompt, client, url, key) = (
-                    engine.clone(),
-                    stream_prompt(&prompt, stream),
-                    client.clone(),
-                    o.url.clone(),
-                    o.api_key.clone(),
-                );
-                tokio::spawn(async move {
-                    match url {
-                        None => one_in_process(engine, prompt, o.max_tokens).await,
-                        Some(u) => {
-                            let text = prompt_text(prompt.len(), stream);
-                            one_http(client, u, key, text, o.max_tokens).await
-                        }
-                    }
-                })
+                let p = stream_prompt(&prompt, stream);
+                target.spawn(p, stream, o.max_tokens, Steer::default())
             })
             .collect();
         let mut samples = Vec::new();
@@ -452,6 +629,20 @@ pub async fn run(mut model: ModelSettings, o: BenchOptions) -> Result<BenchRepor
         gpu_peak = gpu_peak.max(crate::preflight::driver::gpu_used_bytes());
         let mut level = summarize(c, &samples);
         level.fraction_of_floor = floor.map(|f| level.decode_tokens_per_second_per_stream / f);
+        if let Some(long) = &long_prompt {
+            let mixed = mixed_load(
+                &target,
+                c,
+                &prompt,
+                o.distinct_prompts,
+                long,
+                &o,
+                stream_budget,
+            )
+            .await?;
+            gpu_peak = gpu_peak.max(crate::preflight::driver::gpu_used_bytes());
+            level.mixed = Some(mixed);
+        }
         tracing::info!(
             concurrency = c,
             aggregate = level.aggregate_tokens_per_second,
@@ -530,6 +721,22 @@ impl BenchReport {
                 l.decode_aggregate_tokens_per_second,
                 l.prompt_tokens_per_second
             ));
+        }
+        for l in &self.levels {
+            if let Some(m) = &l.mixed {
+                out.push_str(&format!(
+                    "{:>4}  with {} prompts of {} tokens arriving: itl p50/p99 {:.2}/{:.2} ms ({} gaps; {:.2} ms p50 without); their ttft p50/p99 {:.1}/{:.1} ms\n",
+                    l.concurrency,
+                    m.long_prompts,
+                    m.long_prompt_tokens,
+                    m.inter_token_during_prompts.p50_ms,
+                    m.inter_token_during_prompts.p99_ms,
+                    m.gaps_during_prompts,
+                    l.inter_token.p50_ms,
+                    m.long_prompt_ttft.p50_ms,
+                    m.long_prompt_ttft.p99_ms,
+                ));
+            }
         }
         out
     }

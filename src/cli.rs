@@ -134,6 +134,16 @@ pub struct BenchArgs {
     #[arg(long)]
     pub bandwidth_gbs: Option<f64>,
 
+    /// Mixed load: after each level, its streams decode again while prompts of this many
+    /// tokens arrive one after another (`--long-prompts` of them); reports the streams'
+    /// inter-token latency meanwhile and the prompts' TTFT. 0: off.
+    #[arg(long, default_value_t = 0)]
+    pub long_prompt_tokens: usize,
+
+    /// Long prompts per level in the mixed-load phase.
+    #[arg(long, default_value_t = 4)]
+    pub long_prompts: usize,
+
     /// Give every stream a prompt of its own (same length), so that a mixture of experts
     /// routes the streams to different experts as real traffic does. By default every stream
     /// sends the same prompt, as in every earlier record: the streams then decode the same

@@ -393,9 +393,12 @@ fn bench(a: BenchArgs) -> Result<ExitCode> {
         || a.concurrency.contains(&0)
         || a.max_tokens == 0
         || a.prompt_tokens == 0
+        || (a.long_prompt_tokens > 0 && a.long_prompts == 0)
     {
         return Err(SettingsError(
-            "--concurrency levels, --max-tokens and --prompt-tokens must be >= 1".into(),
+            "--concurrency levels, --max-tokens, --prompt-tokens (and, with \
+             --long-prompt-tokens, --long-prompts) must be >= 1"
+                .into(),
         )
         .into());
     }
@@ -408,6 +411,8 @@ fn bench(a: BenchArgs) -> Result<ExitCode> {
         bandwidth_gbs: a.bandwidth_gbs,
         model_named: a.model.model.is_some() || a.model.model_name.is_some(),
         distinct_prompts: a.distinct_prompts,
+        long_prompt_tokens: a.long_prompt_tokens,
+        long_prompts: a.long_prompts,
     };
     let report = block_on(crate::bench::run(model, opts))??;
     if a.json {

@@ -482,6 +482,54 @@ fn tiny_cpu_bench() -> std::process::Command {
     c
 }
 
+/// Mixed load: each level's streams decode again while long prompts arrive one after
+/// another; the long prompts are answered (their TTFT reported), the streams are stopped
+/// once they are (far short of their token budget), and the level says what it measured.
+#[test]
+fn bench_mixed_load_reports_stream_latency_and_long_prompt_ttft() {
+    let started = std::time::Instant::now();
+    let out = tiny_cpu_bench()
+        .args([
+            "--prompt-tokens",
+            "16",
+            "--max-tokens",
+            "4",
+            "--concurrency",
+            "2",
+            "--long-prompt-tokens",
+            "96",
+            "--long-prompts",
+            "3",
+        ])
+        .output()
+        .unwrap();
+    let r = json_stdout(&out);
+    let level = &r["levels"][0];
+    assert_eq!(level["concurrency"], 2);
+    let m = &level["mixed"];
+    assert_eq!(m["long_prompt_tokens"], 96, "{m}");
+    assert_eq!(m["long_prompts"], 3);
+    let ttft = m["long_prompt_ttft"]["p50_ms"].as_f64().unwrap();
+    assert!(ttft > 0.0, "{m}");
+    assert!(m["gaps_during_prompts"].as_u64().is_some());
+    assert!(m["inter_token_during_prompts"]["p99_ms"].as_f64().unwrap() >= 0.0);
+    // The streams' budget is the whole context; stopping them is what ends the run.
+    assert!(started.elapsed() < std::time::Duration::from_secs(120));
+    // Without the flag there is no mixed phase.
+    let plain = tiny_cpu_bench()
+        .args([
+            "--prompt-tokens",
+            "8",
+            "--max-tokens",
+            "2",
+            "--concurrency",
+            "1",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(json_stdout(&plain)["levels"][0]["mixed"], Value::Null);
+}
+
 #[test]
 fn bench_json_on_the_tiny_model_emits_the_documented_fields() {
     let out = tiny_cpu_bench()
