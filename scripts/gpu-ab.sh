@@ -3,7 +3,8 @@
 # move a token (a refactor, a kernel moved between files): the kernel bench's --check
 # (kernels/ with the shipped flags), greedy text of each build on the same 8-layer Mixtral
 # (equal or not), the self-test of B, and the benchmark alternating A B A B (tok/s with its
-# spread across processes). Results land in $OUT (default ./gpu-ab).
+# spread across processes); last B's mixed-load figures (16 streams while 4,096-token prompts
+# arrive). Results land in $OUT (default ./gpu-ab).
 #
 #   scripts/gpu-ab.sh BINARY_A BINARY_B
 #
@@ -80,4 +81,11 @@ for lv in r.get("levels", []):
 EOF
   done
 done
+
+# Mixed load with B (no comparison): 16 streams decoding while 4,096-token prompts arrive.
+log "mixed load, B: 16 streams, four 4,096-token prompts"
+timeout 240 "$B" bench --model $M --prompt-tokens 512 --max-tokens 128 --concurrency 16 \
+  --distinct-prompts --long-prompt-tokens 4096 --long-prompts 4 > "$OUT/bench-mixed-B.txt" 2> /dev/null
+echo "exit $?" >> "$S"
+cat "$OUT/bench-mixed-B.txt" >> "$S"
 cat "$S"
