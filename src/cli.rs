@@ -1,5 +1,6 @@
 //! Command-line surface: clap derive types holding raw values only. Every flag has an
 //! env fallback; validation and defaults that depend on other flags live in `settings`.
+//! On/off flags take `1`/`0`, `true`/`false`, `yes`/`no` or `on`/`off` from the environment.
 
 use std::path::PathBuf;
 
@@ -240,7 +241,7 @@ pub struct ModelArgs {
     pub kv_cache_tokens: usize,
 
     /// Run on the CPU even when a GPU is present.
-    #[arg(long, env = "ZOPILOT_CPU")]
+    #[arg(long, env = "ZOPILOT_CPU", value_parser = clap::builder::BoolishValueParser::new())]
     pub cpu: bool,
 
     /// Hugging Face access token (Mixtral is gated).
@@ -272,7 +273,7 @@ pub struct ModelArgs {
     pub served_model_name: Option<String>,
 
     /// Log as JSON lines (for log collectors) instead of human-readable text.
-    #[arg(long, env = "ZOPILOT_LOG_JSON")]
+    #[arg(long, env = "ZOPILOT_LOG_JSON", value_parser = clap::builder::BoolishValueParser::new())]
     pub log_json: bool,
 
     #[command(flatten)]
@@ -311,7 +312,7 @@ pub struct DecodeArgs {
     pub mma_min_tokens: usize,
 
     /// Print one `zopilot-step` line per engine step on stderr (scripts/gpu-profile.sh).
-    #[arg(long, env = "ZOPILOT_STEP_TRACE")]
+    #[arg(long, env = "ZOPILOT_STEP_TRACE", value_parser = clap::builder::BoolishValueParser::new())]
     pub step_trace: bool,
 
     /// With --step-trace: the GPU spins this many µs before each forward, so the host queues
@@ -352,7 +353,7 @@ pub struct ServeArgs {
     pub body_limit: usize,
 
     /// Skip the GPU self-test that runs before the model loads.
-    #[arg(long, env = "ZOPILOT_SKIP_SELFTEST")]
+    #[arg(long, env = "ZOPILOT_SKIP_SELFTEST", value_parser = clap::builder::BoolishValueParser::new())]
     pub skip_selftest: bool,
 
     /// Seconds in-flight requests get to finish after SIGTERM/SIGINT.

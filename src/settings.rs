@@ -502,6 +502,15 @@ impl WorkerSettings {
     }
 }
 
+/// Makes `options` the process's decode options (read by the kernels and the vendored Mixtral
+/// layer at load). Once per process, before any model loads; a second, different set is a
+/// programming error and is logged, the first options staying in force.
+pub fn install_decode_options(options: &DecodeOptions) {
+    if let Err(now) = zopilot_kernels::options::set(options.clone()) {
+        tracing::error!(?now, asked = ?options, "decode options already set; keeping the first");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -702,14 +711,5 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("--max-model-len"), "{e}");
-    }
-}
-
-/// Makes `options` the process's decode options (read by the kernels and the vendored Mixtral
-/// layer at load). Once per process, before any model loads; a second, different set is a
-/// programming error and is logged, the first options staying in force.
-pub fn install_decode_options(options: &DecodeOptions) {
-    if let Err(now) = zopilot_kernels::options::set(options.clone()) {
-        tracing::error!(?now, asked = ?options, "decode options already set; keeping the first");
     }
 }
