@@ -5,6 +5,18 @@ use std::ffi::c_void;
 
 unsafe extern "C" {
     pub(crate) fn zopilot_set_pdl(on: i32) -> i32;
+    pub(crate) fn zopilot_masked_softmax(
+        att: *const c_void,
+        mask: *const c_void,
+        out: *mut c_void,
+        rows: i64,
+        ncols: i32,
+        q: i32,
+        heads: i32,
+        mask_batch_rows: i32,
+        dtype: i32,
+        stream: i64,
+    ) -> i32;
     pub(crate) fn zopilot_spin(us: i32, stream: i64) -> i32;
     pub(crate) fn zopilot_decode_attention(
         q: *const c_void,

@@ -12,6 +12,7 @@
 //! | experts grouped by expert, tensor cores | `moe_grouped.cu` (+ `mma.cuh`) | [`moe_grouped`] |
 //! | decode attention over the paged cache | `attention.cu` | [`decode_attention`], [`rope_cache_decode`] |
 //! | Q4K → f16 | `dequantize.cu` | [`dequant_q4k_f16`] |
+//! | prefill attention: mask + softmax | `softmax.cu` | [`masked_softmax`] |
 //! | launch settings, profiling spin | `launch.cu` | [`spin`] |
 //!
 //! `common.cuh` holds the layouts every kernel shares (Q4_K blocks; our int8 activation rows,
@@ -46,6 +47,8 @@ mod norm;
 mod pool;
 #[cfg(feature = "cuda")]
 mod quantize;
+#[cfg(feature = "cuda")]
+mod softmax;
 
 #[cfg(feature = "cuda")]
 pub use {
@@ -58,4 +61,5 @@ pub use {
     norm::rmsnorm_quantize,
     pool::Q8Rows,
     quantize::quantize,
+    softmax::masked_softmax,
 };
