@@ -14,6 +14,8 @@ unsafe extern "C" {
         q: i32,
         heads: i32,
         mask_batch_rows: i32,
+        mul_bits: u16,
+        add_bits: u16,
         dtype: i32,
         stream: i64,
     ) -> i32;

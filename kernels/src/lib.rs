@@ -12,7 +12,7 @@
 //! | experts grouped by expert, tensor cores | `moe_grouped.cu` (+ `mma.cuh`) | [`moe_grouped`] |
 //! | decode attention over the paged cache | `attention.cu` | [`decode_attention`], [`rope_cache_decode`] |
 //! | Q4K → f16 | `dequantize.cu` | [`dequant_q4k_f16`] |
-//! | prefill attention: mask + softmax | `softmax.cu` | [`masked_softmax`] |
+//! | prefill attention: scale + mask + softmax | `softmax.cu` | [`masked_softmax`] |
 //! | launch settings, profiling spin | `launch.cu` | [`spin`] |
 //!
 //! `common.cuh` holds the layouts every kernel shares (Q4_K blocks; our int8 activation rows,
