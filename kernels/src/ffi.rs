@@ -5,6 +5,15 @@ use std::ffi::c_void;
 
 unsafe extern "C" {
     pub(crate) fn zopilot_set_pdl(on: i32) -> i32;
+    pub(crate) fn zopilot_moe_scatter_add(
+        dst: *mut f32,
+        idx: *const u32,
+        src: *const f32,
+        scale: *const f32,
+        m: i64,
+        hidden: i32,
+        stream: i64,
+    ) -> i32;
     pub(crate) fn zopilot_masked_softmax(
         att: *const c_void,
         mask: *const c_void,

@@ -10,6 +10,7 @@
 //! | dense matmul on tensor cores | `matmul.cu` (+ `mma.cuh`) | through [`matvec_many`] from a few rows on |
 //! | experts per (token, expert) pair | `moe_pair.cu` | [`moe_w13_silu`], [`moe_w2`] |
 //! | experts grouped by expert, tensor cores | `moe_grouped.cu` (+ `mma.cuh`) | [`moe_grouped`] |
+//! | host-routed experts' combine (prefill) | `moe_scatter.cu` | [`moe_scatter_add`] |
 //! | decode attention over the paged cache | `attention.cu` | [`decode_attention`], [`rope_cache_decode`] |
 //! | Q4K → f16 | `dequantize.cu` | [`dequant_q4k_f16`] |
 //! | prefill attention: scale + mask + softmax | `softmax.cu` | [`masked_softmax`] |
@@ -42,6 +43,8 @@ mod moe_grouped;
 #[cfg(feature = "cuda")]
 mod moe_pair;
 #[cfg(feature = "cuda")]
+mod moe_scatter;
+#[cfg(feature = "cuda")]
 mod norm;
 #[cfg(feature = "cuda")]
 mod pool;
@@ -58,6 +61,7 @@ pub use {
     matvec::{MATVEC_MAX_TOKENS, matvec_many, router_topk},
     moe_grouped::{GROUPED_MAX_PAIRS, moe_grouped},
     moe_pair::{moe_w2, moe_w13_silu},
+    moe_scatter::moe_scatter_add,
     norm::rmsnorm_quantize,
     pool::Q8Rows,
     quantize::quantize,

@@ -676,6 +676,12 @@ impl StackedExperts {
             let up = w3.matmul(e, &x)?;
             let act = crate::ops::mul_and_act(&gate, &up, self.act)?;
             let down = w2.matmul(e, &act)?;
+            // zopilot-gpu patch: the weighted rows added in place by a kernel of ours,
+            // bit-identical to the index_add below (which used 4 blocks and copied `ys`).
+            #[cfg(feature = "cuda")]
+            if zopilot_kernels::moe_scatter_add(&ys, &idx, &down, &scale)? {
+                continue;
+            }
             ys = ys.index_add(&idx, &down.broadcast_mul(&scale)?, 0)?;
         }
         Ok(ys)
