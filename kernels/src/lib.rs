@@ -1,6 +1,7 @@
-//! zopilot-kernels: our CUDA kernels for Mixtral decode with Q4K weights, and safe wrappers
-//! over them. One file per op family, each launcher beside its kernel in `cuda/`, each
-//! wrapper module here named as its `.cu`:
+//! zopilot-kernels: our CUDA kernels for Mixtral with Q4K weights (decode, and prefill's
+//! attention softmax and expert combine), and safe wrappers over them. One file per op
+//! family, each launcher beside its kernel in `cuda/`, each wrapper module here named as its
+//! `.cu`:
 //!
 //! | family | kernels (`cuda/`) | wrapper |
 //! |---|---|---|
