@@ -12,7 +12,7 @@ use crate::launch::{
     check, cuda_dev, dtype_code, q4k_applies, slice_ptr, stream, tensor_ptr, weight_ptr,
 };
 use crate::mma::Packed;
-use crate::moe_pair::routing_dims;
+use crate::moe_pair::{residual, routing_dims};
 use crate::pool::{Out, Q8Rows};
 
 /// Pairs per chunk of the grouped expert kernels for `tokens` tokens: 8 (measured faster up
@@ -105,16 +105,7 @@ pub fn moe_grouped(
         );
     }
     let (ids, weights) = (ids.contiguous()?, weights.contiguous()?);
-    let resid = resid.map(|r| r.contiguous()).transpose()?;
-    if let Some(r) = &resid {
-        if r.dims2()? != (tokens, h) || r.dtype() != dtype {
-            candle_core::bail!(
-                "zopilot grouped moe: residual {:?} {:?}",
-                r.dims(),
-                r.dtype()
-            );
-        }
-    }
+    let resid = residual(resid, tokens, h, dtype)?;
     let plan = GroupPlan::new(&dev, &ids, experts, tokens)?;
     let order = slice_ptr(&plan.order) as *const i32;
     let chunks = slice_ptr(&plan.chunks) as *const c_void;

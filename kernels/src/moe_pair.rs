@@ -27,6 +27,22 @@ pub(crate) fn routing_dims(ids: &Tensor, weights: Option<&Tensor>, tokens: usize
     Ok(topk)
 }
 
+/// The residual added to the experts' output, contiguous: `[tokens, h]` of `dtype`.
+pub(crate) fn residual(
+    resid: Option<&Tensor>,
+    tokens: usize,
+    h: usize,
+    dtype: DType,
+) -> Result<Option<Tensor>> {
+    let resid = resid.map(|r| r.contiguous()).transpose()?;
+    if let Some(r) = &resid {
+        if r.dims2()? != (tokens, h) || r.dtype() != dtype {
+            candle_core::bail!("zopilot moe: residual {:?} {:?}", r.dims(), r.dtype());
+        }
+    }
+    Ok(resid)
+}
+
 /// Expert pair of Mixtral's FFN for each (token, slot): `silu(x·w1[e]) * (x·w3[e])`,
 /// quantized, `[tokens * topk, N]`. `w1`, `w3`: `[E, N, K]` Q4K; `ids`: `[tokens, topk]` u32.
 pub fn moe_w13_silu(w1: &QTensor, w3: &QTensor, ids: &Tensor, x: &Q8Rows) -> Result<Q8Rows> {
@@ -97,12 +113,7 @@ pub fn moe_w2(
         );
     }
     let (ids, weights) = (ids.contiguous()?, weights.contiguous()?);
-    let resid = resid.map(|r| r.contiguous()).transpose()?;
-    if let Some(r) = &resid {
-        if r.dims2()? != (tokens, h) || r.dtype() != dtype {
-            candle_core::bail!("zopilot moe w2: residual {:?} {:?}", r.dims(), r.dtype());
-        }
-    }
+    let resid = residual(resid, tokens, h, dtype)?;
     let resid_ptr = match &resid {
         Some(r) => tensor_ptr(r)? as *const c_void,
         None => std::ptr::null(),

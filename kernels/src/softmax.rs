@@ -27,11 +27,13 @@ pub fn masked_softmax(att: &Tensor, mask: &Tensor, scale: f64) -> Result<Option<
         [mb, mq, mk] | [mb, 1, mq, mk] if (*mb, *mq, *mk) == (b, q, k) => q,
         _ => return Ok(None),
     };
+    let Ok(dtype_code) = half_dtype_code(att.dtype(), "masked softmax") else {
+        return Ok(None);
+    };
     if !att.device().is_cuda()
         || mask.dtype() != att.dtype()
         || !att.is_contiguous()
         || !mask.is_contiguous()
-        || half_dtype_code(att.dtype(), "masked softmax").is_err()
         || b * h * q == 0
         || k == 0
         || k > i32::MAX as usize
@@ -68,7 +70,7 @@ pub fn masked_softmax(att: &Tensor, mask: &Tensor, scale: f64) -> Result<Option<
             mask_batch_rows as i32,
             mul_bits,
             add_bits,
-            half_dtype_code(att.dtype(), "masked softmax")?,
+            dtype_code,
             stream(&dev),
         )
     };
