@@ -225,6 +225,15 @@ pub struct ModelArgs {
     #[arg(long, env = "ZOPILOT_MAX_PREFILL_TOKENS", default_value_t = 2048)]
     pub max_prefill_tokens: usize,
 
+    /// Chunked prefill on a GPU: while sequences decode, a prompt longer than this is
+    /// prefilled this many tokens a step (rounded down to whole KV-cache blocks), its steps
+    /// alternating with decode steps, so streams keep their pace while it loads; with nothing
+    /// decoding a prompt runs whole. 0 (the default until a chunked prompt's answer is
+    /// checked against the whole prompt's on a GPU): off, a prompt stalls every stream for
+    /// its whole prefill. 256 is the measured middle ground (bench/README.md).
+    #[arg(long, env = "ZOPILOT_PREFILL_CHUNK_TOKENS", default_value_t = 0)]
+    pub prefill_chunk_tokens: usize,
+
     /// Requests that may wait, first come first served, for a sequence slot while all are
     /// busy; one more is answered 429 with Retry-After at once. 0: no queue.
     #[arg(long, env = "ZOPILOT_MAX_QUEUE", default_value_t = 512)]
@@ -310,6 +319,11 @@ pub struct DecodeArgs {
     /// 0 turns that off.
     #[arg(long, env = "ZOPILOT_MMA_MIN_TOKENS", default_value_t = 3)]
     pub mma_min_tokens: usize,
+
+    /// Most rows the dense Q4K layers (attention projections, router, lm_head) take through
+    /// our kernels; more (prefill) go to candle's quantized matmul.
+    #[arg(long, env = "ZOPILOT_MMA_MAX_TOKENS", default_value_t = 128)]
+    pub mma_max_tokens: usize,
 
     /// Print one `zopilot-step` line per engine step on stderr (scripts/gpu-profile.sh).
     #[arg(long, env = "ZOPILOT_STEP_TRACE", value_parser = clap::builder::BoolishValueParser::new())]

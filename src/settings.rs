@@ -99,6 +99,8 @@ pub struct ModelSettings {
     pub max_num_seqs: usize,
     /// Most prompt tokens one prefill step admits (a longer prompt runs alone).
     pub max_prefill_tokens: usize,
+    /// Chunked prefill's chunk in tokens while sequences decode; 0: off.
+    pub prefill_chunk_tokens: usize,
     /// The waiting line in front of the sequence slots.
     pub queue: QueueLimits,
     /// Tokens of paged KV cache to reserve on a GPU.
@@ -165,6 +167,15 @@ pub fn decode_options(a: &DecodeArgs) -> Result<DecodeOptions, SettingsError> {
             a.moe_mma_max_tokens
         )));
     }
+    if !(1..=8192).contains(&a.mma_max_tokens)
+        || (a.mma_min_tokens == 0 && a.mma_max_tokens > 128)
+    {
+        return Err(bad(format!(
+            "--mma-max-tokens must be between 1 and 8192 (at most 128 with --mma-min-tokens 0: \
+             the mat-vec takes 8 rows a launch). Given: {}",
+            a.mma_max_tokens
+        )));
+    }
     if a.step_trace_head_us > 1_000_000 {
         return Err(bad(format!(
             "--step-trace-head-us must be at most 1000000 (one second). Given: {}",
@@ -177,6 +188,7 @@ pub fn decode_options(a: &DecodeArgs) -> Result<DecodeOptions, SettingsError> {
         moe_gather_max_tokens: a.moe_gather_max_tokens,
         moe_mma_max_tokens: a.moe_mma_max_tokens,
         mma_min_tokens: a.mma_min_tokens,
+        mma_max_tokens: a.mma_max_tokens,
         step_trace: a.step_trace,
         step_trace_head_us: a.step_trace_head_us,
     })
@@ -263,6 +275,15 @@ impl ModelSettings {
                 a.max_prefill_tokens
             )));
         }
+        if a.prefill_chunk_tokens != 0
+            && !(32..=a.max_prefill_tokens).contains(&a.prefill_chunk_tokens)
+        {
+            return Err(bad(format!(
+                "--prefill-chunk-tokens must be 0 (off) or between 32 and --max-prefill-tokens \
+                 ({}). Given: {}",
+                a.max_prefill_tokens, a.prefill_chunk_tokens
+            )));
+        }
         if !(1..=256).contains(&a.max_num_seqs) {
             return Err(bad(format!(
                 "--max-num-seqs must be between 1 and 256. Given: {}",
@@ -306,6 +327,7 @@ impl ModelSettings {
             max_model_len,
             max_num_seqs: a.max_num_seqs,
             max_prefill_tokens: a.max_prefill_tokens,
+            prefill_chunk_tokens: a.prefill_chunk_tokens,
             queue,
             kv_cache_tokens,
             cpu: a.cpu,
@@ -553,6 +575,8 @@ mod tests {
             "0",
             "--mma-min-tokens",
             "9",
+            "--mma-max-tokens",
+            "512",
             "--step-trace",
             "--step-trace-head-us",
             "500",
@@ -568,6 +592,7 @@ mod tests {
                 moe_gather_max_tokens: 4,
                 moe_mma_max_tokens: 0,
                 mma_min_tokens: 9,
+                mma_max_tokens: 512,
                 step_trace: true,
                 step_trace_head_us: 500,
             }
@@ -580,12 +605,32 @@ mod tests {
             (["--mixtral-path", "loop"], "--mixtral-path"),
             (["--pdl", "maybe"], "--pdl"),
             (["--moe-mma-max-tokens", "513"], "--moe-mma-max-tokens"),
+            (["--mma-max-tokens", "0"], "--mma-max-tokens"),
             (["--step-trace-head-us", "2000000"], "--step-trace-head-us"),
         ] {
             let mut argv = vec!["--model", "synthetic:tiny"];
             argv.extend_from_slice(&args);
             let e = serve(&argv).unwrap_err().to_string();
             assert!(e.contains(flag) && e.contains(args[1]), "{e}");
+        }
+    }
+
+    #[test]
+    fn prefill_chunk_is_off_or_between_32_and_the_prefill_budget() {
+        let chunk = |extra: &[&str]| {
+            let mut argv = vec!["--model", "synthetic:tiny"];
+            argv.extend_from_slice(extra);
+            serve(&argv).map(|s| s.model.prefill_chunk_tokens)
+        };
+        assert_eq!(chunk(&[]).unwrap(), 0);
+        assert_eq!(chunk(&["--prefill-chunk-tokens", "0"]).unwrap(), 0);
+        assert_eq!(chunk(&["--prefill-chunk-tokens", "96"]).unwrap(), 96);
+        for bad in [
+            &["--prefill-chunk-tokens", "16"][..],
+            &["--prefill-chunk-tokens", "4096", "--max-prefill-tokens", "2048"][..],
+        ] {
+            let e = chunk(bad).unwrap_err().to_string();
+            assert!(e.contains("--prefill-chunk-tokens") && e.contains(bad[1]), "{e}");
         }
     }
 

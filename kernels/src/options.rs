@@ -35,6 +35,9 @@ pub struct DecodeOptions {
     /// From this many rows the dense Q4K layers (attention projections, router, lm_head)
     /// multiply on tensor cores instead of the mat-vec. 0 turns that off.
     pub mma_min_tokens: usize,
+    /// Most rows the dense Q4K layers take through our kernels (mat-vec, tensor cores); more
+    /// (prefill) go to candle's quantized matmul.
+    pub mma_max_tokens: usize,
     /// One line per engine step on stderr (sequences, host and GPU times): profiling.
     pub step_trace: bool,
     /// With the step trace, the GPU first spins this many µs so that the host queues the
@@ -50,6 +53,7 @@ impl Default for DecodeOptions {
             moe_gather_max_tokens: 2,
             moe_mma_max_tokens: 64,
             mma_min_tokens: 3,
+            mma_max_tokens: 128,
             step_trace: false,
             step_trace_head_us: 0,
         }

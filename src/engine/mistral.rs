@@ -69,6 +69,7 @@ async fn build(s: &ModelSettings, model_id: &str, isq: Option<Isq>) -> anyhow::R
         .max_model_len
         .unwrap_or(crate::settings::DEFAULT_MAX_MODEL_LEN);
     mistralrs::core::set_max_prefill_tokens(s.max_prefill_tokens);
+    mistralrs::core::set_prefill_chunk_tokens(s.prefill_chunk_tokens);
     let mut builder = TextModelBuilder::new(model_id)
         .with_max_num_seqs(s.max_num_seqs)
         // mistral.rs 0.8.1's prefix cache changes greedy output when a prompt repeats

@@ -108,7 +108,8 @@ pub use mistralrs_mcp::{
 };
 pub use mistralrs_quant::{IsqBits, IsqType, MULTI_LORA_DELIMITER};
 pub use paged_attention::{
-    set_max_prefill_tokens, MemoryGpuConfig, PagedAttentionConfig, PagedCacheType,
+    set_max_prefill_tokens, set_prefill_chunk_tokens, MemoryGpuConfig, PagedAttentionConfig,
+    PagedCacheType,
 };
 pub use pipeline::hf::{hf_home_dir, hf_hub_cache_dir, hf_token_path};
 pub use pipeline::{

@@ -516,6 +516,10 @@ pub struct Sequence {
     /// Number of tokens at the start of the prompt that are cached (KV already computed).
     /// These tokens should be skipped during prefill.
     prefix_cache_len: usize,
+    /// zopilot-gpu patch: chunked prefill. `Some(end)` while the prompt is prefilled in
+    /// chunks: the step's forward covers prompt tokens `prefix_cache_len..end` and samples
+    /// nothing; the last chunk runs with `None`, as a prompt whose first tokens are cached.
+    zopilot_prefill_end: Option<usize>,
 
     // Cache
     normal_cache: Vec<Option<KvCache>>,
@@ -632,6 +636,7 @@ impl Sequence {
             recognizer,
             prefill_prompt_toks: None,
             prefix_cache_len: 0,
+            zopilot_prefill_end: None,
             suffix,
             prefix,
             cumulative_logprob: 0.,
@@ -784,6 +789,27 @@ impl Sequence {
     /// Set the number of prefix tokens that are cached.
     pub fn set_prefix_cache_len(&mut self, len: usize) {
         self.prefix_cache_len = len;
+    }
+
+    /// zopilot-gpu patch: where this step's prompt chunk ends, while the prompt is prefilled
+    /// in chunks and this is not its last (see `zopilot_prefill_end`).
+    pub fn zopilot_prefill_end(&self) -> Option<usize> {
+        self.zopilot_prefill_end
+    }
+
+    /// zopilot-gpu patch: sets where the next prompt chunk ends (`None`: the prompt's end).
+    pub fn set_zopilot_prefill_end(&mut self, end: Option<usize>) {
+        self.zopilot_prefill_end = end;
+    }
+
+    /// zopilot-gpu patch: the prompt tokens whose KV is in the cache — all of them once the
+    /// prompt ran; fewer while it is prefilled in chunks (the rest of its blocks hold nothing
+    /// yet and must not enter the prefix cache).
+    pub fn zopilot_computed_len(&self) -> usize {
+        match self.zopilot_prefill_end {
+            Some(_) => self.prefix_cache_len,
+            None => self.get_toks().len(),
+        }
     }
 
     /// Override the maximum generation length.

@@ -563,7 +563,10 @@ impl Engine {
                                 let mut seq_guard = get_mut_arcmutex!(seq);
                                 seq_guard.prompt_timestamp = Some(now);
                                 // Start the timer using Instant for accurate duration measurement
-                                seq_guard.set_step_start_instant();
+                                // (zopilot-gpu patch: at a chunked prompt's first chunk).
+                                if seq_guard.step_start_instant.is_none() {
+                                    seq_guard.set_step_start_instant();
+                                }
                             }
                         }
 
@@ -718,12 +721,20 @@ impl Engine {
                             .iter()
                             .map(|seq| {
                                 if seq.is_prompt() {
-                                    seq.get_toks().len()
+                                    seq.zopilot_prefill_end().unwrap_or(seq.get_toks().len())
+                                        - seq.prefix_cache_len()
                                 } else {
                                     1
                                 }
                             })
                             .sum();
+                        // zopilot-gpu patch: a prompt chunk that ran leaves its KV behind; the
+                        // next chunk starts where it ended.
+                        for seq in guards_mut.iter_mut() {
+                            if let (true, Some(end)) = (is_prompt, seq.zopilot_prefill_end()) {
+                                seq.set_prefix_cache_len(end);
+                            }
+                        }
                         self.logger.add_tokens_processed(total_processed_tokens);
 
                         // Capture recurrent states at full-block boundaries so hybrid models can
@@ -807,6 +818,9 @@ impl Engine {
                         if is_prompt {
                             #[allow(clippy::cast_precision_loss)]
                             for mut seq in guards {
+                                if seq.zopilot_prefill_end().is_some() {
+                                    continue;
+                                }
                                 // Use Instant duration for accurate prompt timing
                                 if let Some(start) = seq.step_start_instant {
                                     let duration = start.elapsed();

@@ -17,11 +17,6 @@ use mistralrs_quant::{QuantMethod, ShardedVarBuilder};
 use super::mixtral_stacked_moe::{gguf_layer, qmatmul, quantize_rows};
 use super::zopilot_weights;
 
-/// Most tokens a forward takes through the Q4K mat-vec (launches of 8); more go upstream's
-/// way (candle's tiled kernels), as prefill does.
-#[cfg(feature = "cuda")]
-const MAX_TOKENS: usize = 128;
-
 /// A quantized linear layer without bias.
 #[derive(Clone)]
 pub(crate) struct QLinear {
@@ -115,7 +110,7 @@ impl QLinear {
     pub(crate) fn q4k_for(&self, tokens: usize, device: &Device) -> Option<&candle_core::quantized::QTensor> {
         let q4k = self.q4k.as_ref()?;
         (q4k.mm_addr == addr(&self.mm)
-            && (1..=MAX_TOKENS).contains(&tokens)
+            && (1..=zopilot_kernels::options::get().mma_max_tokens).contains(&tokens)
             && device.is_cuda()
             && zopilot_kernels::q4k_applies(&q4k.q))
         .then_some(&*q4k.q)

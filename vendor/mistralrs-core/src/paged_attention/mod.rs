@@ -21,8 +21,8 @@ pub use config::{KvCacheLayout, ModelConfigLike, ModelConfigMetadata};
 pub use kv_cache_manager::KVCacheManager;
 pub use layers::PagedAttention;
 pub use scheduler::{
-    set_max_prefill_tokens, PagedAttentionScheduler, PagedAttentionSchedulerConfig,
-    PagedAttentionSchedulerOutput,
+    set_max_prefill_tokens, set_prefill_chunk_tokens, PagedAttentionScheduler,
+    PagedAttentionSchedulerConfig, PagedAttentionSchedulerOutput,
 };
 
 use crate::MemoryUsage;

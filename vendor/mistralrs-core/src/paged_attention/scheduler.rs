@@ -46,6 +46,23 @@ pub fn set_max_prefill_tokens(tokens: usize) {
     MAX_PREFILL_TOKENS.store(tokens.max(1), Ordering::Relaxed);
 }
 
+/// zopilot-gpu patch: chunked prefill. While sequences decode, a prefill step takes at most
+/// this many prompt tokens (rounded down to whole KV blocks) — a longer prompt is prefilled
+/// a chunk a step — and prefill and decode steps alternate, so decoding streams wait for one
+/// chunk at a time instead of a whole prompt. With nothing decoding a prompt runs whole.
+/// 0 turns it off: upstream 0.8.1 ran every waiting prompt, whole, before any decode step.
+static PREFILL_CHUNK_TOKENS: AtomicUsize = AtomicUsize::new(0);
+
+/// zopilot-gpu patch: sets the chunk of chunked prefill (see `PREFILL_CHUNK_TOKENS`).
+pub fn set_prefill_chunk_tokens(tokens: usize) {
+    PREFILL_CHUNK_TOKENS.store(tokens, Ordering::Relaxed);
+}
+
+/// zopilot-gpu patch: a running sequence whose prompt is part-way through chunked prefill.
+fn is_partial_prompt(seq: &Arc<Mutex<Sequence>>) -> bool {
+    get_mut_arcmutex!(seq).zopilot_prefill_end().is_some()
+}
+
 pub struct PagedAttentionSchedulerOutput {
     /// Either ALL prompt or ALL completion.
     pub scheduled: Vec<Arc<Mutex<Sequence>>>,
@@ -70,6 +87,9 @@ pub struct PagedAttentionScheduler {
     seq_block_hashes: HashMap<usize, Vec<BlockHash>>,
     /// Per-sequence waitlist counter for starvation detection.
     waiting_counts: HashMap<usize, usize>,
+    /// zopilot-gpu patch: whether the last step scheduled was a prefill (chunked prefill
+    /// alternates prefill and decode steps while sequences decode).
+    zopilot_last_prefill: bool,
 }
 
 impl PagedAttentionScheduler {
@@ -88,6 +108,7 @@ impl PagedAttentionScheduler {
             prefix_caching_enabled: true,
             seq_block_hashes: HashMap::new(),
             waiting_counts: HashMap::new(),
+            zopilot_last_prefill: false,
         }
     }
 
@@ -200,9 +221,38 @@ impl PagedAttentionScheduler {
     }
 
     pub fn schedule(&mut self, logger: &IntervalLogger) -> PagedAttentionSchedulerOutput {
+        // zopilot-gpu patch: chunked prefill (see `PREFILL_CHUNK_TOKENS`).
+        let chunk = match PREFILL_CHUNK_TOKENS.load(Ordering::Relaxed) {
+            0 => None,
+            c => Some((c / self.block_size).max(1) * self.block_size),
+        };
+        let decoding = self.running.iter().any(|seq| !is_partial_prompt(seq));
+        let chunk = chunk.filter(|_| decoding);
+        if chunk.is_some() && self.zopilot_last_prefill {
+            self.zopilot_last_prefill = false;
+            return self.schedule_completions(logger);
+        }
+        if let Some(seq) = self.running.iter().find(|seq| is_partial_prompt(seq)).cloned() {
+            // The prompt part-way through prefill goes on before anything else is admitted:
+            // its next chunk, or (with nothing decoding) the rest of it.
+            let mut guard = get_mut_arcmutex!(seq);
+            let done = guard.prefix_cache_len();
+            let end = chunk.map_or(usize::MAX, |c| done.saturating_add(c));
+            let len = guard.get_toks().len();
+            guard.set_zopilot_prefill_end((end < len).then_some(end));
+            drop(guard);
+            self.zopilot_last_prefill = true;
+            logger.set_num_running(self.running.len());
+            logger.set_num_waiting(self.waiting.len());
+            return PagedAttentionSchedulerOutput {
+                scheduled: vec![seq],
+                num_cached_tokens: vec![done],
+            };
+        }
+
         let mut scheduled: VecDeque<Arc<Mutex<Sequence>>> = VecDeque::new();
         let mut for_waiting_again: VecDeque<Arc<Mutex<Sequence>>> = VecDeque::new();
-        let prefill_budget = MAX_PREFILL_TOKENS.load(Ordering::Relaxed);
+        let prefill_budget = chunk.unwrap_or(MAX_PREFILL_TOKENS.load(Ordering::Relaxed));
         let mut prefill_tokens = 0usize;
         while !self.waiting.is_empty() {
             let mut did_ignore = false;
@@ -348,6 +398,17 @@ impl PagedAttentionScheduler {
                 .map(|seq| get_mut_arcmutex!(seq).prefix_cache_len())
                 .collect();
 
+            // zopilot-gpu patch: a prompt longer than the chunk, admitted while sequences
+            // decode, runs alone (the budget above) and is prefilled a chunk a step.
+            if let (Some(c), 1, Some(seq)) = (chunk, scheduled.len(), scheduled.front()) {
+                let mut guard = get_mut_arcmutex!(seq);
+                let end = guard.prefix_cache_len().saturating_add(c);
+                if end < guard.get_toks().len() {
+                    guard.set_zopilot_prefill_end(Some(end));
+                }
+            }
+            self.zopilot_last_prefill = true;
+
             logger.set_num_running(self.running.len());
             logger.set_num_waiting(self.waiting.len());
 
@@ -357,8 +418,22 @@ impl PagedAttentionScheduler {
             };
         }
 
+        self.schedule_completions(logger)
+    }
+
+    /// The decode step: every running sequence but one part-way through chunked prefill.
+    fn schedule_completions(&mut self, logger: &IntervalLogger) -> PagedAttentionSchedulerOutput {
+        self.zopilot_last_prefill = false;
         // === Completion scheduling (decode) ===
         // Reserve token slots for running sequences, preempting lowest priority first.
+
+        // zopilot-gpu patch: a prompt part-way through chunked prefill holds the blocks of
+        // its whole prompt already and takes no part in the decode step.
+        let (partial, rest): (VecDeque<_>, VecDeque<_>) =
+            std::mem::take(&mut self.running)
+                .into_iter()
+                .partition(is_partial_prompt);
+        self.running = rest;
 
         self.sort_running_by_priority_fcfs();
 
@@ -410,6 +485,8 @@ impl PagedAttentionScheduler {
         self.running
             .iter()
             .for_each(|seq| get_mut_arcmutex!(seq).set_state(SequenceState::RunningCompletion));
+        let decoding = self.running.clone();
+        self.running.extend(partial);
 
         if TERMINATE_ALL_NEXT_STEP.load(Ordering::SeqCst) {
             self.running.iter().for_each(|seq| {
@@ -422,7 +499,7 @@ impl PagedAttentionScheduler {
         // sooner, rather than waiting until finish/preempt. cache_blocks is idempotent.
         if self.prefix_caching_enabled {
             // Collect sequence info first to avoid borrow conflict with self.ensure_block_hashes
-            let seq_infos: Vec<(usize, Vec<u32>, Vec<MultiModalFeature>)> = self
+            let seq_infos: Vec<(usize, Vec<u32>, Vec<MultiModalFeature>, usize)> = self
                 .running
                 .iter()
                 .map(|seq| {
@@ -430,15 +507,15 @@ impl PagedAttentionScheduler {
                     let seq_id = *seq_guard.id();
                     let tokens = seq_guard.get_toks().to_vec();
                     let mm_features = seq_guard.mm_features().to_vec();
-                    (seq_id, tokens, mm_features)
+                    (seq_id, tokens, mm_features, seq_guard.zopilot_computed_len())
                 })
                 .collect();
 
-            for (seq_id, tokens, mm_features) in &seq_infos {
+            for (seq_id, tokens, mm_features, computed) in &seq_infos {
                 self.ensure_block_hashes(*seq_id, tokens, mm_features);
                 if let Some(block_hashes) = self.seq_block_hashes.get(seq_id).cloned() {
                     let mut kv_mgr = get_mut_arcmutex!(self.kv_cache_manager);
-                    kv_mgr.cache_blocks(*seq_id, &block_hashes, tokens.len());
+                    kv_mgr.cache_blocks(*seq_id, &block_hashes, *computed);
                 }
             }
         }
@@ -447,21 +524,21 @@ impl PagedAttentionScheduler {
         logger.set_num_waiting(self.waiting.len());
 
         PagedAttentionSchedulerOutput {
-            scheduled: self.running.clone().into_iter().collect(),
+            scheduled: decoding.into_iter().collect(),
             num_cached_tokens: Vec::new(), // No prefix cache for completion
         }
     }
 
     pub fn free_finished_sequence_groups(&mut self) {
         // Collect finished sequence info before modifying self.running
-        let mut finished: Vec<(usize, Vec<u32>, Vec<MultiModalFeature>)> = Vec::new();
+        let mut finished: Vec<(usize, Vec<u32>, Vec<MultiModalFeature>, usize)> = Vec::new();
         for seq in self.running.iter() {
             let seq_guard = get_mut_arcmutex!(seq);
             if seq_guard.is_finished_paged_attn() {
                 let id = *seq_guard.id();
                 let tokens = seq_guard.get_toks().to_vec();
                 let mm_features = seq_guard.mm_features().to_vec();
-                finished.push((id, tokens, mm_features));
+                finished.push((id, tokens, mm_features, seq_guard.zopilot_computed_len()));
             }
         }
 
@@ -471,17 +548,17 @@ impl PagedAttentionScheduler {
 
         // Cache and free blocks for finished sequences
         if self.prefix_caching_enabled {
-            for (id, tokens, mm_features) in &finished {
+            for (id, tokens, mm_features, computed) in &finished {
                 self.ensure_block_hashes(*id, tokens, mm_features);
                 let block_hashes = self.seq_block_hashes.get(id).cloned().unwrap_or_default();
                 let mut kv_mgr = get_mut_arcmutex!(self.kv_cache_manager);
-                kv_mgr.cache_blocks(*id, &block_hashes, tokens.len());
+                kv_mgr.cache_blocks(*id, &block_hashes, *computed);
                 drop(kv_mgr);
             }
         }
 
         let mut kv_mgr = get_mut_arcmutex!(self.kv_cache_manager);
-        for (id, _, _) in finished {
+        for (id, _, _, _) in finished {
             kv_mgr.free(id);
             self.seq_block_hashes.remove(&id);
             self.waiting_counts.remove(&id);
@@ -496,8 +573,10 @@ impl PagedAttentionScheduler {
         if seq_guard.is_finished_paged_attn() {
             return;
         }
+        let computed = seq_guard.zopilot_computed_len();
         seq_guard.set_state(SequenceState::Waiting);
         seq_guard.set_prefix_cache_len(0);
+        seq_guard.set_zopilot_prefill_end(None);
         let seq_id = *seq_guard.id();
         let tokens = seq_guard.get_toks().to_vec();
         let mm_features = seq_guard.mm_features().to_vec();
@@ -514,7 +593,7 @@ impl PagedAttentionScheduler {
         // Cache all full blocks and free, blocks stay in cache for LRU reuse
         let mut kv_mgr = get_mut_arcmutex!(self.kv_cache_manager);
         if self.prefix_caching_enabled {
-            kv_mgr.cache_blocks(seq_id, &block_hashes, tokens.len());
+            kv_mgr.cache_blocks(seq_id, &block_hashes, computed);
         }
         kv_mgr.free(seq_id);
         drop(kv_mgr);

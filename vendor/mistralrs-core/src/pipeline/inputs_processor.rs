@@ -914,6 +914,15 @@ pub mod text_models_inputs_processor {
         sliding_window: Option<usize>,
     ) -> Result<InnerInputProcessorOutput> {
         let offset = input_seqs[0].token_offset();
+        // zopilot-gpu patch: a prompt prefilled in chunks runs up to this chunk's end.
+        let toks: Vec<&[T]> = toks
+            .into_iter()
+            .zip(input_seqs)
+            .map(|(t, seq)| match seq.zopilot_prefill_end() {
+                Some(end) => &t[..end.min(t.len())],
+                None => t,
+            })
+            .collect();
         // Collect prefix cache lens when paged attention is in use
         let prefix_cache_lens: Vec<usize> =
             input_seqs.iter().map(|s| s.prefix_cache_len()).collect();

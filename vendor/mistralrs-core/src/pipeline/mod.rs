@@ -769,6 +769,12 @@ pub trait Pipeline:
                     }
                 }
 
+                // zopilot-gpu patch: a prompt chunk that is not the prompt's last fills the
+                // KV cache and samples nothing (the scheduler runs such a chunk alone).
+                if is_prompt && input_seqs.iter().any(|s| s.zopilot_prefill_end().is_some()) {
+                    return Ok(exec_duration);
+                }
+
                 if raw_out_logits[0][0].is_some() {
                     let start = Instant::now();
                     response::send_raw_responses(
