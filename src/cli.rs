@@ -228,10 +228,9 @@ pub struct ModelArgs {
     /// Chunked prefill on a GPU: while sequences decode, a prompt longer than this is
     /// prefilled this many tokens a step (rounded down to whole KV-cache blocks), its steps
     /// alternating with decode steps, so streams keep their pace while it loads; with nothing
-    /// decoding a prompt runs whole. 0 (the default until a chunked prompt's answer is
-    /// checked against the whole prompt's on a GPU): off, a prompt stalls every stream for
-    /// its whole prefill. 256 is the measured middle ground (bench/README.md).
-    #[arg(long, env = "ZOPILOT_PREFILL_CHUNK_TOKENS", default_value_t = 0)]
+    /// decoding a prompt runs whole. Smaller chunks: shorter gaps, a slower prompt
+    /// (bench/README.md). 0: off, a prompt stalls every stream for its whole prefill.
+    #[arg(long, env = "ZOPILOT_PREFILL_CHUNK_TOKENS", default_value_t = 256)]
     pub prefill_chunk_tokens: usize,
 
     /// Requests that may wait, first come first served, for a sequence slot while all are

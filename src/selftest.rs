@@ -81,7 +81,7 @@ fn tiny(cpu: bool, isq: Option<Isq>) -> ModelSettings {
         max_model_len: Some(512),
         max_num_seqs: 1,
         max_prefill_tokens: 2048,
-        prefill_chunk_tokens: 0,
+        prefill_chunk_tokens: 256,
         queue: crate::engine::QueueLimits {
             max_waiting: 0,
             max_wait: std::time::Duration::from_secs(1),

@@ -622,7 +622,7 @@ mod tests {
             argv.extend_from_slice(extra);
             serve(&argv).map(|s| s.model.prefill_chunk_tokens)
         };
-        assert_eq!(chunk(&[]).unwrap(), 0);
+        assert_eq!(chunk(&[]).unwrap(), 256);
         assert_eq!(chunk(&["--prefill-chunk-tokens", "0"]).unwrap(), 0);
         assert_eq!(chunk(&["--prefill-chunk-tokens", "96"]).unwrap(), 96);
         for bad in [
