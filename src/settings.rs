@@ -167,8 +167,7 @@ pub fn decode_options(a: &DecodeArgs) -> Result<DecodeOptions, SettingsError> {
             a.moe_mma_max_tokens
         )));
     }
-    if !(1..=8192).contains(&a.mma_max_tokens)
-        || (a.mma_min_tokens == 0 && a.mma_max_tokens > 128)
+    if !(1..=8192).contains(&a.mma_max_tokens) || (a.mma_min_tokens == 0 && a.mma_max_tokens > 128)
     {
         return Err(bad(format!(
             "--mma-max-tokens must be between 1 and 8192 (at most 128 with --mma-min-tokens 0: \
@@ -627,10 +626,18 @@ mod tests {
         assert_eq!(chunk(&["--prefill-chunk-tokens", "96"]).unwrap(), 96);
         for bad in [
             &["--prefill-chunk-tokens", "16"][..],
-            &["--prefill-chunk-tokens", "4096", "--max-prefill-tokens", "2048"][..],
+            &[
+                "--prefill-chunk-tokens",
+                "4096",
+                "--max-prefill-tokens",
+                "2048",
+            ][..],
         ] {
             let e = chunk(bad).unwrap_err().to_string();
-            assert!(e.contains("--prefill-chunk-tokens") && e.contains(bad[1]), "{e}");
+            assert!(
+                e.contains("--prefill-chunk-tokens") && e.contains(bad[1]),
+                "{e}"
+            );
         }
     }
 
