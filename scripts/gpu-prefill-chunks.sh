@@ -9,7 +9,7 @@
 # For each chunk size (0 = off): `bench` mixed load — 16 streams (512-token prompts, distinct)
 # decoding while four 4,096-token prompts arrive one after another — the streams' ITL without
 # prompts and while the prompts load, and the prompts' TTFT. Then `serve` with the default
-# chunk and scripts/chunked-prefill-check.py (three 1,000–3,000-token prompts answered alone
+# chunk and scripts/chunked-prefill-check.py (three ~2,000–6,000-token prompts answered alone
 # and while 8 streams decode). Model: `synth --preset mixtral-8x7b --layers 8 --quantized
 # q4k`. Results in $OUT (default ./gpu-prefill-chunks): summary.txt, mixed.json, check.json.
 # The binary needs its zopilot-stubs/ beside it; on the device machine run with

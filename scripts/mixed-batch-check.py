@@ -17,30 +17,8 @@ near-tie rate is what batching alone does to greedy text; mixed lengths should m
 import json
 import sys
 import threading
-import urllib.request
 
-TOLERANCE = 1.5  # nats: Q4K decode, activations quantized differently per batch size
-
-
-def complete(url, prompt, max_tokens):
-    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "logprobs": 2}
-    req = urllib.request.Request(
-        f"{url}/v1/completions",
-        data=json.dumps(body).encode(),
-        headers={"content-type": "application/json"},
-    )
-    with urllib.request.urlopen(req, timeout=600) as r:
-        answer = json.load(r)
-    choice = answer["choices"][0]
-    lp = choice["logprobs"]
-    return {"text": choice["text"], "tokens": lp["tokens"], "top": lp["top_logprobs"],
-            "prompt_tokens": answer["usage"]["prompt_tokens"]}
-
-
-def gap(top):
-    """Top-1 minus top-2 log-probability of one step's `top_logprobs` entry."""
-    vals = sorted(top.values(), reverse=True)
-    return vals[0] - vals[1] if len(vals) > 1 else None
+from greedy_answers import complete, parting
 
 
 def main():
@@ -76,11 +54,7 @@ def main():
         if b is None:
             ok = False
             continue
-        at = next((k for k, (x, y) in enumerate(zip(a["tokens"], b["tokens"])) if x != y), None)
-        if at is None and len(a["tokens"]) != len(b["tokens"]):
-            at = min(len(a["tokens"]), len(b["tokens"]))
-        g = gap(a["top"][at]) if at is not None and at < len(a["top"]) else None
-        verdict = "equal" if at is None else ("near-tie" if g is not None and g <= TOLERANCE else "DIFFERS")
+        at, g, verdict = parting(a, b)
         ok = ok and verdict != "DIFFERS"
         streams.append({"stream": i, "verdict": verdict, "first_difference": at, "solo_gap_nats": g})
     out = {

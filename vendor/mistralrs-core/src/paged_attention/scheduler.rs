@@ -63,6 +63,16 @@ fn is_partial_prompt(seq: &Arc<Mutex<Sequence>>) -> bool {
     get_mut_arcmutex!(seq).zopilot_prefill_end().is_some()
 }
 
+/// zopilot-gpu patch: the next prefill step of `seq` covers its prompt from what is cached
+/// (`prefix_cache_len`) for at most `chunk` tokens; `None`, or a chunk reaching the prompt's
+/// end, runs the rest as the prompt's last step.
+fn set_next_chunk(seq: &Arc<Mutex<Sequence>>, chunk: Option<usize>) {
+    let mut guard = get_mut_arcmutex!(seq);
+    let end = chunk.map_or(usize::MAX, |c| guard.prefix_cache_len().saturating_add(c));
+    let len = guard.get_toks().len();
+    guard.set_zopilot_prefill_end((end < len).then_some(end));
+}
+
 pub struct PagedAttentionSchedulerOutput {
     /// Either ALL prompt or ALL completion.
     pub scheduled: Vec<Arc<Mutex<Sequence>>>,
@@ -229,18 +239,18 @@ impl PagedAttentionScheduler {
         let decoding = self.running.iter().any(|seq| !is_partial_prompt(seq));
         let chunk = chunk.filter(|_| decoding);
         if chunk.is_some() && self.zopilot_last_prefill {
-            self.zopilot_last_prefill = false;
             return self.schedule_completions(logger);
         }
-        if let Some(seq) = self.running.iter().find(|seq| is_partial_prompt(seq)).cloned() {
+        if let Some(seq) = self
+            .running
+            .iter()
+            .find(|seq| is_partial_prompt(seq))
+            .cloned()
+        {
             // The prompt part-way through prefill goes on before anything else is admitted:
             // its next chunk, or (with nothing decoding) the rest of it.
-            let mut guard = get_mut_arcmutex!(seq);
-            let done = guard.prefix_cache_len();
-            let end = chunk.map_or(usize::MAX, |c| done.saturating_add(c));
-            let len = guard.get_toks().len();
-            guard.set_zopilot_prefill_end((end < len).then_some(end));
-            drop(guard);
+            set_next_chunk(&seq, chunk);
+            let done = get_mut_arcmutex!(seq).prefix_cache_len();
             self.zopilot_last_prefill = true;
             logger.set_num_running(self.running.len());
             logger.set_num_waiting(self.waiting.len());
@@ -400,12 +410,8 @@ impl PagedAttentionScheduler {
 
             // zopilot-gpu patch: a prompt longer than the chunk, admitted while sequences
             // decode, runs alone (the budget above) and is prefilled a chunk a step.
-            if let (Some(c), 1, Some(seq)) = (chunk, scheduled.len(), scheduled.front()) {
-                let mut guard = get_mut_arcmutex!(seq);
-                let end = guard.prefix_cache_len().saturating_add(c);
-                if end < guard.get_toks().len() {
-                    guard.set_zopilot_prefill_end(Some(end));
-                }
+            if let (Some(_), 1, Some(seq)) = (chunk, scheduled.len(), scheduled.front()) {
+                set_next_chunk(seq, chunk);
             }
             self.zopilot_last_prefill = true;
 
@@ -429,10 +435,9 @@ impl PagedAttentionScheduler {
 
         // zopilot-gpu patch: a prompt part-way through chunked prefill holds the blocks of
         // its whole prompt already and takes no part in the decode step.
-        let (partial, rest): (VecDeque<_>, VecDeque<_>) =
-            std::mem::take(&mut self.running)
-                .into_iter()
-                .partition(is_partial_prompt);
+        let (partial, rest): (VecDeque<_>, VecDeque<_>) = std::mem::take(&mut self.running)
+            .into_iter()
+            .partition(is_partial_prompt);
         self.running = rest;
 
         self.sort_running_by_priority_fcfs();
@@ -507,7 +512,12 @@ impl PagedAttentionScheduler {
                     let seq_id = *seq_guard.id();
                     let tokens = seq_guard.get_toks().to_vec();
                     let mm_features = seq_guard.mm_features().to_vec();
-                    (seq_id, tokens, mm_features, seq_guard.zopilot_computed_len())
+                    (
+                        seq_id,
+                        tokens,
+                        mm_features,
+                        seq_guard.zopilot_computed_len(),
+                    )
                 })
                 .collect();
 
