@@ -9,6 +9,7 @@
 //   nvcc "${KERNEL_FLAGS[@]}" -arch=sm_90 -o q4k-kernel-bench scripts/q4k-kernel-bench.cu
 //   ./q4k-kernel-bench [tokens ...]        (default 1 2 4 8 16 32 64)
 //   ./q4k-kernel-bench --dense [tokens ...] (dense layers: mat-vec against tensor cores)
+//   ./q4k-kernel-bench --prefill [tokens ...] (experts at prompt sizes: f16 GEMM from Q4_K)
 //   ./q4k-kernel-bench --chain              (one-token decode step: launch gaps, PDL, graph)
 //   ./q4k-kernel-bench --attention          (one-token rope + cache write + decode attention)
 //   ./q4k-kernel-bench --host               (host µs per launch and per allocate + free)
@@ -22,6 +23,7 @@
 #include "../kernels/cuda/matmul.cu"
 #include "../kernels/cuda/moe_pair.cu"
 #include "../kernels/cuda/moe_grouped.cu"
+#include "../kernels/cuda/moe_gemm.cu"
 #include "../kernels/cuda/dequantize.cu"
 #include "../kernels/cuda/attention.cu"
 
@@ -363,6 +365,97 @@ __global__ void ref_attention(const __nv_bfloat16 *q, const __nv_bfloat16 *kc,
   out[head * 128 + d] = acc / l;
 }
 
+// Experts at prompt sizes (default 128 … 2,048 tokens, random top-2 routing): the f16 GEMM
+// from Q4_K blocks (moe_gemm.cu, chunks of 64 and 128 pairs) against the per-pair kernels'
+// outputs (w1‖w3·SiLU against theirs; w2 + combine on their activations), its time per
+// call, and what dequantizing every expert matrix to f16 alone costs the host-routed path.
+static void bench_prefill(const std::vector<int> &token_counts) {
+  const long long blocks13 = (long long)E * F * H / 256, blocks2 = (long long)E * H * F / 256;
+  Dev<uint8_t> w1(blocks13 * 144), w3(blocks13 * 144), w2(blocks2 * 144);
+  fill_q4k<<<(unsigned)((blocks13 * 36 + 255) / 256), 256>>>(w1, blocks13, 1);
+  fill_q4k<<<(unsigned)((blocks13 * 36 + 255) / 256), 256>>>(w3, blocks13, 2);
+  fill_q4k<<<(unsigned)((blocks2 * 36 + 255) / 256), 256>>>(w2, blocks2, 3);
+  CK(cudaDeviceSynchronize());
+  {
+    Dev<half> deq((size_t)F * H * E);
+    auto dq = [&] {
+      CK(zopilot_q4k_dequant_f16(w1, deq, blocks13, 0));
+      CK(zopilot_q4k_dequant_f16(w3, deq, blocks13, 0));
+      return zopilot_q4k_dequant_f16(w2, deq, blocks2, 0);
+    };
+    const float t = time_us(dq, 5);
+    printf("{\"prefill\": \"dequantize every expert matrix to f16\", \"us\": %.1f, \"GBps\": %.0f}\n",
+           t, 3.0 * blocks13 * (144 + 512) / t / 1e3);
+  }
+  std::mt19937 rng(11);
+  for (int T : token_counts) {
+    const int P = T * TOPK;
+    if (P > 4096) {
+      printf("{\"prefill\": \"skipped\", \"tokens\": %d, \"why\": \"the plan takes at most 4096 pairs\"}\n", T);
+      continue;
+    }
+    Dev<__nv_bfloat16> x((size_t)T * H), out_ref((size_t)T * H), out_g((size_t)T * H);
+    fill_bf16<<<(T * H + 255) / 256, 256>>>(x, (long long)T * H, 31 + T);
+    ActBuf X(T, H), A_ref(P, F);
+    CK(zopilot_q8_quantize(x, 1, H, T, H, X.q, X.d, X.s, 0));
+    std::vector<uint32_t> ids(P);
+    std::vector<float> topw(P);
+    for (int t = 0; t < T; ++t) {
+      const int a = rng() % E;
+      int b = rng() % (E - 1);
+      b += b >= a;
+      ids[t * 2] = a, ids[t * 2 + 1] = b, topw[t * 2] = 0.6f, topw[t * 2 + 1] = 0.4f;
+    }
+    Dev<uint32_t> d_ids(P);
+    Dev<float> d_topw(P), y((size_t)P * H);
+    CK(cudaMemcpy(d_ids, ids.data(), P * 4, cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(d_topw, topw.data(), P * 4, cudaMemcpyHostToDevice));
+    CK(zopilot_moe_w13_silu(w1, w3, d_ids, P, TOPK, X.q, X.d, X.s, F, H, A_ref.q, A_ref.d,
+                            A_ref.s, 0));
+    CK(zopilot_moe_w2(w2, d_ids, d_topw, T, TOPK, A_ref.q, A_ref.d, A_ref.s, H, F, nullptr,
+                      out_ref, 1, 0));
+    const std::vector<float> a_ref = A_ref.values(), o_ref = bf16_host(out_ref, (size_t)T * H);
+    // The reference activations as f16: w2's input, so its comparison is of w2 + combine.
+    std::vector<half> a16(a_ref.size());
+    for (size_t i = 0; i < a16.size(); ++i)
+      a16[i] = __float2half(a_ref[i]);
+    Dev<half> act_ref((size_t)P * F), act((size_t)P * F);
+    CK(cudaMemcpy(act_ref, a16.data(), a16.size() * 2, cudaMemcpyHostToDevice));
+    for (int bn : {64, 128}) {
+      const int max_chunks = P / bn + std::min(E, P);
+      Dev<int> order(P);
+      Dev<int4> chunks(max_chunks);
+      CK(zopilot_moe_plan(d_ids, P, E, bn, max_chunks, order, chunks, 0));
+      auto w13 = [&] {
+        return zopilot_moe_gemm_w13(w1, w3, order, chunks, max_chunks, bn, TOPK, x, 1, F, H,
+                                    act, 0);
+      };
+      auto w2g = [&] {
+        return zopilot_moe_gemm_w2(w2, order, chunks, max_chunks, bn, act_ref, H, F, y, 0);
+      };
+      auto comb = [&] { return zopilot_moe_combine(y, d_topw, T, TOPK, H, nullptr, out_g, 1, 0); };
+      CK(w13());
+      CK(w2g());
+      CK(comb());
+      CK(cudaDeviceSynchronize());
+      std::vector<half> h((size_t)P * F);
+      CK(cudaMemcpy(h.data(), act, h.size() * 2, cudaMemcpyDeviceToHost));
+      std::vector<float> a_g(h.size());
+      for (size_t i = 0; i < h.size(); ++i)
+        a_g[i] = __half2float(h[i]);
+      const double e13 = rel_err(a_ref, a_g);
+      const double e2 = rel_err(o_ref, bf16_host(out_g, (size_t)T * H));
+      const float t13 = time_us(w13, 5), t2 = time_us(w2g, 5);
+      const double macs13 = 2.0 * P * F * H, macs2 = (double)P * H * F;
+      printf("{\"prefill\": \"f16 gemm from q4k\", \"tokens\": %d, \"bn\": %d, \"w13_us\": %.1f, "
+             "\"w2_us\": %.1f, \"w13_TFLOPS\": %.0f, \"w2_TFLOPS\": %.0f, \"w13_rel_err\": %.2e, "
+             "\"w2_rel_err\": %.2e}\n",
+             T, bn, t13, t2, 2 * macs13 / t13 / 1e6, 2 * macs2 / t2 / 1e6, e13, e2);
+      fflush(stdout);
+    }
+  }
+}
+
 static void bench_attention() {
   constexpr int QH = 32, KVH = 8, D = 128, BS = 32, NB = 128, X = 8;
   const float scale = 1.0f / sqrtf((float)D);
@@ -516,12 +609,15 @@ static void bench_host() {
 
 int main(int argc, char **argv) {
   std::vector<int> token_counts;
-  bool dense = false, check = false, chain = false, attention = false, host = false;
+  bool dense = false, check = false, chain = false, attention = false, host = false,
+       prefill = false;
   for (int i = 1; i < argc; ++i) {
     if (std::string(argv[i]) == "--dense")
       dense = true;
     else if (std::string(argv[i]) == "--check")
       check = true;
+    else if (std::string(argv[i]) == "--prefill")
+      prefill = true;
     else if (std::string(argv[i]) == "--chain")
       chain = true;
     else if (std::string(argv[i]) == "--attention")
@@ -532,7 +628,8 @@ int main(int argc, char **argv) {
       token_counts.push_back(atoi(argv[i]));
   }
   if (token_counts.empty())
-    token_counts = {1, 2, 4, 8, 16, 32, 64};
+    token_counts = prefill ? std::vector<int>{128, 256, 512, 1024, 2048}
+                           : std::vector<int>{1, 2, 4, 8, 16, 32, 64};
   // With --check the exit status says whether every output agreed with its reference within
   // CHECK_TOL (max error / max value): the kernels' own rounding differences stay below 5e-3
   // (one step of the int8 requantization of w1‖w3's output); a wrong kernel gives ~1.
@@ -544,6 +641,10 @@ int main(int argc, char **argv) {
   };
   if (dense) {
     bench_dense(token_counts);
+    return verdict();
+  }
+  if (prefill) {
+    bench_prefill(token_counts);
     return verdict();
   }
   if (chain) {

@@ -314,6 +314,11 @@ pub struct DecodeArgs {
     #[arg(long, env = "ZOPILOT_MOE_MMA_MAX_TOKENS", default_value_t = 64)]
     pub moe_mma_max_tokens: usize,
 
+    /// Tokens from which the experts run as one GEMM straight from Q4K on f16 tensor cores
+    /// (prefill), instead of each expert dequantized for cuBLAS; 0 turns it off.
+    #[arg(long, env = "ZOPILOT_MOE_GEMM_MIN_TOKENS", default_value_t = 0)]
+    pub moe_gemm_min_tokens: usize,
+
     /// Rows from which the dense Q4K layers multiply on tensor cores instead of the mat-vec;
     /// 0 turns that off.
     #[arg(long, env = "ZOPILOT_MMA_MIN_TOKENS", default_value_t = 3)]
@@ -323,6 +328,11 @@ pub struct DecodeArgs {
     /// our kernels; more (prefill) go to candle's quantized matmul.
     #[arg(long, env = "ZOPILOT_MMA_MAX_TOKENS", default_value_t = 128)]
     pub mma_max_tokens: usize,
+
+    /// Rows from which the dense Q4K layers dequantize their weight to f16 and multiply with
+    /// cuBLAS (prefill), ahead of our kernels and candle's quantized matmul; 0 turns it off.
+    #[arg(long, env = "ZOPILOT_DENSE_CUBLAS_MIN_TOKENS", default_value_t = 129)]
+    pub dense_cublas_min_tokens: usize,
 
     /// Print one `zopilot-step` line per engine step on stderr (scripts/gpu-profile.sh).
     #[arg(long, env = "ZOPILOT_STEP_TRACE", value_parser = clap::builder::BoolishValueParser::new())]

@@ -175,6 +175,18 @@ pub fn decode_options(a: &DecodeArgs) -> Result<DecodeOptions, SettingsError> {
             a.mma_max_tokens
         )));
     }
+    if a.moe_gemm_min_tokens > 1_000_000 {
+        return Err(bad(format!(
+            "--moe-gemm-min-tokens must be at most 1000000 (0 turns it off). Given: {}",
+            a.moe_gemm_min_tokens
+        )));
+    }
+    if a.dense_cublas_min_tokens > 1_000_000 {
+        return Err(bad(format!(
+            "--dense-cublas-min-tokens must be at most 1000000 (0 turns it off). Given: {}",
+            a.dense_cublas_min_tokens
+        )));
+    }
     if a.step_trace_head_us > 1_000_000 {
         return Err(bad(format!(
             "--step-trace-head-us must be at most 1000000 (one second). Given: {}",
@@ -186,8 +198,10 @@ pub fn decode_options(a: &DecodeArgs) -> Result<DecodeOptions, SettingsError> {
         pdl,
         moe_gather_max_tokens: a.moe_gather_max_tokens,
         moe_mma_max_tokens: a.moe_mma_max_tokens,
+        moe_gemm_min_tokens: a.moe_gemm_min_tokens,
         mma_min_tokens: a.mma_min_tokens,
         mma_max_tokens: a.mma_max_tokens,
+        dense_cublas_min_tokens: a.dense_cublas_min_tokens,
         step_trace: a.step_trace,
         step_trace_head_us: a.step_trace_head_us,
     })
@@ -572,10 +586,14 @@ mod tests {
             "4",
             "--moe-mma-max-tokens",
             "0",
+            "--moe-gemm-min-tokens",
+            "0",
             "--mma-min-tokens",
             "9",
             "--mma-max-tokens",
             "512",
+            "--dense-cublas-min-tokens",
+            "0",
             "--step-trace",
             "--step-trace-head-us",
             "500",
@@ -590,8 +608,10 @@ mod tests {
                 pdl: false,
                 moe_gather_max_tokens: 4,
                 moe_mma_max_tokens: 0,
+                moe_gemm_min_tokens: 0,
                 mma_min_tokens: 9,
                 mma_max_tokens: 512,
+                dense_cublas_min_tokens: 0,
                 step_trace: true,
                 step_trace_head_us: 500,
             }
@@ -605,6 +625,14 @@ mod tests {
             (["--pdl", "maybe"], "--pdl"),
             (["--moe-mma-max-tokens", "513"], "--moe-mma-max-tokens"),
             (["--mma-max-tokens", "0"], "--mma-max-tokens"),
+            (
+                ["--dense-cublas-min-tokens", "2000000"],
+                "--dense-cublas-min-tokens",
+            ),
+            (
+                ["--moe-gemm-min-tokens", "3000000"],
+                "--moe-gemm-min-tokens",
+            ),
             (["--step-trace-head-us", "2000000"], "--step-trace-head-us"),
         ] {
             let mut argv = vec!["--model", "synthetic:tiny"];

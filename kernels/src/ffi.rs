@@ -199,6 +199,33 @@ unsafe extern "C" {
         y: *mut f32,
         stream: i64,
     ) -> i32;
+    pub(crate) fn zopilot_moe_gemm_w13(
+        w1: *const c_void,
+        w3: *const c_void,
+        order: *const i32,
+        chunks: *const c_void,
+        max_chunks: i32,
+        bn: i32,
+        topk: i32,
+        x: *const c_void,
+        xdtype: i32,
+        n: i32,
+        k: i32,
+        act: *mut c_void,
+        stream: i64,
+    ) -> i32;
+    pub(crate) fn zopilot_moe_gemm_w2(
+        w2: *const c_void,
+        order: *const i32,
+        chunks: *const c_void,
+        max_chunks: i32,
+        bn: i32,
+        act: *const c_void,
+        n: i32,
+        k: i32,
+        y: *mut f32,
+        stream: i64,
+    ) -> i32;
     pub(crate) fn zopilot_moe_combine(
         y: *const f32,
         topw: *const f32,

@@ -40,6 +40,8 @@ mod matvec;
 #[cfg(feature = "cuda")]
 mod mma;
 #[cfg(feature = "cuda")]
+mod moe_gemm;
+#[cfg(feature = "cuda")]
 mod moe_grouped;
 #[cfg(feature = "cuda")]
 mod moe_pair;
@@ -60,6 +62,7 @@ pub use {
     dequantize::dequant_q4k_f16,
     launch::{q4k_applies, spin},
     matvec::{MATVEC_MAX_TOKENS, matvec_many, router_topk},
+    moe_gemm::moe_gemm,
     moe_grouped::{GROUPED_MAX_PAIRS, moe_grouped},
     moe_pair::{moe_w2, moe_w13_silu},
     moe_scatter::moe_scatter_add,

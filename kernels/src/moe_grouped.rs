@@ -36,8 +36,17 @@ impl GroupPlan {
         experts: usize,
         tokens: usize,
     ) -> Result<Self> {
+        Self::with_chunk(dev, ids, experts, grouped_chunk(tokens))
+    }
+
+    /// The plan in chunks of `nt` pairs.
+    pub(crate) fn with_chunk(
+        dev: &CudaDevice,
+        ids: &Tensor,
+        experts: usize,
+        nt: usize,
+    ) -> Result<Self> {
         let pairs = ids.elem_count();
-        let nt = grouped_chunk(tokens);
         let max_chunks = pairs / nt + experts.min(pairs);
         let plan = Self {
             order: unsafe { dev.alloc::<i32>(pairs)? },

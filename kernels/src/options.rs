@@ -32,12 +32,20 @@ pub struct DecodeOptions {
     /// Most tokens for the grouped experts on tensor cores; more (prefill) dequantize each
     /// expert for cuBLAS. 0 turns the tensor-core grouped kernels off.
     pub moe_mma_max_tokens: usize,
+    /// From this many tokens (prefill; past `moe_mma_max_tokens`) the experts run as one
+    /// GEMM straight from their Q4K blocks on f16 tensor cores, instead of each expert
+    /// dequantized to f16 for cuBLAS. 0 turns it off.
+    pub moe_gemm_min_tokens: usize,
     /// From this many rows the dense Q4K layers (attention projections, router, lm_head)
     /// multiply on tensor cores instead of the mat-vec. 0 turns that off.
     pub mma_min_tokens: usize,
     /// Most rows the dense Q4K layers take through our kernels (mat-vec, tensor cores); more
     /// (prefill) go to candle's quantized matmul.
     pub mma_max_tokens: usize,
+    /// From this many rows the dense Q4K layers dequantize their weight to f16 and multiply
+    /// with cuBLAS (prefill), ahead of both our kernels and candle's quantized matmul.
+    /// 0 turns that off.
+    pub dense_cublas_min_tokens: usize,
     /// One line per engine step on stderr (sequences, host and GPU times): profiling.
     pub step_trace: bool,
     /// With the step trace, the GPU first spins this many µs so that the host queues the
@@ -52,8 +60,10 @@ impl Default for DecodeOptions {
             pdl: true,
             moe_gather_max_tokens: 2,
             moe_mma_max_tokens: 64,
+            moe_gemm_min_tokens: 0,
             mma_min_tokens: 3,
             mma_max_tokens: 128,
+            dense_cublas_min_tokens: 129,
             step_trace: false,
             step_trace_head_us: 0,
         }

@@ -566,6 +566,27 @@ impl StackedExperts {
         if n <= self.gather_max_tokens {
             return self.forward_gather(xs, &ids, &weights)?.to_dtype(xs.dtype());
         }
+        // zopilot-gpu patch: prompt-sized batches on the experts' GEMM straight from Q4K
+        // (`moe_gemm_min_tokens`), in slices of as many tokens as its plan takes.
+        #[cfg(feature = "cuda")]
+        if let Some(w) = self.gemm_q4k(n, top_k, xs) {
+            let slice = zopilot_kernels::GROUPED_MAX_PAIRS / top_k;
+            let mut parts = Vec::with_capacity(n.div_ceil(slice));
+            for start in (0..n).step_by(slice) {
+                let len = slice.min(n - start);
+                parts.push(zopilot_kernels::moe_gemm(
+                    w,
+                    &ids.narrow(0, start, len)?,
+                    &weights.narrow(0, start, len)?,
+                    &xs.narrow(0, start, len)?,
+                )?);
+            }
+            return if parts.len() == 1 {
+                Ok(parts.remove(0))
+            } else {
+                Tensor::cat(&parts, 0)
+            };
+        }
         // A long prefill goes through the experts a slice of tokens at a time: each expert's
         // intermediates grow with the tokens routed to it, and at 8k tokens they and the f32
         // sum took ~1 GB of a 32 GB card. Tokens are independent here, so the result is the
@@ -618,6 +639,28 @@ impl StackedExperts {
             top_k,
             grouped,
         })
+    }
+
+    /// The Q4K experts for the prompt-sized GEMM ([`zopilot_kernels::moe_gemm`]) of `n` tokens
+    /// `xs`, when it applies: at least `moe_gemm_min_tokens` tokens (0: never), bf16 or f16
+    /// activations on CUDA, SiLU, top-k ≤ 8 of ≤ 256 experts, shapes the kernel tiles.
+    #[cfg(feature = "cuda")]
+    fn gemm_q4k(&self, n: usize, top_k: usize, xs: &Tensor) -> Option<(&QTensor, &QTensor, &QTensor)> {
+        let min = zopilot_kernels::options::get().moe_gemm_min_tokens;
+        let (experts, ffn, hidden) = self.w1.dims().ok()?;
+        let ok = min > 0
+            && n >= min
+            && xs.device().is_cuda()
+            && matches!(xs.dtype(), DType::BF16 | DType::F16)
+            && self.act == Activation::Silu
+            && (1..=8).contains(&top_k)
+            && top_k <= experts
+            && experts <= 256
+            && ffn % 256 == 0
+            && hidden % 256 == 0
+            && self.w2.dims().ok()? == (experts, hidden, ffn);
+        ok.then_some(())?;
+        Some((self.w1.fused_q4k()?, self.w3.fused_q4k()?, self.w2.fused_q4k()?))
     }
 
     /// [`FusedMoe::forward`] from `xs` `[n, hidden]`; `None` where it does not apply.

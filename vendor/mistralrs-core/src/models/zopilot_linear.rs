@@ -6,7 +6,9 @@
 //! and casts back — four launches a layer, the same input quantized three times for q/k/v.
 //! When immediate ISQ asks for Q4K on a CUDA device, [`QLinear::load`] quantizes the weight
 //! itself (the same candle quantizer ISQ uses) and wraps the tensor in the same `GgufMatMul`
-//! upstream would have built, so every other path (prefill, ISQ listing) is unchanged.
+//! upstream would have built, so every other path (ISQ listing, candle's quantized matmul
+//! for the rows between our kernels' and cuBLAS's ranges) is unchanged. At prefill sizes
+//! (`dense_cublas_min_tokens`) the weight is dequantized to f16 for cuBLAS instead.
 //! With upstream's Mixtral path chosen (`--mixtral-path upstream`) upstream's layers load instead.
 
 use std::sync::Arc;
@@ -116,6 +118,22 @@ impl QLinear {
         .then_some(&*q4k.q)
     }
 
+    /// The Q4K tensor for a forward of `tokens` tokens that dequantizes it for cuBLAS
+    /// (`dense_cublas_min_tokens`): at prefill sizes cuBLAS on the f16 weight outruns both
+    /// candle's quantized matmul and our tensor-core kernel, and the dequantization (one
+    /// write of the f16 weight) costs less than either's extra passes over the input.
+    #[cfg(feature = "cuda")]
+    fn q4k_for_cublas(&self, tokens: usize, device: &Device) -> Option<&candle_core::quantized::QTensor> {
+        let q4k = self.q4k.as_ref()?;
+        let min = zopilot_kernels::options::get().dense_cublas_min_tokens;
+        (q4k.mm_addr == addr(&self.mm)
+            && min > 0
+            && tokens >= min
+            && device.is_cuda()
+            && zopilot_kernels::q4k_applies(&q4k.q))
+        .then_some(&*q4k.q)
+    }
+
     /// `xs · Wᵀ` in `dtype` (upstream: the quantized layer's activation type, then `dtype`).
     pub(crate) fn forward(&self, xs: &Tensor, dtype: DType) -> Result<Tensor> {
         let mut ys = Self::forward_many(&[self], xs, dtype)?;
@@ -129,6 +147,27 @@ impl QLinear {
         let tokens = if hidden == 0 { 0 } else { xs.elem_count() / hidden };
         #[cfg(feature = "cuda")]
         {
+            let reshaped = |y: Tensor| {
+                let mut shape = dims.clone();
+                if let Some(last) = shape.last_mut() {
+                    *last = y.dim(1)?;
+                }
+                y.reshape(shape)
+            };
+            let dense = layers
+                .iter()
+                .map(|l| l.q4k_for_cublas(tokens, xs.device()))
+                .collect::<Option<Vec<_>>>();
+            if let Some(qs) = dense {
+                let x = xs.reshape((tokens, hidden))?.to_dtype(DType::F16)?;
+                return qs
+                    .iter()
+                    .map(|q| {
+                        let w = dequantize_f16(q)?;
+                        reshaped(x.matmul(&w.t()?)?.to_dtype(dtype)?)
+                    })
+                    .collect();
+            }
             let qs = layers
                 .iter()
                 .map(|l| l.q4k_for(tokens, xs.device()))
@@ -138,13 +177,7 @@ impl QLinear {
                 let x = zq::quantize(&xs.reshape((tokens, hidden))?)?;
                 return zq::matvec_many(&qs, &x, dtype, None)?
                     .into_iter()
-                    .map(|y| {
-                        let mut shape = dims.clone();
-                        if let Some(last) = shape.last_mut() {
-                            *last = y.dim(1)?;
-                        }
-                        y.reshape(shape)
-                    })
+                    .map(reshaped)
                     .collect();
             }
         }
@@ -167,4 +200,14 @@ impl QLinear {
             })
             .collect()
     }
+}
+
+/// A `[n, k]` Q4K tensor on the GPU dequantized to an f16 `[n, k]` tensor (our kernel).
+#[cfg(feature = "cuda")]
+fn dequantize_f16(q: &candle_core::quantized::QTensor) -> Result<Tensor> {
+    let Device::Cuda(dev) = q.device() else {
+        candle_core::bail!("dequantizing for cuBLAS needs a CUDA tensor");
+    };
+    let (n, k) = q.shape().dims2()?;
+    zopilot_kernels::dequant_q4k_f16(&dev, q.device_ptr()? as u64, n, k)
 }
