@@ -384,8 +384,41 @@ static void bench_prefill(const std::vector<int> &token_counts) {
       return zopilot_q4k_dequant_f16(w2, deq, blocks2, 0);
     };
     const float t = time_us(dq, 5);
-    printf("{\"prefill\": \"dequantize every expert matrix to f16\", \"us\": %.1f, \"GBps\": %.0f}\n",
-           t, 3.0 * blocks13 * (144 + 512) / t / 1e3);
+    // The dequantize kernel against ggml's arithmetic on the host, first 4,096 blocks of w1.
+    const int nb = 4096;
+    CK(zopilot_q4k_dequant_f16(w1, deq, nb, 0));
+    std::vector<uint8_t> hb((size_t)nb * 144);
+    std::vector<half> hd((size_t)nb * 256);
+    CK(cudaMemcpy(hb.data(), w1, hb.size(), cudaMemcpyDeviceToHost));
+    CK(cudaMemcpy(hd.data(), deq, hd.size() * 2, cudaMemcpyDeviceToHost));
+    std::vector<float> want((size_t)nb * 256), got((size_t)nb * 256);
+    for (int b = 0; b < nb; ++b) {
+      const uint8_t *x = hb.data() + (size_t)b * 144, *sc = x + 4, *qs = x + 16;
+      const float d = __half2float(*reinterpret_cast<const half *>(x));
+      const float dmin = __half2float(*reinterpret_cast<const half *>(x + 2));
+      auto scale_min_k4 = [&](int j, int &s, int &m) {
+        if (j < 4) {
+          s = sc[j] & 63, m = sc[j + 4] & 63;
+        } else {
+          s = (sc[j + 4] & 0xF) | ((sc[j - 4] >> 6) << 4);
+          m = (sc[j + 4] >> 4) | ((sc[j] >> 6) << 4);
+        }
+      };
+      for (int g = 0; g < 4; ++g) {
+        int s0, m0, s1, m1;
+        scale_min_k4(2 * g, s0, m0);
+        scale_min_k4(2 * g + 1, s1, m1);
+        for (int l = 0; l < 32; ++l) {
+          want[(size_t)b * 256 + 64 * g + l] = d * s0 * (qs[32 * g + l] & 0xF) - dmin * m0;
+          want[(size_t)b * 256 + 64 * g + 32 + l] = d * s1 * (qs[32 * g + l] >> 4) - dmin * m1;
+        }
+      }
+    }
+    for (size_t i = 0; i < got.size(); ++i)
+      got[i] = __half2float(hd[i]);
+    printf("{\"prefill\": \"dequantize every expert matrix to f16\", \"us\": %.1f, \"GBps\": %.0f, "
+           "\"rel_err_vs_host\": %.2e}\n",
+           t, 3.0 * blocks13 * (144 + 512) / t / 1e3, rel_err(want, got));
   }
   std::mt19937 rng(11);
   for (int T : token_counts) {

@@ -25,7 +25,8 @@ fn gemm_chunk(pairs: usize, experts: usize) -> usize {
 /// Mixtral's experts for a prompt's tokens: `x` `[tokens, K]` in bf16 or f16, `w1`, `w3`
 /// `[E, N, K]` and `w2` `[E, H, N]` Q4K, `ids` `[tokens, topk]` u32 and `weights` f32 as
 /// [`router_topk`](crate::router_topk) or mistral.rs' top-k return them → `[tokens, H]` in
-/// `x`'s dtype: Σ weight · w2(silu(x·w1)·(x·w3)) over each token's experts. At most
+/// `out_dtype` (f32, bf16 or f16): Σ weight · w2(silu(x·w1)·(x·w3)) over each token's
+/// experts, summed in f32. At most
 /// [`GROUPED_MAX_PAIRS`] (token, expert) pairs a call; N % 64 == 0, H % 128 == 0,
 /// K % 256 == 0 and N % 256 == 0.
 pub fn moe_gemm(
@@ -33,6 +34,7 @@ pub fn moe_gemm(
     ids: &Tensor,
     weights: &Tensor,
     x: &Tensor,
+    out_dtype: DType,
 ) -> Result<Tensor> {
     let dev = cuda_dev(ids)?;
     let (experts, n, k) = w1.shape().dims3()?;
@@ -62,8 +64,7 @@ pub fn moe_gemm(
             x.shape()
         );
     }
-    let dtype = x.dtype();
-    let xdtype = half_dtype_code(dtype, "zopilot moe gemm")?;
+    let xdtype = half_dtype_code(x.dtype(), "zopilot moe gemm")?;
     let (x, ids, weights) = (x.contiguous()?, ids.contiguous()?, weights.contiguous()?);
     if tensor_ptr(&x)? % 16 != 0 {
         candle_core::bail!("zopilot moe gemm: x is not 16-byte aligned");
@@ -111,7 +112,7 @@ pub fn moe_gemm(
     };
     check(code, "zopilot moe gemm w2")?;
 
-    let out = Out::alloc(&dev, dtype, tokens * h)?;
+    let out = Out::alloc(&dev, out_dtype, tokens * h)?;
     let code = unsafe {
         zopilot_moe_combine(
             slice_ptr(&y) as *const f32,
@@ -121,7 +122,7 @@ pub fn moe_gemm(
             h as i32,
             std::ptr::null(),
             out.ptr() as *mut c_void,
-            dtype_code(dtype)?,
+            dtype_code(out_dtype)?,
             stream(&dev),
         )
     };

@@ -567,9 +567,15 @@ impl StackedExperts {
             return self.forward_gather(xs, &ids, &weights)?.to_dtype(xs.dtype());
         }
         // zopilot-gpu patch: prompt-sized batches on the experts' GEMM straight from Q4K
-        // (`moe_gemm_min_tokens`), in slices of as many tokens as its plan takes.
+        // (`moe_gemm_min_tokens`), in slices of as many tokens as its plan takes. It reads
+        // f16 or bf16; the layer hands f32 (the router's activation type), which goes to f16
+        // as the host-routed path's cuBLAS input does.
         #[cfg(feature = "cuda")]
         if let Some(w) = self.gemm_q4k(n, top_k, xs) {
+            let x = match xs.dtype() {
+                DType::F32 => xs.to_dtype(DType::F16)?,
+                _ => xs.clone(),
+            };
             let slice = zopilot_kernels::GROUPED_MAX_PAIRS / top_k;
             let mut parts = Vec::with_capacity(n.div_ceil(slice));
             for start in (0..n).step_by(slice) {
@@ -578,7 +584,8 @@ impl StackedExperts {
                     w,
                     &ids.narrow(0, start, len)?,
                     &weights.narrow(0, start, len)?,
-                    &xs.narrow(0, start, len)?,
+                    &x.narrow(0, start, len)?,
+                    xs.dtype(),
                 )?);
             }
             return if parts.len() == 1 {
@@ -642,8 +649,8 @@ impl StackedExperts {
     }
 
     /// The Q4K experts for the prompt-sized GEMM ([`zopilot_kernels::moe_gemm`]) of `n` tokens
-    /// `xs`, when it applies: at least `moe_gemm_min_tokens` tokens (0: never), bf16 or f16
-    /// activations on CUDA, SiLU, top-k ≤ 8 of ≤ 256 experts, shapes the kernel tiles.
+    /// `xs`, when it applies: at least `moe_gemm_min_tokens` tokens (0: never), f32, bf16 or
+    /// f16 activations on CUDA, SiLU, top-k ≤ 8 of ≤ 256 experts, shapes the kernel tiles.
     #[cfg(feature = "cuda")]
     fn gemm_q4k(&self, n: usize, top_k: usize, xs: &Tensor) -> Option<(&QTensor, &QTensor, &QTensor)> {
         let min = zopilot_kernels::options::get().moe_gemm_min_tokens;
@@ -651,7 +658,7 @@ impl StackedExperts {
         let ok = min > 0
             && n >= min
             && xs.device().is_cuda()
-            && matches!(xs.dtype(), DType::BF16 | DType::F16)
+            && matches!(xs.dtype(), DType::F32 | DType::BF16 | DType::F16)
             && self.act == Activation::Silu
             && (1..=8).contains(&top_k)
             && top_k <= experts
