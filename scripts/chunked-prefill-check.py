@@ -14,12 +14,11 @@ exits 1 if any answer parts elsewhere.
     scripts/chunked-prefill-check.py http://localhost:8000 [N] [MAX_TOKENS] [STREAMS]
 """
 
-import json
 import sys
 import threading
 import time
 
-from greedy_answers import complete, parting
+from greedy_answers import complete, parting, report
 
 
 def main():
@@ -65,20 +64,8 @@ def main():
                         "first_token_logprob_chunked": first[1],
                         "seconds_whole": round(a["seconds"], 3),
                         "seconds_chunked": round(b["seconds"], 3)})
-    out = {
-        "prompts": n,
-        "max_tokens": max_tokens,
-        "decoding_streams": n_streams,
-        "equal": sum(a["verdict"] == "equal" for a in answers),
-        "near_tie": sum(a["verdict"] == "near-tie" for a in answers),
-        "differs": sum(a["verdict"] == "DIFFERS" for a in answers),
-        "errors": errors,
-        "detail": answers,
-        "passed": ok,
-    }
-    print(json.dumps(out))
-    sys.exit(0 if ok else 1)
-
+    report(answers, ok, prompts=n, max_tokens=max_tokens, decoding_streams=n_streams,
+           errors=errors)
 
 if __name__ == "__main__":
     main()

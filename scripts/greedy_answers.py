@@ -1,8 +1,10 @@
-"""Shared by scripts/mixed-batch-check.py and scripts/chunked-prefill-check.py: one greedy
-completion with log-probabilities from a running server, and where two answers to the same
-prompt part — equal, at a near-tie of the reference run, or elsewhere."""
+"""Shared by scripts/mixed-batch-check.py, chunked-prefill-check.py and paths-check.py: one
+greedy completion with log-probabilities from a running server, where two answers to the
+same prompt part — equal, at a near-tie of the reference run, or elsewhere — and the checks'
+report."""
 
 import json
+import sys
 import time
 import urllib.request
 
@@ -45,3 +47,18 @@ def parting(ref, other):
     g = gap(ref["top"][at]) if at is not None and at < len(ref["top"]) else None
     verdict = "equal" if at is None else ("near-tie" if g is not None and g <= TOLERANCE else "DIFFERS")
     return at, g, verdict
+
+
+def report(rows, ok, **fields):
+    """Prints a check's JSON object — `fields`, the counts of `rows`' verdicts, the rows as
+    "detail" and "passed" — and exits 1 unless `ok`."""
+    out = dict(fields)
+    out.update(
+        equal=sum(r["verdict"] == "equal" for r in rows),
+        near_tie=sum(r["verdict"] == "near-tie" for r in rows),
+        differs=sum(r["verdict"] == "DIFFERS" for r in rows),
+        detail=rows,
+        passed=ok,
+    )
+    print(json.dumps(out))
+    sys.exit(0 if ok else 1)

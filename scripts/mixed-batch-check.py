@@ -14,11 +14,10 @@ Prints one JSON object; exits 1 if any stream parts elsewhere.
 near-tie rate is what batching alone does to greedy text; mixed lengths should match it.
 """
 
-import json
 import sys
 import threading
 
-from greedy_answers import complete, parting
+from greedy_answers import complete, parting, report
 
 
 def main():
@@ -57,21 +56,8 @@ def main():
         at, g, verdict = parting(a, b)
         ok = ok and verdict != "DIFFERS"
         streams.append({"stream": i, "verdict": verdict, "first_difference": at, "solo_gap_nats": g})
-    out = {
-        "same_length": same,
-        "streams": n,
-        "max_tokens": max_tokens,
-        "prompt_lengths": sorted({a["prompt_tokens"] for a in solo}),
-        "equal": sum(s["verdict"] == "equal" for s in streams),
-        "near_tie": sum(s["verdict"] == "near-tie" for s in streams),
-        "differs": sum(s["verdict"] == "DIFFERS" for s in streams),
-        "errors": errors,
-        "detail": streams,
-        "passed": ok,
-    }
-    print(json.dumps(out))
-    sys.exit(0 if ok else 1)
-
+    report(streams, ok, same_length=same, streams=n, max_tokens=max_tokens,
+           prompt_lengths=sorted({a["prompt_tokens"] for a in solo}), errors=errors)
 
 if __name__ == "__main__":
     main()

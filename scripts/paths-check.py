@@ -14,10 +14,9 @@ object; exits 1 if any answer parts elsewhere.
     scripts/paths-check.py http://localhost:8000 http://localhost:8001 [N] [MAX_TOKENS]
 """
 
-import json
 import sys
 
-from greedy_answers import complete, parting
+from greedy_answers import complete, parting, report
 
 
 def main():
@@ -41,18 +40,7 @@ def main():
                         "first_token_logprob_a": (a["token_logprobs"][:1] or [None])[0],
                         "first_token_logprob_b": (b["token_logprobs"][:1] or [None])[0],
                         "seconds_a": round(a["seconds"], 3), "seconds_b": round(b["seconds"], 3)})
-    out = {
-        "prompts": len(prompts),
-        "max_tokens": max_tokens,
-        "equal": sum(a["verdict"] == "equal" for a in answers),
-        "near_tie": sum(a["verdict"] == "near-tie" for a in answers),
-        "differs": sum(a["verdict"] == "DIFFERS" for a in answers),
-        "detail": answers,
-        "passed": ok,
-    }
-    print(json.dumps(out))
-    sys.exit(0 if ok else 1)
-
+    report(answers, ok, prompts=len(prompts), max_tokens=max_tokens)
 
 if __name__ == "__main__":
     main()

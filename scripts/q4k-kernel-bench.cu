@@ -86,6 +86,18 @@ template <typename T> struct Dev {
   operator T *() const { return p; }
 };
 
+// Random Q4_K experts at Mixtral's shapes: w1, w3 [E, F, H] and w2 [E, H, F].
+struct Experts {
+  static constexpr long long blocks13 = (long long)E * F * H / 256;
+  static constexpr long long blocks2 = (long long)E * H * F / 256;
+  Dev<uint8_t> w1{blocks13 * 144}, w3{blocks13 * 144}, w2{blocks2 * 144};
+  Experts() {
+    fill_q4k<<<(unsigned)((blocks13 * 36 + 255) / 256), 256>>>(w1, blocks13, 1);
+    fill_q4k<<<(unsigned)((blocks13 * 36 + 255) / 256), 256>>>(w3, blocks13, 2);
+    fill_q4k<<<(unsigned)((blocks2 * 36 + 255) / 256), 256>>>(w2, blocks2, 3);
+  }
+};
+
 struct ActBuf {
   int rows, k;
   Dev<int8_t> q;
@@ -370,11 +382,9 @@ __global__ void ref_attention(const __nv_bfloat16 *q, const __nv_bfloat16 *kc,
 // outputs (w1‖w3·SiLU against theirs; w2 + combine on their activations), its time per
 // call, and what dequantizing every expert matrix to f16 alone costs the host-routed path.
 static void bench_prefill(const std::vector<int> &token_counts) {
-  const long long blocks13 = (long long)E * F * H / 256, blocks2 = (long long)E * H * F / 256;
-  Dev<uint8_t> w1(blocks13 * 144), w3(blocks13 * 144), w2(blocks2 * 144);
-  fill_q4k<<<(unsigned)((blocks13 * 36 + 255) / 256), 256>>>(w1, blocks13, 1);
-  fill_q4k<<<(unsigned)((blocks13 * 36 + 255) / 256), 256>>>(w3, blocks13, 2);
-  fill_q4k<<<(unsigned)((blocks2 * 36 + 255) / 256), 256>>>(w2, blocks2, 3);
+  const Experts ex;
+  const long long blocks13 = Experts::blocks13, blocks2 = Experts::blocks2;
+  const uint8_t *w1 = ex.w1, *w3 = ex.w3, *w2 = ex.w2;
   CK(cudaDeviceSynchronize());
   {
     Dev<half> deq((size_t)F * H * E);
@@ -692,11 +702,8 @@ int main(int argc, char **argv) {
     bench_host();
     return 0;
   }
-  const long long blocks13 = (long long)E * F * H / 256, blocks2 = (long long)E * H * F / 256;
-  Dev<uint8_t> w1(blocks13 * 144), w3(blocks13 * 144), w2(blocks2 * 144);
-  fill_q4k<<<(unsigned)((blocks13 * 36 + 255) / 256), 256>>>(w1, blocks13, 1);
-  fill_q4k<<<(unsigned)((blocks13 * 36 + 255) / 256), 256>>>(w3, blocks13, 2);
-  fill_q4k<<<(unsigned)((blocks2 * 36 + 255) / 256), 256>>>(w2, blocks2, 3);
+  const Experts ex;
+  const uint8_t *w1 = ex.w1, *w3 = ex.w3, *w2 = ex.w2;
   CK(cudaDeviceSynchronize());
   const double expert_bytes = (double)F * H / 256 * 144; // one expert matrix
   std::mt19937 rng(7);

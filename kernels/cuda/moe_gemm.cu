@@ -164,57 +164,42 @@ __global__ void __launch_bounds__(GTHREADS)
     }
   }
 
+  // Every accumulator with its pair slot and its row in the block's tile.
   const int gq = lane >> 2, tq = lane & 3;
-  if (!TWO) {
-    float *o = static_cast<float *>(out);
+  auto each = [&](auto f) {
 #pragma unroll
     for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          const int slot = wc * WN + nt * 8 + 2 * tq + (i & 1);
-          const int row = wr * 32 + mt * 16 + gq + 8 * (i >> 1);
-          const int p = pair[slot];
-          if (p >= 0)
-            o[(size_t)p * n + r0 + row] = acc[mt][nt][i];
-        }
+        for (int i = 0; i < 4; ++i)
+          f(wc * WN + nt * 8 + 2 * tq + (i & 1), wr * 32 + mt * 16 + gq + 8 * (i >> 1),
+            acc[mt][nt][i]);
+  };
+  if (!TWO) {
+    float *o = static_cast<float *>(out);
+    each([&](int slot, int row, float v) {
+      if (pair[slot] >= 0)
+        o[(size_t)pair[slot] * n + r0 + row] = v;
+    });
     return;
   }
-  // w3's half (warps 2, 3 along the rows) hands its accumulators to w1's through shared
-  // memory (the tiles are free once every warp is past its last mma), then w1's warps write
-  // silu(w1)·w3.
+  // w3's half (warps 2, 3 along the rows: tile rows 64..127) hands its accumulators to w1's
+  // through shared memory (the tiles are free once every warp is past its last mma), then
+  // w1's warps write silu(w1)·w3.
   __syncthreads();
   float *w3s = reinterpret_cast<float *>(tiles); // [GM/2 rows][BN] f32
   static_assert(GM / 2 * BN * 4 <= (GM + BN) * GLD * 2, "w3 exchange fits the tiles");
   if (wr >= 2)
-#pragma unroll
-    for (int mt = 0; mt < 2; ++mt)
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          const int slot = wc * WN + nt * 8 + 2 * tq + (i & 1);
-          const int row = (wr - 2) * 32 + mt * 16 + gq + 8 * (i >> 1);
-          w3s[row * BN + slot] = acc[mt][nt][i];
-        }
+    each([&](int slot, int row, float v) { w3s[(row - GM / 2) * BN + slot] = v; });
   __syncthreads();
   if (wr < 2) {
     half *o = static_cast<half *>(out);
-#pragma unroll
-    for (int mt = 0; mt < 2; ++mt)
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          const int slot = wc * WN + nt * 8 + 2 * tq + (i & 1);
-          const int row = wr * 32 + mt * 16 + gq + 8 * (i >> 1);
-          const int p = pair[slot];
-          const float g = acc[mt][nt][i];
-          if (p >= 0)
-            o[(size_t)p * n + r0 + row] =
-                __float2half_rn(g / (1.0f + __expf(-g)) * w3s[row * BN + slot]);
-        }
+    each([&](int slot, int row, float g) {
+      if (pair[slot] >= 0)
+        o[(size_t)pair[slot] * n + r0 + row] =
+            __float2half_rn(g / (1.0f + __expf(-g)) * w3s[row * BN + slot]);
+    });
   }
 }
 

@@ -7,12 +7,9 @@ use std::ffi::c_void;
 
 use candle_core::{DType, Result, Tensor, quantized::QTensor};
 
-use crate::ffi::{zopilot_moe_combine, zopilot_moe_gemm_w2, zopilot_moe_gemm_w13};
-use crate::launch::{
-    check, cuda_dev, dtype_code, half_dtype_code, q4k_applies, slice_ptr, stream, tensor_ptr,
-    weight_ptr,
-};
-use crate::moe_grouped::{GROUPED_MAX_PAIRS, GroupPlan};
+use crate::ffi::{zopilot_moe_gemm_w2, zopilot_moe_gemm_w13};
+use crate::launch::{check, cuda_dev, half_dtype_code, slice_ptr, stream, tensor_ptr, weight_ptr};
+use crate::moe_grouped::{GROUPED_MAX_PAIRS, GroupPlan, combine, expert_dims};
 use crate::moe_pair::routing_dims;
 use crate::pool::Out;
 
@@ -37,25 +34,17 @@ pub fn moe_gemm(
     out_dtype: DType,
 ) -> Result<Tensor> {
     let dev = cuda_dev(ids)?;
-    let (experts, n, k) = w1.shape().dims3()?;
-    let (_, h, k2) = w2.shape().dims3()?;
     let (tokens, kx) = x.dims2()?;
     let topk = routing_dims(ids, Some(weights), tokens)?;
     let pairs = tokens * topk;
-    if !q4k_applies(w1)
-        || !q4k_applies(w3)
-        || !q4k_applies(w2)
-        || w3.shape().dims3()? != (experts, n, k)
-        || w2.shape().dims3()?.0 != experts
-        || k2 != n
-        || kx != k
-        || k % 256 != 0
-        || n % 256 != 0
-        || h % 128 != 0
-        || experts > 256
-        || pairs == 0
-        || pairs > GROUPED_MAX_PAIRS
-    {
+    let dims = expert_dims((w1, w3, w2))?.filter(|&(_, n, k, h)| {
+        kx == k
+            && k % 256 == 0
+            && n % 256 == 0
+            && h % 128 == 0
+            && (1..=GROUPED_MAX_PAIRS).contains(&pairs)
+    });
+    let Some((experts, n, k, h)) = dims else {
         candle_core::bail!(
             "zopilot moe gemm: w1 {:?} w3 {:?} w2 {:?}, x {:?}, {tokens} tokens × {topk}",
             w1.shape(),
@@ -63,7 +52,7 @@ pub fn moe_gemm(
             w2.shape(),
             x.shape()
         );
-    }
+    };
     let xdtype = half_dtype_code(x.dtype(), "zopilot moe gemm")?;
     let (x, ids, weights) = (x.contiguous()?, ids.contiguous()?, weights.contiguous()?);
     if tensor_ptr(&x)? % 16 != 0 {
@@ -111,21 +100,5 @@ pub fn moe_gemm(
         )
     };
     check(code, "zopilot moe gemm w2")?;
-
-    let out = Out::alloc(&dev, out_dtype, tokens * h)?;
-    let code = unsafe {
-        zopilot_moe_combine(
-            slice_ptr(&y) as *const f32,
-            tensor_ptr(&weights)? as *const f32,
-            tokens as i32,
-            topk as i32,
-            h as i32,
-            std::ptr::null(),
-            out.ptr() as *mut c_void,
-            dtype_code(out_dtype)?,
-            stream(&dev),
-        )
-    };
-    check(code, "zopilot moe gemm combine")?;
-    Ok(out.into_tensor(&dev, tokens, h))
+    combine(&dev, &y, &weights, (tokens, topk, h), None, out_dtype)
 }

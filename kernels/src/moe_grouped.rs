@@ -71,6 +71,23 @@ impl GroupPlan {
     }
 }
 
+/// `(experts, n, k, h)` of stacked experts `w1`, `w3` `[E, N, K]` and `w2` `[E, H, N]` when
+/// our Q4K kernels take them (Q4K on CUDA, shapes consistent, at most 256 experts).
+pub(crate) fn expert_dims(
+    (w1, w3, w2): (&QTensor, &QTensor, &QTensor),
+) -> Result<Option<(usize, usize, usize, usize)>> {
+    let (experts, n, k) = w1.shape().dims3()?;
+    let (e2, h, k2) = w2.shape().dims3()?;
+    Ok((q4k_applies(w1)
+        && q4k_applies(w3)
+        && q4k_applies(w2)
+        && w3.shape().dims3()? == (experts, n, k)
+        && e2 == experts
+        && k2 == n
+        && experts <= 256)
+        .then_some((experts, n, k, h)))
+}
+
 /// Most pairs the grouped kernels' plan takes in one launch.
 pub const GROUPED_MAX_PAIRS: usize = 4096;
 
@@ -89,30 +106,20 @@ pub fn moe_grouped(
     resid: Option<&Tensor>,
 ) -> Result<Tensor> {
     let dev = cuda_dev(ids)?;
-    let (experts, n, k) = w1.shape().dims3()?;
-    let (_, h, k2) = w2.shape().dims3()?;
     let tokens = x.rows;
     let topk = routing_dims(ids, Some(weights), tokens)?;
     let pairs = tokens * topk;
-    if !q4k_applies(w1)
-        || !q4k_applies(w3)
-        || !q4k_applies(w2)
-        || w3.shape().dims3()? != (experts, n, k)
-        || w2.shape().dims3()?.0 != experts
-        || k2 != n
-        || x.k != k
-        || n % 256 != 0
-        || h % 32 != 0
-        || experts > 256
-        || pairs > GROUPED_MAX_PAIRS
-    {
+    let dims = expert_dims((w1, w3, w2))?.filter(|&(_, n, k, h)| {
+        x.k == k && n % 256 == 0 && h % 32 == 0 && pairs <= GROUPED_MAX_PAIRS
+    });
+    let Some((experts, n, k, h)) = dims else {
         candle_core::bail!(
             "zopilot grouped moe: w1 {:?} w3 {:?} w2 {:?}, {tokens} tokens × {topk}",
             w1.shape(),
             w3.shape(),
             w2.shape()
         );
-    }
+    };
     let (ids, weights) = (ids.contiguous()?, weights.contiguous()?);
     let resid = residual(resid, tokens, h, dtype)?;
     let plan = GroupPlan::new(&dev, &ids, experts, tokens)?;
@@ -165,22 +172,35 @@ pub fn moe_grouped(
         )
     };
     check(code, "zopilot grouped moe w2")?;
+    combine(&dev, &y, &weights, (tokens, topk, h), resid.as_ref(), dtype)
+}
 
-    let out = Out::alloc(&dev, dtype, tokens * h)?;
-    let resid_ptr = resid.as_ref().map_or(Ok(0), tensor_ptr)?;
+/// `out[t] = Σ_slot weights[t, slot] · y[t · topk + slot]` (+ `resid[t]`) in `dtype`, summed
+/// in slot order in f32 (`moe_combine_kernel`): `y` `[tokens · topk, h]` f32, `weights`
+/// `[tokens, topk]` f32 contiguous.
+pub(crate) fn combine(
+    dev: &CudaDevice,
+    y: &CudaSlice<f32>,
+    weights: &Tensor,
+    (tokens, topk, h): (usize, usize, usize),
+    resid: Option<&Tensor>,
+    dtype: DType,
+) -> Result<Tensor> {
+    let out = Out::alloc(dev, dtype, tokens * h)?;
+    let resid_ptr = resid.map_or(Ok(0), tensor_ptr)?;
     let code = unsafe {
         zopilot_moe_combine(
-            slice_ptr(&y) as *const f32,
-            tensor_ptr(&weights)? as *const f32,
+            slice_ptr(y) as *const f32,
+            tensor_ptr(weights)? as *const f32,
             tokens as i32,
             topk as i32,
             h as i32,
             resid_ptr as *const c_void,
             out.ptr() as *mut c_void,
             dtype_code(dtype)?,
-            stream(&dev),
+            stream(dev),
         )
     };
-    check(code, "zopilot grouped moe combine")?;
-    Ok(out.into_tensor(&dev, tokens, h))
+    check(code, "zopilot moe combine")?;
+    Ok(out.into_tensor(dev, tokens, h))
 }
