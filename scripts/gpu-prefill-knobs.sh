@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Prefill under each kernel threshold, one GPU, one call: the TTFT of three prompts, one at
-# a time, at 512 and 4,096 tokens, with the decode options that move prefill onto our
-# kernels — the dense layers (--mma-max-tokens), the grouped experts on tensor cores
-# (--moe-mma-max-tokens) — against the defaults (run first and last, for the spread).
+# a time, at 512 and 4,096 tokens, with the decode options that move prefill between paths —
+# candle's quantized matmul for the dense layers (--dense-cublas-min-tokens 0), our
+# tensor-core matmul (--mma-max-tokens), the grouped experts on tensor cores
+# (--moe-mma-max-tokens), the experts' f16 GEMM from Q4_K (--moe-gemm-min-tokens) — against
+# the defaults (run first and last, for the spread). Then the answers: two servers, the
+# defaults against candle's dense path and against the expert GEMM (scripts/paths-check.py).
 #
 #   scripts/gpu-prefill-knobs.sh BINARY [MODEL]
 #
@@ -40,9 +43,38 @@ EOF
 
 for n in 512 4096; do
   one defaults "$n"
-  one dense-ours "$n" --mma-max-tokens "$n"
+  one dense-candle "$n" --dense-cublas-min-tokens 0
+  one expert-gemm "$n" --moe-gemm-min-tokens 65
+  one dense-ours "$n" --mma-max-tokens "$n" --dense-cublas-min-tokens 0
   [ "$n" -le 512 ] && one experts-mma "$n" --moe-mma-max-tokens "$n"
-  [ "$n" -le 512 ] && one both "$n" --mma-max-tokens "$n" --moe-mma-max-tokens "$n"
+  [ "$n" -le 512 ] && one both "$n" --mma-max-tokens "$n" --moe-mma-max-tokens "$n" \
+    --dense-cublas-min-tokens 0
   one defaults "$n"
 done
+
+# Answers: servers of the same model under three option sets, greedy, log-probabilities.
+here=$(cd "$(dirname "$0")" && pwd)
+PIDS=""
+for spec in "8191" "8192 --dense-cublas-min-tokens 0" "8193 --moe-gemm-min-tokens 65"; do
+  set -- $spec
+  port=$1
+  shift
+  "$BIN" serve --model "$M" --port "$port" --max-num-seqs 8 "$@" > "$W/serve-$port.log" 2>&1 &
+  PIDS="$PIDS $!"
+done
+for port in 8191 8192 8193; do  # /ping: 204 while loading, 200 once ready
+  for _ in $(seq 1 120); do
+    [ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$port/ping")" = 200 ] && break
+    sleep 1
+  done
+done
+for pair in "8192 candle-dense" "8193 expert-gemm"; do
+  set -- $pair
+  echo "paths-check: $2 (A) against the defaults (B)" >> "$K"
+  timeout 300 python3 "$here/paths-check.py" "http://127.0.0.1:$1" http://127.0.0.1:8191 6 32 \
+    >> "$K" 2>&1
+  echo "exit $?" >> "$K"
+done
+kill $PIDS 2> /dev/null
+wait 2> /dev/null
 cat "$K"
