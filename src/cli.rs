@@ -325,7 +325,8 @@ pub struct DecodeArgs {
     pub mma_min_tokens: usize,
 
     /// Most rows the dense Q4K layers (attention projections, router, lm_head) take through
-    /// our kernels; more (prefill) go to candle's quantized matmul.
+    /// our kernels; more go to candle's quantized matmul (unless --dense-cublas-min-tokens takes
+    /// them).
     #[arg(long, env = "ZOPILOT_MMA_MAX_TOKENS", default_value_t = 128)]
     pub mma_max_tokens: usize,
 

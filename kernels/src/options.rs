@@ -40,7 +40,7 @@ pub struct DecodeOptions {
     /// multiply on tensor cores instead of the mat-vec. 0 turns that off.
     pub mma_min_tokens: usize,
     /// Most rows the dense Q4K layers take through our kernels (mat-vec, tensor cores); more
-    /// (prefill) go to candle's quantized matmul.
+    /// go to candle's quantized matmul, unless `dense_cublas_min_tokens` takes them.
     pub mma_max_tokens: usize,
     /// From this many rows the dense Q4K layers dequantize their weight to f16 and multiply
     /// with cuBLAS (prefill), ahead of both our kernels and candle's quantized matmul.
