@@ -1,5 +1,5 @@
 //! zopilot-kernels: our CUDA kernels for Mixtral with Q4K weights (decode, and prefill's
-//! attention softmax and expert combine), and safe wrappers over them. One file per op
+//! dequantization, attention softmax and expert combine), and safe wrappers over them. One file per op
 //! family, each launcher beside its kernel in `cuda/`, each wrapper module here named as its
 //! `.cu`:
 //!
@@ -11,9 +11,10 @@
 //! | dense matmul on tensor cores | `matmul.cu` (+ `mma.cuh`) | through [`matvec_many`] from a few rows on |
 //! | experts per (token, expert) pair | `moe_pair.cu` | [`moe_w13_silu`], [`moe_w2`] |
 //! | experts grouped by expert, tensor cores | `moe_grouped.cu` (+ `mma.cuh`) | [`moe_grouped`] |
+//! | experts at prompt sizes, f16 GEMM from Q4_K (opt-in) | `moe_gemm.cu` | [`moe_gemm`] |
 //! | host-routed experts' combine (prefill) | `moe_scatter.cu` | [`moe_scatter_add`] |
 //! | decode attention over the paged cache | `attention.cu` | [`decode_attention`], [`rope_cache_decode`] |
-//! | Q4K → f16 | `dequantize.cu` | [`dequant_q4k_f16`] |
+//! | Q4K → f16 (cuBLAS's input at prefill) | `dequantize.cu` | [`dequant_q4k_f16`] |
 //! | prefill attention: scale + mask + softmax | `softmax.cu` | [`masked_softmax`] |
 //! | launch settings, profiling spin | `launch.cu` | [`spin`] |
 //!
