@@ -69,10 +69,8 @@ PORT=8177
 "$BIN" serve --model $M --port $PORT --max-num-seqs 16 ${OPTS:-} \
   ${CHECK_CHUNK:+--prefill-chunk-tokens $CHECK_CHUNK} > "$W/serve.log" 2>&1 &
 SERVER=$!
-for _ in $(seq 1 120); do  # /ping: 204 while loading, 200 once ready
-  [ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$PORT/ping")" = 200 ] && break
-  sleep 1
-done
+source "$here/wait-ready.sh"
+wait_ready $PORT
 timeout 300 python3 "$here/chunked-prefill-check.py" "http://127.0.0.1:$PORT" 3 32 8 \
   > "$OUT/check.json" 2>> "$S"
 echo "check exit $?" >> "$S"

@@ -62,11 +62,9 @@ for spec in "8191" "8192 --dense-cublas-min-tokens 0" "8193 --moe-gemm-min-token
   "$BIN" serve --model "$M" --port "$port" --max-num-seqs 8 "$@" > "$W/serve-$port.log" 2>&1 &
   PIDS="$PIDS $!"
 done
-for port in 8191 8192 8193; do  # /ping: 204 while loading, 200 once ready
-  for _ in $(seq 1 120); do
-    [ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$port/ping")" = 200 ] && break
-    sleep 1
-  done
+source "$here/wait-ready.sh"
+for port in 8191 8192 8193; do
+  wait_ready $port
 done
 for pair in "8192 candle-dense" "8193 expert-gemm"; do
   set -- $pair

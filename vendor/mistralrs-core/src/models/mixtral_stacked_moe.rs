@@ -566,46 +566,43 @@ impl StackedExperts {
         if n <= self.gather_max_tokens {
             return self.forward_gather(xs, &ids, &weights)?.to_dtype(xs.dtype());
         }
-        // zopilot-gpu patch: prompt-sized batches on the experts' GEMM straight from Q4K
-        // (`moe_gemm_min_tokens`), in slices of as many tokens as its plan takes. It reads
-        // f16 or bf16; the layer hands f32 (the router's activation type), which goes to f16
-        // as the host-routed path's cuBLAS input does.
-        #[cfg(feature = "cuda")]
-        if let Some(w) = self.gemm_q4k(n, top_k, xs) {
-            let x = match xs.dtype() {
-                DType::F32 => xs.to_dtype(DType::F16)?,
-                _ => xs.clone(),
-            };
-            let slice = zopilot_kernels::GROUPED_MAX_PAIRS / top_k;
-            let mut parts = Vec::with_capacity(n.div_ceil(slice));
-            for start in (0..n).step_by(slice) {
-                let len = slice.min(n - start);
-                parts.push(zopilot_kernels::moe_gemm(
-                    w,
-                    &ids.narrow(0, start, len)?,
-                    &weights.narrow(0, start, len)?,
-                    &x.narrow(0, start, len)?,
-                    xs.dtype(),
-                )?);
-            }
-            return if parts.len() == 1 {
-                Ok(parts.remove(0))
-            } else {
-                Tensor::cat(&parts, 0)
-            };
-        }
         // A long prefill goes through the experts a slice of tokens at a time: each expert's
         // intermediates grow with the tokens routed to it, and at 8k tokens they and the f32
         // sum took ~1 GB of a 32 GB card. Tokens are independent here, so the result is the
         // same; only the experts' dequantization repeats per slice.
-        let mut parts = Vec::with_capacity(n.div_ceil(GROUPED_SLICE_TOKENS));
-        for start in (0..n).step_by(GROUPED_SLICE_TOKENS) {
-            let len = GROUPED_SLICE_TOKENS.min(n - start);
-            let ys = self.forward_grouped(
-                &xs.narrow(0, start, len)?,
-                &ids.narrow(0, start, len)?,
-                &weights.narrow(0, start, len)?,
-            )?;
+        // zopilot-gpu patch: prompt-sized batches may take the experts' GEMM straight from Q4K
+        // (`moe_gemm_min_tokens`), in slices of as many tokens as its plan takes. It reads f16
+        // or bf16; the layer hands f32 (the router's activation type), which goes to f16 as
+        // the host-routed path's cuBLAS input does.
+        #[cfg(feature = "cuda")]
+        let gemm = match self.gemm_q4k(n, top_k, xs) {
+            Some(w) => Some((
+                w,
+                match xs.dtype() {
+                    DType::F32 => xs.to_dtype(DType::F16)?,
+                    _ => xs.clone(),
+                },
+            )),
+            None => None,
+        };
+        #[cfg(feature = "cuda")]
+        let slice = match gemm {
+            Some(_) => zopilot_kernels::GROUPED_MAX_PAIRS / top_k,
+            None => GROUPED_SLICE_TOKENS,
+        };
+        #[cfg(not(feature = "cuda"))]
+        let slice = GROUPED_SLICE_TOKENS;
+        let mut parts = Vec::with_capacity(n.div_ceil(slice));
+        for start in (0..n).step_by(slice) {
+            let len = slice.min(n - start);
+            let (ids, weights) = (ids.narrow(0, start, len)?, weights.narrow(0, start, len)?);
+            #[cfg(feature = "cuda")]
+            if let Some((w, x)) = &gemm {
+                let x = x.narrow(0, start, len)?;
+                parts.push(zopilot_kernels::moe_gemm(*w, &ids, &weights, &x, xs.dtype())?);
+                continue;
+            }
+            let ys = self.forward_grouped(&xs.narrow(0, start, len)?, &ids, &weights)?;
             parts.push(ys.to_dtype(xs.dtype())?);
         }
         if parts.len() == 1 {
@@ -626,31 +623,39 @@ impl StackedExperts {
         gate: &'a QLinear,
         device: &Device,
     ) -> Option<FusedMoe<'a>> {
-        let experts = self.w1.dims().map_or(0, |(e, _, _)| e);
         let grouped = n > self.gather_max_tokens;
         let grouped_ok = n <= self.mma_max_tokens
             && n * top_k <= zopilot_kernels::GROUPED_MAX_PAIRS;
-        if (grouped && !grouped_ok)
-            || !(1..=8).contains(&top_k)
-            || top_k > experts
-            || experts > 256
-            || self.act != Activation::Silu
-        {
+        if grouped && !grouped_ok {
             return None;
         }
+        let (w1, w3, w2) = self.q4k_experts(top_k)?;
         Some(FusedMoe {
-            w1: self.w1.fused_q4k()?,
-            w3: self.w3.fused_q4k()?,
-            w2: self.w2.fused_q4k()?,
+            w1,
+            w3,
+            w2,
             router: gate.q4k_for(n, device)?,
             top_k,
             grouped,
         })
     }
 
+    /// The Q4K experts our kernels take for top-`top_k` routing: SiLU, top-k ≤ 8 of ≤ 256
+    /// experts, all three projections Q4K on CUDA.
+    #[cfg(feature = "cuda")]
+    fn q4k_experts(&self, top_k: usize) -> Option<(&QTensor, &QTensor, &QTensor)> {
+        let experts = self.w1.dims().map_or(0, |(e, _, _)| e);
+        let ok = (1..=8).contains(&top_k)
+            && top_k <= experts
+            && experts <= 256
+            && self.act == Activation::Silu;
+        ok.then_some(())?;
+        Some((self.w1.fused_q4k()?, self.w3.fused_q4k()?, self.w2.fused_q4k()?))
+    }
+
     /// The Q4K experts for the prompt-sized GEMM ([`zopilot_kernels::moe_gemm`]) of `n` tokens
     /// `xs`, when it applies: at least `moe_gemm_min_tokens` tokens (0: never), f32, bf16 or
-    /// f16 activations on CUDA, SiLU, top-k ≤ 8 of ≤ 256 experts, shapes the kernel tiles.
+    /// f16 activations on CUDA, [`Self::q4k_experts`], shapes the kernel tiles.
     #[cfg(feature = "cuda")]
     fn gemm_q4k(&self, n: usize, top_k: usize, xs: &Tensor) -> Option<(&QTensor, &QTensor, &QTensor)> {
         let min = zopilot_kernels::options::get().moe_gemm_min_tokens;
@@ -659,15 +664,11 @@ impl StackedExperts {
             && n >= min
             && xs.device().is_cuda()
             && matches!(xs.dtype(), DType::F32 | DType::BF16 | DType::F16)
-            && self.act == Activation::Silu
-            && (1..=8).contains(&top_k)
-            && top_k <= experts
-            && experts <= 256
             && ffn % 256 == 0
             && hidden % 256 == 0
             && self.w2.dims().ok()? == (experts, hidden, ffn);
         ok.then_some(())?;
-        Some((self.w1.fused_q4k()?, self.w3.fused_q4k()?, self.w2.fused_q4k()?))
+        self.q4k_experts(top_k)
     }
 
     /// [`FusedMoe::forward`] from `xs` `[n, hidden]`; `None` where it does not apply.

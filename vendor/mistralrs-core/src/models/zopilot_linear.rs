@@ -107,15 +107,19 @@ impl QLinear {
         })
     }
 
+    /// Our Q4K tensor, when our kernels may take it on `device` (ISQ has not replaced `mm`).
+    #[cfg(feature = "cuda")]
+    fn q4k_on(&self, device: &Device) -> Option<&candle_core::quantized::QTensor> {
+        let q4k = self.q4k.as_ref()?;
+        (q4k.mm_addr == addr(&self.mm) && device.is_cuda() && zopilot_kernels::q4k_applies(&q4k.q))
+            .then_some(&*q4k.q)
+    }
+
     /// The Q4K tensor for a forward of `tokens` tokens on `device`, when our kernels take it.
     #[cfg(feature = "cuda")]
     pub(crate) fn q4k_for(&self, tokens: usize, device: &Device) -> Option<&candle_core::quantized::QTensor> {
-        let q4k = self.q4k.as_ref()?;
-        (q4k.mm_addr == addr(&self.mm)
-            && (1..=zopilot_kernels::options::get().mma_max_tokens).contains(&tokens)
-            && device.is_cuda()
-            && zopilot_kernels::q4k_applies(&q4k.q))
-        .then_some(&*q4k.q)
+        let max = zopilot_kernels::options::get().mma_max_tokens;
+        (1..=max).contains(&tokens).then(|| self.q4k_on(device)).flatten()
     }
 
     /// The Q4K tensor for a forward of `tokens` tokens that dequantizes it for cuBLAS
@@ -124,14 +128,8 @@ impl QLinear {
     /// write of the f16 weight) costs less than either's extra passes over the input.
     #[cfg(feature = "cuda")]
     fn q4k_for_cublas(&self, tokens: usize, device: &Device) -> Option<&candle_core::quantized::QTensor> {
-        let q4k = self.q4k.as_ref()?;
         let min = zopilot_kernels::options::get().dense_cublas_min_tokens;
-        (q4k.mm_addr == addr(&self.mm)
-            && min > 0
-            && tokens >= min
-            && device.is_cuda()
-            && zopilot_kernels::q4k_applies(&q4k.q))
-        .then_some(&*q4k.q)
+        (min > 0 && tokens >= min).then(|| self.q4k_on(device)).flatten()
     }
 
     /// `xs · Wᵀ` in `dtype` (upstream: the quantized layer's activation type, then `dtype`).
